@@ -1,0 +1,263 @@
+"""Run config: YAML -> overrides -> validated, frozen pydantic models. Every error names the field and what to change."""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from tether.errors import ConfigError
+
+
+class Section(BaseModel):
+    """Base of every config section: unknown keys are errors, values are frozen, field docstrings are the help."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True)
+
+
+class SyntheticModelConfig(Section):
+    arch: str = "llama"
+    """Architecture of the random-init tiny model: llama, mistral, qwen2, gemma, gpt2, gpt_neox, phi, bert, roberta."""
+    hidden_size: int = Field(32, ge=8)
+    """Width of the model; 32 keeps tests fast."""
+    num_layers: int = Field(2, ge=1)
+    """Number of transformer blocks."""
+    num_heads: int = Field(4, ge=1)
+    """Attention heads; must divide hidden_size."""
+    seed: int = 0
+    """Seed of the random initialization."""
+
+
+class ModelConfig(Section):
+    path: str | None = None
+    """Local directory or hub id of the pre-trained model (HF `from_pretrained`)."""
+    synthetic: SyntheticModelConfig | None = None
+    """Build a tiny random-init model in code instead of loading one (tests, demo, benchmarks)."""
+    trust_remote_code: bool = False
+    """Run model code shipped with the checkpoint. Off unless you trust its source."""
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    """Dtype the weights are loaded in."""
+    num_labels: int = Field(2, ge=2)
+    """Number of classes for task sequence_classification."""
+
+    @model_validator(mode="after")
+    def _one_source(self) -> ModelConfig:
+        if (self.path is None) == (self.synthetic is None):
+            raise ValueError("set exactly one of model.path (a directory or hub id) and model.synthetic")
+        return self
+
+
+class DataConfig(Section):
+    train: str
+    """Training data: a JSONL file, a directory saved with `datasets.save_to_disk`, or a hub dataset id."""
+    validation: str | None = None
+    """Validation data (same forms as train). If unset, `validation_fraction` of train is split off."""
+    validation_fraction: float = Field(0.1, gt=0, lt=1)
+    """Share of train held out for validation when no validation file is given."""
+    reference: str | None = None
+    """General data the model must not forget (e.g. a fact set). Measured before and after; used by EWC, replay."""
+    format: Literal["text", "prompt_completion", "chat"] = "prompt_completion"
+    """Row format: text {text}; prompt_completion {prompt, completion} with the loss on the completion only;
+    chat {messages} through the tokenizer's chat template, loss on the last assistant turn.
+    For task sequence_classification rows are {text, label} and format must be text."""
+    reference_format: Literal["text", "prompt_completion", "chat"] | None = None
+    """Format of the reference data; defaults to `format`. prompt_completion reference data also gets fact recall."""
+    max_length: int = Field(256, ge=8)
+    """Rows are truncated to this many tokens."""
+    seed: int = 0
+    """Seed of the validation split."""
+
+
+class LoraSection(Section):
+    r: int = Field(8, ge=1)
+    """Rank of the adapter; 8-16 is typical for small data."""
+    alpha: float = Field(16.0, gt=0)
+    """Scale of the adapter update (alpha / r)."""
+    dropout: float = Field(0.05, ge=0, lt=1)
+    """lora_dropout on the adapter input: 0.05-0.1 for small data."""
+    target_modules: list[str] | Literal["all-linear"] = "all-linear"
+    """Module names to adapt, or all-linear."""
+
+
+class EarlyStoppingConfig(Section):
+    metric: str = "eval_loss"
+    """Metric watched at each evaluation (a key of the Trainer's eval logs)."""
+    patience: int = Field(3, ge=1)
+    """Evaluations without improvement before stopping."""
+    threshold: float = Field(0.0, ge=0)
+    """Minimum improvement that counts."""
+    mode: Literal["min", "max"] = "min"
+    """Whether lower (loss) or higher (accuracy) is better."""
+
+
+class RegularizerEntry(BaseModel):
+    """One `regularizers:` item; its own fields are checked against the registered config class on load."""
+
+    model_config = ConfigDict(extra="allow", frozen=True)
+    name: str
+
+
+TRAINER_OWNED = {"output_dir", "load_best_model_at_end", "metric_for_best_model", "greater_is_better"}
+_TRAINING_DEFAULTS: dict[str, Any] = {
+    "learning_rate": 5e-5,
+    "per_device_train_batch_size": 8,
+    "per_device_eval_batch_size": 16,
+    "num_train_epochs": 3,
+    "logging_steps": 10,
+    "eval_strategy": "steps",
+    "eval_steps": 50,
+    "save_strategy": "steps",
+    "save_total_limit": 2,
+    "report_to": "none",
+    "seed": 0,
+    "use_cpu": False,
+    "disable_tqdm": True,
+}
+
+
+class RunConfig(Section):
+    model: ModelConfig
+    """The pre-trained model to fine-tune."""
+    task: Literal["causal_lm", "sequence_classification"] = "causal_lm"
+    """What the model is trained to do."""
+    data: DataConfig
+    """Where the data comes from and how rows are read."""
+    training: dict[str, Any] = Field(default_factory=dict)
+    """Passed to transformers.TrainingArguments unchanged (tether sets output_dir and the best-model keys)."""
+    lora: LoraSection | None = None
+    """Train a PEFT LoRA adapter instead of all weights."""
+    regularizers: list[RegularizerEntry] = Field(default_factory=list)
+    """Regularizers, each {name, strength, ...}; see the README for every name and its fields."""
+    early_stopping: EarlyStoppingConfig | None = None
+    """Stop when validation stops improving and restore the best checkpoint."""
+    output_dir: str = "runs/tether"
+    """Where the run writes its model, metrics, history and checkpoints."""
+
+    @model_validator(mode="after")
+    def _consistent(self) -> RunConfig:
+        if self.task == "sequence_classification" and self.data.format != "text":
+            raise ValueError("data.format must be text for task sequence_classification (rows are {text, label})")
+        if self.model.synthetic and self.task == "causal_lm" and self.model.synthetic.arch in ("bert", "roberta"):
+            raise ValueError(f"model.synthetic.arch {self.model.synthetic.arch} is an encoder: use task sequence_classification")
+        return self
+
+    def training_arguments(self) -> dict[str, Any]:
+        """TrainingArguments kwargs: tether's defaults, then the user's `training:` section."""
+        return {**_TRAINING_DEFAULTS, **self.training}
+
+
+def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
+    """Read a YAML file, apply `key.path=value` overrides, validate. Raises ConfigError with one clear line."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist: pass the path of a YAML file")
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{path} is not valid YAML ({type(e).__name__}): fix the syntax") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path} must hold a mapping of sections (model, data, training, ...)")
+    for item in overrides:
+        apply_override(raw, item)
+    return validate_config(raw)
+
+
+def validate_config(raw: dict[str, Any]) -> RunConfig:
+    """Validate a config mapping: the sections, the training arguments, the regularizers and the files."""
+    try:
+        cfg = RunConfig.model_validate(raw)
+    except ValidationError as e:
+        raise ConfigError(_one_line(e)) from None
+    _check_training_keys(cfg.training)
+    from tether.regularizers import parse_entries  # late: the registry imports every regularizer module
+
+    parse_entries(cfg.regularizers)
+    _check_files(cfg)
+    return cfg
+
+
+def apply_override(raw: dict[str, Any], item: str) -> None:
+    """Apply one `--set a.b.c=value` (value parsed as YAML; list items by index) to the raw config mapping."""
+    key, sep, value = item.partition("=")
+    if not sep or not key:
+        raise ConfigError(f"--set {item!r} must look like key.path=value, e.g. training.learning_rate=1e-4")
+    parts = key.split(".")
+    node: Any = raw
+    for i, part in enumerate(parts[:-1]):
+        nxt = _child(node, part, ".".join(parts[: i + 1]))
+        if nxt is None:
+            nxt = {}
+            _set(node, part, nxt, key)
+        node = nxt
+    _set(node, parts[-1], yaml.safe_load(value) if value else None, key)
+
+
+def _child(node: Any, part: str, where: str) -> Any:
+    if isinstance(node, list):
+        if not part.isdigit() or int(part) >= len(node):
+            raise ConfigError(f"--set {where}: '{part}' is not an index of a list of {len(node)} items")
+        return node[int(part)]
+    if isinstance(node, dict):
+        return node.get(part)
+    raise ConfigError(f"--set {where}: the parent is a value, not a section")
+
+
+def _set(node: Any, part: str, value: Any, key: str) -> None:
+    if isinstance(node, list):
+        _child(node, part, key)
+        node[int(part)] = value
+    elif isinstance(node, dict):
+        node[part] = value
+    else:
+        raise ConfigError(f"--set {key}: the parent is a value, not a section")
+
+
+def _one_line(err: ValidationError) -> str:
+    e = err.errors()[0]
+    loc = ".".join(str(p) for p in e["loc"])
+    if e["type"] == "extra_forbidden":
+        section, key = loc.rpartition(".")[0], loc.rpartition(".")[2]
+        return f"unknown key '{key}' in {section or 'the config'}: remove it or check its spelling"
+    if e["type"] == "missing":
+        return f"{loc} is required: add it to the config"
+    got = e.get("input")
+    where = f"{loc}: " if loc else ""
+    return f"{where}{e['msg'].removeprefix('Value error, ')} (got {got!r}): change it" if loc else e["msg"]
+
+
+def _check_training_keys(training: dict[str, Any]) -> None:
+    from transformers import TrainingArguments
+
+    known = {f.name for f in dataclasses.fields(TrainingArguments)}
+    for key in training:
+        if key in TRAINER_OWNED:
+            raise ConfigError(f"training.{key} is set by tether: remove it (use output_dir / early_stopping instead)")
+        if key == "weight_decay":
+            raise ConfigError("training.weight_decay: use the weight_decay regularizer instead (it skips biases/norms)")
+        if key not in known:
+            hint = difflib.get_close_matches(key, known, n=1)
+            extra = f" (did you mean '{hint[0]}'?)" if hint else ""
+            raise ConfigError(f"training.{key} is not a TrainingArguments field{extra}: remove or rename it")
+
+
+def _check_files(cfg: RunConfig) -> None:
+    for name in ("train", "validation", "reference"):
+        value = getattr(cfg.data, name)
+        if value is not None and _looks_like_file(value) and not Path(value).exists():
+            raise ConfigError(f"data.{name}: file {value} does not exist: fix the path (relative to the working dir)")
+    if cfg.model.path is not None and _looks_like_file(cfg.model.path) and not Path(cfg.model.path).is_dir():
+        raise ConfigError(f"model.path: directory {cfg.model.path} does not exist: fix the path or give a hub id")
+
+
+def _looks_like_file(value: str) -> bool:
+    """Local paths (absolute, ./, ../ or with a data suffix); anything else may be a hub id."""
+    return value.startswith(("/", "./", "../", "~")) or value.endswith((".jsonl", ".json")) or Path(value).exists()
+
+
+def dump_config(cfg: RunConfig) -> str:
+    """The resolved config as YAML (what `config.yaml` in a run directory holds)."""
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)

@@ -1,0 +1,13 @@
+"""The errors tether reports to the user as one line (exit code 2), never as a traceback."""
+
+
+class TetherError(Exception):
+    """A problem with the user's input (config, data, paths, checkpoints); the message says what to change."""
+
+
+class ConfigError(TetherError):
+    """A config value is missing, of the wrong type, out of range or contradicts another."""
+
+
+class DataError(TetherError):
+    """A dataset file or row cannot be used; the message names the file and line."""

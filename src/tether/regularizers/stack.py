@@ -1,0 +1,102 @@
+"""The one composition point: builds regularizers from config, sums their weighted penalties, logs each term."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from pydantic import ValidationError
+from torch import nn
+
+from tether.config import RegularizerEntry
+from tether.regularizers.base import REGISTRY, Regularizer, RegularizerConfig, SetupContext, config_error
+
+
+def parse_entries(entries: list[RegularizerEntry]) -> list[RegularizerConfig]:
+    """Validate each `regularizers:` item against its registered config class; errors name the item and field."""
+    configs = []
+    for i, entry in enumerate(entries):
+        if entry.name not in REGISTRY:
+            known = ", ".join(sorted(REGISTRY))
+            raise config_error(i, f"unknown regularizer '{entry.name}': use one of {known}")
+        try:
+            configs.append(REGISTRY[entry.name].config.model_validate(entry.model_dump()))
+        except ValidationError as e:
+            err = e.errors()[0]
+            field = ".".join(str(p) for p in err["loc"])
+            if err["type"] == "extra_forbidden":
+                raise config_error(i, f"'{field}' is not a field of {entry.name}: remove it") from None
+            msg = err["msg"].removeprefix("Value error, ")
+            raise config_error(i, f"{entry.name}.{field}: {msg} (got {err.get('input')!r}): change it") from None
+    names = [c.name for c in configs]
+    for name in set(names):
+        if names.count(name) > 1:
+            raise config_error(names.index(name), f"'{name}' appears twice: merge the entries into one")
+    return configs
+
+
+class RegularizerStack:
+    """Calls every regularizer at each point in order; the trainer talks to this object only."""
+
+    def __init__(self, regularizers: list[tuple[Regularizer, float]]) -> None:
+        self.items = regularizers
+        self._sums: dict[str, torch.Tensor] = {}
+        self._counts: dict[str, int] = {}
+
+    @classmethod
+    def from_configs(cls, configs: list[RegularizerConfig]) -> RegularizerStack:
+        return cls([(REGISTRY[c.name].cls(c), c.strength) for c in configs])
+
+    @property
+    def names(self) -> list[str]:
+        return [reg.name for reg, _ in self.items]
+
+    def setup(self, ctx: SetupContext) -> None:
+        for reg, _ in self.items:
+            reg.setup(ctx)
+
+    def param_groups(self, model: nn.Module) -> list[dict[str, Any]]:
+        """Optimizer groups: one group of all trainable parameters, then each regularizer splits or re-weights."""
+        params = [p for p in model.parameters() if p.requires_grad]
+        groups: list[dict[str, Any]] = [{"params": params, "weight_decay": 0.0, "lr_scale": 1.0, "group": "all"}]
+        for reg, _ in self.items:
+            groups = reg.param_groups(groups)
+        return [g for g in groups if g["params"]]
+
+    def penalty(self, model: nn.Module, inputs: dict[str, Any], outputs: Any) -> torch.Tensor | None:
+        """Weighted sum of the autograd penalties of this micro-batch; None when no regularizer has one."""
+        total = None
+        for reg, strength in self.items:
+            value = reg.penalty(model, inputs, outputs)
+            if value is None:
+                continue
+            self._record(reg.name, value)
+            total = strength * value if total is None else total + strength * value
+        return total
+
+    def before_step(self) -> None:
+        """Closed-form penalty gradients, added once per optimizer step (after clipping; see README)."""
+        for reg, strength in self.items:
+            value = reg.penalty_grad(strength)
+            if value is not None:
+                self._record(reg.name, value)
+
+    def step_end(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+        for reg, _ in self.items:
+            reg.step_end(model, optimizer)
+
+    def attach(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+        """Run before_step / step_end around every optimizer.step(), however the Trainer wraps the optimizer."""
+        optimizer.register_step_pre_hook(lambda *_: self.before_step())
+        optimizer.register_step_post_hook(lambda opt, *_: self.step_end(model, opt))
+
+    def _record(self, name: str, value: torch.Tensor) -> None:
+        value = value.detach().float()
+        self._sums[name] = self._sums[name] + value if name in self._sums else value
+        self._counts[name] = self._counts.get(name, 0) + 1
+
+    def pop_logs(self) -> dict[str, float]:
+        """Mean of each unweighted term since the last call, as `reg/<name>`."""
+        logs = {f"reg/{n}": (s / self._counts[n]).item() for n, s in self._sums.items()}
+        self._sums, self._counts = {}, {}
+        return logs

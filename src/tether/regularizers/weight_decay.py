@@ -1,0 +1,35 @@
+"""Decoupled weight decay (AdamW): theta <- theta - lr * strength * theta, on weights only (no biases, no norms)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import Field
+
+from tether.regularizers.base import Regularizer, RegularizerConfig, named_params_with_module, no_decay, register
+
+
+class WeightDecayConfig(RegularizerConfig):
+    strength: float = Field(0.01, ge=0)
+    """AdamW weight_decay of the decayed group; 0.01-0.1 is typical for fine-tuning."""
+
+
+@register("weight_decay", WeightDecayConfig)
+class WeightDecay(Regularizer):
+    """Optimizer-level: splits every group into a decayed and a no-decay half; AdamW applies the decay."""
+
+    def __init__(self, config: WeightDecayConfig) -> None:
+        self.strength = config.strength
+        self._no_decay: set[int] = set()
+
+    def setup(self, ctx: Any) -> None:
+        self._no_decay = {id(p) for n, p, m in named_params_with_module(ctx.model) if no_decay(m, n, p)}
+
+    def param_groups(self, groups: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        out = []
+        for g in groups:
+            decay = [p for p in g["params"] if id(p) not in self._no_decay]
+            keep = [p for p in g["params"] if id(p) in self._no_decay]
+            out.append({**g, "params": decay, "weight_decay": self.strength, "group": f"{g['group']}/decay"})
+            out.append({**g, "params": keep, "weight_decay": 0.0, "group": f"{g['group']}/no_decay"})
+        return out

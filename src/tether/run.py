@@ -1,0 +1,156 @@
+"""`tether train` and `tether eval` as functions: load, measure before, train with the stack, measure after, write."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from tether.config import RunConfig, dump_config
+from tether.data import Collator, Datasets, load_datasets
+from tether.errors import ConfigError, TetherError
+from tether.evaluate import dataset_metrics, forgetting, reference_metrics
+from tether.models import apply_lora, load_model
+from tether.outputs import plot_curves, write_dir_atomic, write_json, write_jsonl, write_text_atomic
+from tether.regularizers import RegularizerStack, SetupContext, parse_entries
+
+TRAIN_LOSS_ROWS = 2000  # the train-loss estimate of the overfitting gap uses at most this many rows
+
+
+def training_args(cfg: RunConfig, output_dir: Path) -> Any:
+    """TrainingArguments from the `training:` section; early stopping sets the best-model keys."""
+    from transformers import TrainingArguments
+
+    kw = cfg.training_arguments()
+    kw["output_dir"] = str(output_dir)
+    if cfg.early_stopping is not None:
+        if kw.get("eval_strategy") == "no":
+            raise ConfigError("early_stopping needs evaluations: set training.eval_strategy to steps or epoch")
+        kw.update(load_best_model_at_end=True, metric_for_best_model=cfg.early_stopping.metric)
+        kw.update(greater_is_better=cfg.early_stopping.mode == "max", save_strategy=kw["eval_strategy"])
+        kw["save_steps"] = kw.get("eval_steps")  # the best model can only be restored from a saved step
+    try:
+        return TrainingArguments(**kw)
+    except (ValueError, TypeError) as e:
+        raise ConfigError(f"training: {str(e).strip().splitlines()[0]}: change the training section") from None
+
+
+def check_output_dir(output_dir: Path, overwrite: bool, resume: bool) -> None:
+    """Refuse to train over a finished run; make sure the directory is writable before any work."""
+    if (output_dir / "metrics.json").exists() and not (overwrite or resume):
+        raise TetherError(f"{output_dir} holds a finished run: pass --overwrite or choose another --output-dir")
+    try:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        probe = output_dir / ".tether-write-test"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as e:
+        raise TetherError(f"output dir {output_dir} is not writable ({e.strerror}): choose another --output-dir") from None
+
+
+def reference_batches(data: Datasets, collator: Collator, batch_size: int, device: torch.device) -> Any:
+    """A function yielding the reference data as collated batches on the device (None without reference data)."""
+    if data.reference is None:
+        return None
+    encoded = data.reference.encoded
+
+    def batches() -> Iterator[dict[str, torch.Tensor]]:
+        for start in range(0, len(encoded), batch_size):
+            yield {k: v.to(device) for k, v in collator(encoded[start : start + batch_size]).items()}
+
+    return batches
+
+
+def train(cfg: RunConfig, output_dir: Path, *, resume: bool = False, overwrite: bool = False) -> dict[str, Any]:
+    """Fine-tune as configured and write model/, config.yaml, history.jsonl, metrics.json and curves.png."""
+    from transformers import EarlyStoppingCallback, set_seed
+
+    check_output_dir(output_dir, overwrite, resume)
+    args = training_args(cfg, output_dir)
+    set_seed(args.seed)
+    model, tokenizer = load_model(cfg.model, cfg.task)
+    model.to(args.device)
+    data = load_datasets(cfg.data, cfg.task, tokenizer)
+    collator = Collator(tokenizer.pad_token_id)
+    before = reference_metrics(model, tokenizer, data.reference, collator) if data.reference else None
+    if cfg.lora is not None:
+        model = apply_lora(model, cfg.lora, cfg.task)
+    stack = RegularizerStack.from_configs(parse_entries(cfg.regularizers))
+    callbacks = []
+    if cfg.early_stopping is not None:
+        callbacks.append(EarlyStoppingCallback(cfg.early_stopping.patience, cfg.early_stopping.threshold))
+    trainer = _trainer(model, args, data, collator, stack, callbacks)
+    refs = reference_batches(data, collator, args.per_device_eval_batch_size, args.device)
+    stack.setup(SetupContext(trainer.model, refs, args.learning_rate))
+    started = time.perf_counter()
+    trainer.train(resume_from_checkpoint=True if resume else None)
+    runtime = time.perf_counter() - started
+    return _finish(cfg, output_dir, trainer, tokenizer, data, collator, before, runtime)
+
+
+def _trainer(model: nn.Module, args: Any, data: Datasets, collator: Collator, stack: Any, callbacks: list) -> Any:
+    from tether.trainer import RegularizedTrainer
+
+    return RegularizedTrainer(
+        model=model, args=args, train_dataset=data.train.encoded, eval_dataset=data.validation.encoded,
+        data_collator=collator, stack=stack, callbacks=callbacks,
+    )  # fmt: skip
+
+
+def _finish(cfg: RunConfig, output_dir: Path, trainer: Any, tokenizer: Any, data: Datasets, collator: Collator,
+            before: dict | None, runtime: float) -> dict[str, Any]:  # fmt: skip
+    model, state = trainer.model, trainer.state
+    write_dir_atomic(output_dir / "model", lambda tmp: _save_model(model, tokenizer, tmp))
+    metrics = measure(model, tokenizer, data, collator, before)
+    best_step = state.best_global_step if cfg.early_stopping is not None else None
+    metrics.update(
+        best_step=best_step, stopped_early=state.global_step < state.max_steps,
+        global_step=state.global_step, train_runtime_s=round(runtime, 2),
+    )  # fmt: skip
+    write_text_atomic(output_dir / "config.yaml", dump_config(cfg))
+    write_jsonl(output_dir / "history.jsonl", state.log_history)
+    plot_curves(state.log_history, best_step, output_dir / "curves.png")
+    write_json(output_dir / "metrics.json", metrics)
+    return metrics
+
+
+def _save_model(model: nn.Module, tokenizer: Any, directory: Path) -> None:
+    model.save_pretrained(directory)  # safetensors; for PEFT the adapter only
+    tokenizer.save_pretrained(directory)
+
+
+def measure(model: nn.Module, tokenizer: Any, data: Datasets, collator: Collator, before: dict | None) -> dict:
+    """target.*, overfit_gap and forgetting.* of a trained model."""
+    val = dataset_metrics(model, data.validation.encoded, collator)
+    train_loss = dataset_metrics(model, data.train.encoded[:TRAIN_LOSS_ROWS], collator)["loss"]
+    target = {"val_loss": val["loss"], "train_loss": train_loss}
+    target.update({k: val[k] for k in ("accuracy", "f1") if k in val})
+    metrics: dict[str, Any] = {"target": target, "overfit_gap": val["loss"] - train_loss}
+    if before is not None:
+        after = reference_metrics(model, tokenizer, data.reference, collator)
+        metrics["forgetting"] = forgetting(before, after)
+    return metrics
+
+
+def evaluate_saved(cfg: RunConfig, model_dir: Path) -> dict[str, Any]:
+    """`tether eval`: metrics of a saved model (a full model or a LoRA adapter over the configured base)."""
+    if not model_dir.is_dir():
+        raise TetherError(f"--model {model_dir} is not a directory: pass a run's model/ directory")
+    if (model_dir / "adapter_config.json").exists():
+        from peft import PeftModel
+
+        base, tokenizer = load_model(cfg.model, cfg.task)
+        model = PeftModel.from_pretrained(base, str(model_dir))
+    else:
+        model, tokenizer = load_model(cfg.model.model_copy(update={"path": str(model_dir), "synthetic": None}), cfg.task)
+    data = load_datasets(cfg.data, cfg.task, tokenizer)
+    collator = Collator(tokenizer.pad_token_id)
+    val = dataset_metrics(model, data.validation.encoded, collator)
+    out: dict[str, Any] = {"target": {"val_loss": val["loss"], **{k: v for k, v in val.items() if k != "loss"}}}
+    if data.reference is not None:
+        out["reference"] = reference_metrics(model, tokenizer, data.reference, collator)
+    return out

@@ -1,0 +1,66 @@
+"""RegularizedTrainer: transformers.Trainer with the regularizer stack in the loss, the optimizer and the logs."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import Trainer
+
+from tether.regularizers import RegularizerStack
+
+
+class RegularizedMixin:
+    """Mix into transformers.Trainer (or TRL's SFTTrainer): `class T(RegularizedMixin, SFTTrainer)`."""
+
+    stack: RegularizerStack
+
+    def compute_loss(
+        self,
+        model: nn.Module,
+        inputs: dict[str, Any],
+        return_outputs: bool = False,
+        num_items_in_batch: torch.Tensor | int | None = None,
+    ) -> torch.Tensor | tuple[torch.Tensor, Any]:
+        task_loss, outputs = super().compute_loss(model, inputs, True, num_items_in_batch)
+        loss = task_loss
+        if model.training:
+            penalty = self.stack.penalty(model, inputs, outputs)
+            if penalty is not None:
+                loss = task_loss + penalty * self._penalty_scale(num_items_in_batch)
+        return (loss, outputs) if return_outputs else loss
+
+    def _penalty_scale(self, num_items_in_batch: Any) -> float:
+        """The penalty counts once per optimizer step: when the Trainer will not divide the loss by the number of
+        accumulation steps (the task loss is already normalized over the whole accumulated batch), do it here."""
+        scaled = self.loss_is_scaled_for_ga
+        if scaled is None:
+            scaled = (self.model_accepts_loss_kwargs and num_items_in_batch is not None) or self.compute_loss_func
+        return 1.0 / self.current_gradient_accumulation_steps if scaled else 1.0
+
+    def create_optimizer(self, model: nn.Module | None = None) -> torch.optim.Optimizer:
+        """The Trainer's optimizer class and settings over the stack's parameter groups (weight decay, LLRD)."""
+        if self.optimizer is None:
+            model = self.model if model is None else model
+            cls, kwargs = self.get_optimizer_cls_and_kwargs(self.args, model)
+            groups = self.stack.param_groups(model)
+            for g in groups:
+                g["lr"] = kwargs.get("lr", self.args.learning_rate) * g.pop("lr_scale")
+            self.optimizer = cls(groups, **kwargs)
+            self.stack.attach(model, self.optimizer)
+        return self.optimizer
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        """Training logs get each unweighted `reg/<name>` term next to the loss."""
+        if "loss" in logs:
+            logs.update(self.stack.pop_logs())
+        super().log(logs, start_time)
+
+
+class RegularizedTrainer(RegularizedMixin, Trainer):
+    """transformers.Trainer whose loss, optimizer and logs go through a RegularizerStack."""
+
+    def __init__(self, *args: Any, stack: RegularizerStack, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.stack = stack
