@@ -22,7 +22,7 @@ SetOpt = Annotated[list[str], typer.Option("--set", help="Override a config valu
 
 def _fail(message: str) -> None:
     err_console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
-    raise typer.Exit(2)
+    sys.exit(2)
 
 
 @app.command()

@@ -7,10 +7,27 @@ import difflib
 from pathlib import Path
 from typing import Any, Literal
 
+import re
+
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from tether.errors import ConfigError
+
+
+class _Loader(yaml.SafeLoader):
+    """YAML 1.1 reads `1e-4` as a string; users mean a number."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?$|^[-+]?\.(?:inf|Inf|INF)$|^\.(?:nan|NaN|NAN)$"),
+    list("-+0123456789."),
+)
+
+
+def parse_yaml(text: str) -> Any:
+    return yaml.load(text, Loader=_Loader)  # noqa: S506  (a SafeLoader subclass)
 
 
 class Section(BaseModel):
@@ -156,7 +173,7 @@ def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
     if not path.is_file():
         raise ConfigError(f"config file {path} does not exist: pass the path of a YAML file")
     try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+        raw = parse_yaml(path.read_text(encoding="utf-8"))
     except (yaml.YAMLError, UnicodeDecodeError) as e:
         raise ConfigError(f"{path} is not valid YAML ({type(e).__name__}): fix the syntax") from None
     if not isinstance(raw, dict):
@@ -193,7 +210,7 @@ def apply_override(raw: dict[str, Any], item: str) -> None:
             nxt = {}
             _set(node, part, nxt, key)
         node = nxt
-    _set(node, parts[-1], yaml.safe_load(value) if value else None, key)
+    _set(node, parts[-1], parse_yaml(value) if value else None, key)
 
 
 def _child(node: Any, part: str, where: str) -> Any:

@@ -1,0 +1,106 @@
+"""Config validation: every class of bad value is one error naming the field; nothing is written."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from tether.config import apply_override, load_config, validate_config
+from tether.errors import ConfigError
+
+CONFIGS = sorted(Path(__file__).resolve().parents[1].joinpath("configs").glob("*.yaml"))
+
+
+def _with(raw: dict[str, Any], path: str, value: Any) -> dict[str, Any]:
+    out = copy.deepcopy(raw)
+    apply_override(out, f"{path}={yaml.safe_dump(value, default_flow_style=True).strip()}")
+    return out
+
+
+def test_valid_config_loads(raw_config):
+    cfg = validate_config(raw_config)
+    assert cfg.task == "causal_lm"
+    assert [r.name for r in cfg.regularizers] == ["weight_decay", "l2"]
+    assert cfg.training_arguments()["learning_rate"] == 3e-3
+
+
+@pytest.mark.parametrize(
+    ("path", "value", "expected"),
+    [
+        ("data.max_lenght", 10, "unknown key 'max_lenght' in data"),  # unknown key
+        ("task", "translation", "task"),  # not one of the choices
+        ("data.max_length", "long", "data.max_length"),  # wrong type
+        ("regularizers.1.strength", -1.0, "regularizers[1]: l2.strength"),  # negative strength
+        ("lora", {"dropout": 1.0}, "lora.dropout"),  # dropout >= 1
+        ("early_stopping", {"patience": 0}, "early_stopping.patience"),  # patience < 1
+        ("data.train", "missing.jsonl", "data.train: file missing.jsonl does not exist"),  # missing file
+        ("regularizers.0.name", "l3", "unknown regularizer 'l3'"),
+        ("regularizers.0.lambda", 1.0, "'lambda' is not a field of weight_decay"),
+        ("training.learning_rat", 1.0, "did you mean 'learning_rate'"),
+        ("training.weight_decay", 0.1, "use the weight_decay regularizer"),
+        ("training.output_dir", "x", "set by tether"),
+        ("data.format", "chat", None),  # valid: no error
+    ],
+)
+def test_bad_values_name_the_field(raw_config, path, value, expected):
+    raw = _with(raw_config, path, value)
+    if expected is None:
+        validate_config(raw)
+        return
+    with pytest.raises(ConfigError) as e:
+        validate_config(raw)
+    message = str(e.value)
+    assert expected in message
+    assert "\n" not in message
+
+
+def test_model_needs_exactly_one_source(raw_config):
+    raw = _with(raw_config, "model.path", "some/hub-id")
+    with pytest.raises(ConfigError, match="exactly one of model.path"):
+        validate_config(raw)
+
+
+def test_classification_needs_text_format(raw_config):
+    with pytest.raises(ConfigError, match="format must be text"):
+        validate_config(_with(raw_config, "task", "sequence_classification"))
+
+
+def test_duplicate_regularizer_rejected(raw_config):
+    raw = copy.deepcopy(raw_config)
+    raw["regularizers"].append({"name": "l2", "strength": 0.1})
+    with pytest.raises(ConfigError, match="appears twice"):
+        validate_config(raw)
+
+
+def test_overrides_parse_yaml_values_and_indices(raw_config):
+    raw = copy.deepcopy(raw_config)
+    apply_override(raw, "training.learning_rate=1e-4")
+    apply_override(raw, "regularizers.1.strength=0.5")
+    apply_override(raw, "early_stopping.patience=4")
+    cfg = validate_config(raw)
+    assert cfg.training["learning_rate"] == 1e-4
+    assert cfg.regularizers[1].model_dump()["strength"] == 0.5
+    assert cfg.early_stopping.patience == 4
+    with pytest.raises(ConfigError, match="key.path=value"):
+        apply_override(raw, "nonsense")
+    with pytest.raises(ConfigError, match="not an index"):
+        apply_override(raw, "regularizers.7.strength=1")
+
+
+def test_load_config_reports_yaml_errors(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model: [unclosed\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(bad)
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "nope.yaml")
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_every_shipped_config_validates(path, monkeypatch):
+    monkeypatch.chdir(path.parents[1])  # shipped configs use paths relative to the repository root
+    load_config(path)
