@@ -49,7 +49,9 @@ def train(
 
     cfg = load_config(config, set_)
     out = output_dir or Path(cfg.output_dir)
-    metrics = run_train(cfg, out, resume=resume, overwrite=overwrite)
+    from tether.progress import RichProgress
+
+    metrics = run_train(cfg, out, resume=resume, overwrite=overwrite, callbacks=[RichProgress("training", console)])
     console.print_json(json.dumps(metrics))
     console.print(f"[green]done[/]: {out}")
 
@@ -81,6 +83,9 @@ def main() -> None:
     """Entry point: runs the app and turns user errors into one line and exit code 2."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # per-file save bars; tether shows its own progress
     try:
         app(standalone_mode=False)
     except TetherError as e:

@@ -1,13 +1,12 @@
-"""Run config: YAML -> overrides -> validated, frozen pydantic models. Every error names the field and what to change."""
+"""Run config: YAML -> overrides -> validated, frozen pydantic models. Errors name the field and what to change."""
 
 from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 from pathlib import Path
 from typing import Any, Literal
-
-import re
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -27,7 +26,7 @@ _Loader.add_implicit_resolver(
 
 
 def parse_yaml(text: str) -> Any:
-    return yaml.load(text, Loader=_Loader)  # noqa: S506  (a SafeLoader subclass)
+    return yaml.load(text, Loader=_Loader)
 
 
 class Section(BaseModel):
@@ -159,7 +158,9 @@ class RunConfig(Section):
         if self.task == "sequence_classification" and self.data.format != "text":
             raise ValueError("data.format must be text for task sequence_classification (rows are {text, label})")
         if self.model.synthetic and self.task == "causal_lm" and self.model.synthetic.arch in ("bert", "roberta"):
-            raise ValueError(f"model.synthetic.arch {self.model.synthetic.arch} is an encoder: use task sequence_classification")
+            raise ValueError(
+                f"model.synthetic.arch {self.model.synthetic.arch} is an encoder: use task sequence_classification"
+            )
         return self
 
     def training_arguments(self) -> dict[str, Any]:
@@ -254,7 +255,9 @@ def _check_training_keys(training: dict[str, Any]) -> None:
         if key in TRAINER_OWNED:
             raise ConfigError(f"training.{key} is set by tether: remove it (use output_dir / early_stopping instead)")
         if key == "weight_decay":
-            raise ConfigError("training.weight_decay: use the weight_decay regularizer instead (it skips biases/norms)")
+            raise ConfigError(
+                "training.weight_decay: use the weight_decay regularizer instead (it skips biases/norms)"
+            )
         if key not in known:
             hint = difflib.get_close_matches(key, known, n=1)
             extra = f" (did you mean '{hint[0]}'?)" if hint else ""

@@ -51,7 +51,9 @@ def read_rows(source: str, field: str) -> list[dict[str, Any]]:
     try:
         return list(datasets.load_dataset(source, split="train"))
     except Exception as e:  # offline, unknown id, ...: one line, not a traceback
-        raise DataError(f"data.{field}: cannot load dataset '{source}' ({type(e).__name__}): give a JSONL file path") from None
+        raise DataError(
+            f"data.{field}: cannot load dataset '{source}' ({type(e).__name__}): give a JSONL file path"
+        ) from None
 
 
 def _read_jsonl(path: Path, field: str) -> list[dict[str, Any]]:
@@ -67,9 +69,13 @@ def _read_jsonl(path: Path, field: str) -> list[dict[str, Any]]:
         try:
             row = json.loads(line)
         except json.JSONDecodeError as e:
-            raise DataError(f"data.{field}: {path}:{line_no}: invalid JSON ({e.msg}): fix or remove the line") from None
+            raise DataError(
+                f"data.{field}: {path}:{line_no}: invalid JSON ({e.msg}): fix or remove the line"
+            ) from None
         if not isinstance(row, dict):
-            raise DataError(f"data.{field}: {path}:{line_no}: each line must be a JSON object, got {type(row).__name__}")
+            raise DataError(
+                f"data.{field}: {path}:{line_no}: each line must be a JSON object, got {type(row).__name__}"
+            )
         row["_line"] = line_no
         rows.append(row)
     if not rows:
@@ -88,7 +94,11 @@ def check_row(row: dict[str, Any], fmt: str, task: str, where: str) -> None:
             raise DataError(f"{where}: 'label' must be an integer class id, got {row['label']!r}")
     elif fmt == "chat":
         msgs = row["messages"]
-        ok = isinstance(msgs, list) and msgs and all(isinstance(m, dict) and {"role", "content"} <= m.keys() for m in msgs)
+        ok = (
+            isinstance(msgs, list)
+            and msgs
+            and all(isinstance(m, dict) and {"role", "content"} <= m.keys() for m in msgs)
+        )
         if not ok or msgs[-1]["role"] != "assistant":
             raise DataError(f"{where}: 'messages' must be a list of {{role, content}} ending with an assistant turn")
         return

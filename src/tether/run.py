@@ -27,6 +27,7 @@ def training_args(cfg: RunConfig, output_dir: Path) -> Any:
 
     kw = cfg.training_arguments()
     kw["output_dir"] = str(output_dir)
+    kw.setdefault("dataloader_pin_memory", torch.cuda.is_available())  # pinning without a GPU only warns
     if cfg.early_stopping is not None:
         if kw.get("eval_strategy") == "no":
             raise ConfigError("early_stopping needs evaluations: set training.eval_strategy to steps or epoch")
@@ -49,7 +50,9 @@ def check_output_dir(output_dir: Path, overwrite: bool, resume: bool) -> None:
         probe.write_text("")
         probe.unlink()
     except OSError as e:
-        raise TetherError(f"output dir {output_dir} is not writable ({e.strerror}): choose another --output-dir") from None
+        raise TetherError(
+            f"output dir {output_dir} is not writable ({e.strerror}): choose another --output-dir"
+        ) from None
 
 
 def reference_batches(data: Datasets, collator: Collator, batch_size: int, device: torch.device) -> Any:
@@ -65,7 +68,9 @@ def reference_batches(data: Datasets, collator: Collator, batch_size: int, devic
     return batches
 
 
-def train(cfg: RunConfig, output_dir: Path, *, resume: bool = False, overwrite: bool = False) -> dict[str, Any]:
+def train(
+    cfg: RunConfig, output_dir: Path, *, resume: bool = False, overwrite: bool = False, callbacks: list | None = None
+) -> dict[str, Any]:
     """Fine-tune as configured and write model/, config.yaml, history.jsonl, metrics.json and curves.png."""
     from transformers import EarlyStoppingCallback, set_seed
 
@@ -80,7 +85,7 @@ def train(cfg: RunConfig, output_dir: Path, *, resume: bool = False, overwrite: 
     if cfg.lora is not None:
         model = apply_lora(model, cfg.lora, cfg.task)
     stack = RegularizerStack.from_configs(parse_entries(cfg.regularizers))
-    callbacks = []
+    callbacks = list(callbacks or [])
     if cfg.early_stopping is not None:
         callbacks.append(EarlyStoppingCallback(cfg.early_stopping.patience, cfg.early_stopping.threshold))
     trainer = _trainer(model, args, data, collator, stack, callbacks)
@@ -93,12 +98,16 @@ def train(cfg: RunConfig, output_dir: Path, *, resume: bool = False, overwrite: 
 
 
 def _trainer(model: nn.Module, args: Any, data: Datasets, collator: Collator, stack: Any, callbacks: list) -> Any:
+    from transformers import PrinterCallback
+
     from tether.trainer import RegularizedTrainer
 
-    return RegularizedTrainer(
+    trainer = RegularizedTrainer(
         model=model, args=args, train_dataset=data.train.encoded, eval_dataset=data.validation.encoded,
         data_collator=collator, stack=stack, callbacks=callbacks,
     )  # fmt: skip
+    trainer.remove_callback(PrinterCallback)  # history.jsonl and the progress bar carry the logs
+    return trainer
 
 
 def _finish(cfg: RunConfig, output_dir: Path, trainer: Any, tokenizer: Any, data: Datasets, collator: Collator,
@@ -146,7 +155,9 @@ def evaluate_saved(cfg: RunConfig, model_dir: Path) -> dict[str, Any]:
         base, tokenizer = load_model(cfg.model, cfg.task)
         model = PeftModel.from_pretrained(base, str(model_dir))
     else:
-        model, tokenizer = load_model(cfg.model.model_copy(update={"path": str(model_dir), "synthetic": None}), cfg.task)
+        model, tokenizer = load_model(
+            cfg.model.model_copy(update={"path": str(model_dir), "synthetic": None}), cfg.task
+        )
     data = load_datasets(cfg.data, cfg.task, tokenizer)
     collator = Collator(tokenizer.pad_token_id)
     val = dataset_metrics(model, data.validation.encoded, collator)
