@@ -40,7 +40,9 @@ def train(
     config: Path,
     output_dir: Annotated[Path | None, typer.Option(help="Run directory (default: the config's output_dir).")] = None,
     set_: SetOpt = [],  # noqa: B006  (typer reads the default, never mutates it)
-    resume: Annotated[bool, typer.Option(help="Continue from the last checkpoint in the output dir.")] = False,
+    resume: Annotated[
+        bool, typer.Option(help="Continue from the last checkpoint (automatic when unfinished).")
+    ] = False,
     overwrite: Annotated[bool, typer.Option(help="Train into a directory that holds a finished run.")] = False,
 ) -> None:
     """Fine-tune as configured; writes model/, metrics.json, history.jsonl, curves.png and checkpoints."""

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import json
+import logging
+import os
+import shutil
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,6 +22,7 @@ from tether.models import apply_lora, load_model
 from tether.outputs import plot_curves, write_dir_atomic, write_json, write_jsonl, write_text_atomic
 from tether.regularizers import RegularizerStack, SetupContext, parse_entries
 
+log = logging.getLogger(__name__)
 TRAIN_LOSS_ROWS = 2000  # the train-loss estimate of the overfitting gap uses at most this many rows
 
 
@@ -40,9 +45,11 @@ def training_args(cfg: RunConfig, output_dir: Path) -> Any:
         raise ConfigError(f"training: {str(e).strip().splitlines()[0]}: change the training section") from None
 
 
-def check_output_dir(output_dir: Path, overwrite: bool, resume: bool) -> None:
-    """Refuse to train over a finished run; make sure the directory is writable before any work."""
-    if (output_dir / "metrics.json").exists() and not (overwrite or resume):
+def check_output_dir(output_dir: Path, overwrite: bool, resume: bool) -> str | None:
+    """Refuse to train over a finished run; check the directory is writable before any work. Returns the
+    checkpoint to resume from: the last one when --resume is given or when an unfinished run left checkpoints."""
+    finished = (output_dir / "metrics.json").exists()
+    if finished and not overwrite:
         raise TetherError(f"{output_dir} holds a finished run: pass --overwrite or choose another --output-dir")
     try:
         output_dir.mkdir(parents=True, exist_ok=True)
@@ -50,9 +57,31 @@ def check_output_dir(output_dir: Path, overwrite: bool, resume: bool) -> None:
         probe.write_text("")
         probe.unlink()
     except OSError as e:
-        raise TetherError(
-            f"output dir {output_dir} is not writable ({e.strerror}): choose another --output-dir"
-        ) from None
+        reason = e.strerror
+        raise TetherError(f"output dir {output_dir} is not writable ({reason}): choose another --output-dir") from None
+    last = last_complete_checkpoint(output_dir)
+    if resume and last is None:
+        raise TetherError(f"--resume: {output_dir} holds no checkpoint-N directory: train without --resume")
+    if overwrite and not resume:
+        for old in output_dir.glob("checkpoint-*"):
+            shutil.rmtree(old)  # a fresh run must not resume from, or rotate, the old run's checkpoints
+        return None
+    return last
+
+
+def last_complete_checkpoint(output_dir: Path) -> str | None:
+    """The newest checkpoint-N whose trainer_state.json (the Trainer writes it last) parses; newer, half-written
+    ones (a kill during a save) are renamed aside so that nothing loads them and nothing is lost."""
+    steps = sorted((int(p.name.split("-")[1]), p) for p in output_dir.glob("checkpoint-*") if p.name[11:].isdigit())
+    for _, path in reversed(steps):
+        try:
+            json.loads((path / "trainer_state.json").read_text())
+            return str(path)
+        except (OSError, ValueError):
+            aside = path.with_name(f".incomplete-{path.name}-{int(time.time())}")
+            log.warning("%s was not completely written (killed during a save?): moved to %s", path, aside.name)
+            os.replace(path, aside)
+    return None
 
 
 def reference_batches(data: Datasets, collator: Collator, batch_size: int, device: torch.device) -> Any:
@@ -74,8 +103,8 @@ def train(
     """Fine-tune as configured and write model/, config.yaml, history.jsonl, metrics.json and curves.png."""
     from transformers import EarlyStoppingCallback, set_seed
 
-    check_output_dir(output_dir, overwrite, resume)
     args = training_args(cfg, output_dir)
+    resume_from = check_output_dir(output_dir, overwrite, resume)
     set_seed(args.seed)
     model, tokenizer = load_model(cfg.model, cfg.task)
     model.to(args.device)
@@ -92,7 +121,9 @@ def train(
     refs = reference_batches(data, collator, args.per_device_eval_batch_size, args.device)
     stack.setup(SetupContext(trainer.model, refs, args.learning_rate))
     started = time.perf_counter()
-    trainer.train(resume_from_checkpoint=True if resume else None)
+    if resume_from is not None:
+        log.warning("resuming from %s", resume_from)
+    trainer.train(resume_from_checkpoint=resume_from)
     runtime = time.perf_counter() - started
     return _finish(cfg, output_dir, trainer, tokenizer, data, collator, before, runtime)
 

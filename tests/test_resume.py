@@ -1,0 +1,112 @@
+"""A run interrupted after a checkpoint and started again ends with the same weights as an uninterrupted one."""
+
+from __future__ import annotations
+
+import copy
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import TrainerCallback
+
+from tether.config import validate_config
+from tether.errors import TetherError
+from tether.run import train
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+class Crash(TrainerCallback):
+    """Stands in for a kill: raises right after the optimizer step `at` (checkpoints before it are on disk)."""
+
+    def __init__(self, at: int) -> None:
+        self.at = at
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == self.at:
+            raise KeyboardInterrupt
+
+
+def _config(raw_config: dict) -> dict:
+    raw = copy.deepcopy(raw_config)
+    raw["training"].update(max_steps=16, eval_steps=4, save_steps=4, save_total_limit=None, logging_steps=2)
+    raw["training"]["save_strategy"] = "steps"
+    raw["early_stopping"] = {"patience": 10}
+    return raw
+
+
+def _weights(run: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(run / "model" / "model.safetensors"))
+
+
+def test_interrupted_run_resumes_to_the_same_weights(raw_config, tmp_path):
+    cfg = validate_config(_config(raw_config))
+    straight = train(cfg, tmp_path / "straight")
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg, tmp_path / "resumed", callbacks=[Crash(at=10)])
+    assert not (tmp_path / "resumed" / "metrics.json").exists()
+    resumed = train(cfg, tmp_path / "resumed")  # an unfinished run with checkpoints resumes by itself
+    a, b = _weights(tmp_path / "straight"), _weights(tmp_path / "resumed")
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=0, atol=0, msg=name)  # bit-exact on CPU
+    assert resumed["target"]["val_loss"] == straight["target"]["val_loss"]
+    assert resumed["best_step"] == straight["best_step"]
+
+
+def test_resume_without_checkpoint_is_an_error(raw_config, tmp_path):
+    cfg = validate_config(_config(raw_config))
+    with pytest.raises(TetherError, match="holds no checkpoint"):
+        train(cfg, tmp_path / "empty", resume=True)
+
+
+def test_overwrite_starts_fresh(raw_config, tmp_path):
+    cfg = validate_config(_config(raw_config))
+    train(cfg, tmp_path / "run")
+    with pytest.raises(TetherError, match="finished run"):
+        train(cfg, tmp_path / "run")
+    metrics = train(cfg, tmp_path / "run", overwrite=True)
+    assert metrics["global_step"] == 16
+
+
+@pytest.mark.slow
+def test_sigkill_then_resume(raw_config, tmp_path):
+    """The real thing: SIGKILL a `tether train` process mid-run, start it again, compare with a straight run."""
+    import yaml
+
+    raw = _config(raw_config)
+    raw["training"]["max_steps"] = 80
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    cmd = [sys.executable, "-m", "tether", "train", str(path), "--output-dir"]
+    subprocess.run([*cmd, str(tmp_path / "straight")], check=True, capture_output=True, timeout=600)
+    proc = subprocess.Popen([*cmd, str(tmp_path / "killed")], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while not list((tmp_path / "killed").glob("checkpoint-2*")) and time.time() < deadline:
+        time.sleep(0.05)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    subprocess.run([*cmd, str(tmp_path / "killed")], check=True, capture_output=True, timeout=600)
+    a, b = _weights(tmp_path / "straight"), _weights(tmp_path / "killed")
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=0, atol=0, msg=name)
+
+
+def test_half_written_checkpoint_is_set_aside(raw_config, tmp_path):
+    """A kill during a save leaves a checkpoint without trainer_state.json (written last): resume skips it."""
+    cfg = validate_config(_config(raw_config))
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg, tmp_path / "run", callbacks=[Crash(at=10)])
+    torn = tmp_path / "run" / "checkpoint-12"
+    torn.mkdir()
+    (torn / "model.safetensors").write_bytes(b"\0" * 10)  # what a kill mid-write leaves
+    (tmp_path / "run" / "checkpoint-8" / "trainer_state.json").write_text('{"half": ')
+    metrics = train(cfg, tmp_path / "run")
+    assert metrics["global_step"] == 16
+    aside = {p.name.split("-")[2] for p in (tmp_path / "run").glob(".incomplete-*")}
+    assert aside == {"8", "12"}  # both torn ones set aside; the run went on from checkpoint-4
