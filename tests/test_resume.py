@@ -110,3 +110,17 @@ def test_half_written_checkpoint_is_set_aside(raw_config, tmp_path):
     assert metrics["global_step"] == 16
     aside = {p.name.split("-")[2] for p in (tmp_path / "run").glob(".incomplete-*")}
     assert aside == {"8", "12"}  # both torn ones set aside; the run went on from checkpoint-4
+
+
+@pytest.mark.parametrize(("override", "term"), [("learning_rate", "the task loss"), ("l2", "reg/l2")])
+def test_non_finite_loss_stops_with_the_term_named(raw_config, tmp_path, override, term):
+    raw = _config(raw_config)
+    if override == "learning_rate":
+        raw["training"]["learning_rate"] = 1e30  # weights overflow within a few steps
+        raw["regularizers"] = []
+    else:
+        raw["regularizers"][1]["strength"] = 1e38  # finite, but the weighted penalty overflows
+    with pytest.raises(TetherError) as e:
+        train(validate_config(raw), tmp_path / "run")
+    assert term in str(e.value) and "step " in str(e.value)
+    assert not (tmp_path / "run" / "metrics.json").exists()

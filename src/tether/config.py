@@ -32,7 +32,7 @@ def parse_yaml(text: str) -> Any:
 class Section(BaseModel):
     """Base of every config section: unknown keys are errors, values are frozen, field docstrings are the help."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True, allow_inf_nan=False)
 
 
 class SyntheticModelConfig(Section):

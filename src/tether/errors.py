@@ -11,3 +11,7 @@ class ConfigError(TetherError):
 
 class DataError(TetherError):
     """A dataset file or row cannot be used; the message names the file and line."""
+
+
+class NonFiniteError(TetherError):
+    """The task loss or a penalty became NaN/inf; the message names the term."""

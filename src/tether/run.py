@@ -16,7 +16,7 @@ from torch import nn
 
 from tether.config import RunConfig, dump_config
 from tether.data import Collator, Datasets, load_datasets
-from tether.errors import ConfigError, TetherError
+from tether.errors import ConfigError, NonFiniteError, TetherError
 from tether.evaluate import dataset_metrics, forgetting, reference_metrics
 from tether.models import apply_lora, load_model
 from tether.outputs import plot_curves, write_dir_atomic, write_json, write_jsonl, write_text_atomic
@@ -123,7 +123,12 @@ def train(
     started = time.perf_counter()
     if resume_from is not None:
         log.warning("resuming from %s", resume_from)
-    trainer.train(resume_from_checkpoint=resume_from)
+    try:
+        trainer.train(resume_from_checkpoint=resume_from)
+    except NonFiniteError as e:
+        last = last_complete_checkpoint(output_dir)
+        kept = f"last good checkpoint: {last}" if last else "no checkpoint was written yet"
+        raise NonFiniteError(f"step {trainer.state.global_step + 1}: {e} ({kept})") from None
     runtime = time.perf_counter() - started
     return _finish(cfg, output_dir, trainer, tokenizer, data, collator, before, runtime)
 

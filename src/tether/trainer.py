@@ -8,6 +8,7 @@ import torch
 from torch import nn
 from transformers import Trainer
 
+from tether.errors import NonFiniteError
 from tether.regularizers import RegularizerStack
 
 
@@ -26,6 +27,10 @@ class RegularizedMixin:
         task_loss, outputs = super().compute_loss(model, inputs, True, num_items_in_batch)
         loss = task_loss
         if model.training:
+            if not torch.isfinite(task_loss.detach()):
+                raise NonFiniteError(
+                    f"the task loss became {task_loss.item()}: lower the learning rate or check the data"
+                )
             penalty = self.stack.penalty(model, inputs, outputs)
             if penalty is not None:
                 loss = task_loss + penalty * self._penalty_scale(num_items_in_batch)

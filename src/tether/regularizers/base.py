@@ -1,13 +1,14 @@
 """The regularizer protocol, the context it is set up with, and the registry that builds regularizers from config.
 
-A regularizer takes part at up to five points, each with a default that does nothing, so the trainer never probes:
+A regularizer takes part at up to six points, each with a default that does nothing, so the trainer never probes:
   setup          before training: snapshot anchors, estimate importances, change dropout, ...
   param_groups   optimizer level: split or re-weight the optimizer's parameter groups (weight decay, LLRD)
   penalty        an *unweighted* scalar through autograd from the model, the batch and its outputs
   penalty_grad   an *unweighted* quadratic-style penalty whose gradient is known in closed form: the stack hands
                  it a scale and it adds scale * d(penalty)/d(theta) to the gradients with fused foreach ops, once
                  per optimizer step, and returns the penalty value (detached) for logging
-  step_end       after the optimizer step (EMA, online updates, decoupled pulls)
+  step_begin     before the optimizer step, after penalty_grad: changes that use theta_t, as AdamW's decay does
+  step_end       after the optimizer step (EMA, online updates)
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from tether.errors import ConfigError
 class RegularizerConfig(Section):
     """Fields every regularizer has; each regularizer's config subclasses this with its own documented fields."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True, allow_inf_nan=False)
     name: str
     """Registered name of the regularizer."""
     strength: float = Field(0.0, ge=0)
@@ -60,6 +61,9 @@ class Regularizer(Protocol):
         return None
 
     def penalty_grad(self, scale: float) -> torch.Tensor | None:
+        return None
+
+    def step_begin(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
         return None
 
     def step_end(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:

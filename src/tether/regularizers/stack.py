@@ -9,6 +9,7 @@ from pydantic import ValidationError
 from torch import nn
 
 from tether.config import RegularizerEntry
+from tether.errors import NonFiniteError
 from tether.regularizers.base import REGISTRY, Regularizer, RegularizerConfig, SetupContext, config_error
 
 
@@ -70,7 +71,7 @@ class RegularizerStack:
             value = reg.penalty(model, inputs, outputs)
             if value is None:
                 continue
-            self._record(reg.name, value)
+            self._record(reg.name, value, strength)
             total = strength * value if total is None else total + strength * value
         return total
 
@@ -79,19 +80,30 @@ class RegularizerStack:
         for reg, strength in self.items:
             value = reg.penalty_grad(strength)
             if value is not None:
-                self._record(reg.name, value)
+                self._record(reg.name, value, strength)
+
+    def step_begin(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+        for reg, _ in self.items:
+            reg.step_begin(model, optimizer)
 
     def step_end(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
         for reg, _ in self.items:
             reg.step_end(model, optimizer)
 
     def attach(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
-        """Run before_step / step_end around every optimizer.step(), however the Trainer wraps the optimizer."""
-        optimizer.register_step_pre_hook(lambda *_: self.before_step())
+        """Run before_step + step_begin / step_end around every optimizer.step(), however the Trainer wraps it."""
+
+        def pre_hook(opt: torch.optim.Optimizer, *_: Any) -> None:  # must return None: a value would replace args
+            self.before_step()
+            self.step_begin(model, opt)
+
+        optimizer.register_step_pre_hook(pre_hook)
         optimizer.register_step_post_hook(lambda opt, *_: self.step_end(model, opt))
 
-    def _record(self, name: str, value: torch.Tensor) -> None:
+    def _record(self, name: str, value: torch.Tensor, strength: float) -> None:
         value = value.detach().float()
+        if not torch.isfinite(value * strength):
+            raise NonFiniteError(f"reg/{name} became {value.item()} (x {strength}): lower its strength or the lr")
         self._sums[name] = self._sums[name] + value if name in self._sums else value
         self._counts[name] = self._counts.get(name, 0) + 1
 
