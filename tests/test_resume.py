@@ -61,7 +61,7 @@ def test_interrupted_run_resumes_to_the_same_weights(raw_config, tmp_path):
 
 def test_resume_without_checkpoint_is_an_error(raw_config, tmp_path):
     cfg = validate_config(_config(raw_config))
-    with pytest.raises(TetherError, match="holds no checkpoint"):
+    with pytest.raises(TetherError, match="train without --resume"):
         train(cfg, tmp_path / "empty", resume=True)
 
 

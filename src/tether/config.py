@@ -251,7 +251,9 @@ def _check_training_keys(training: dict[str, Any]) -> None:
     from transformers import TrainingArguments
 
     known = {f.name for f in dataclasses.fields(TrainingArguments)}
-    for key in training:
+    for key, value in training.items():
+        if value is None:
+            raise ConfigError(f"training.{key} is empty: give it a value or remove the key")
         if key in TRAINER_OWNED:
             raise ConfigError(f"training.{key} is set by tether: remove it (use output_dir / early_stopping instead)")
         if key == "weight_decay":

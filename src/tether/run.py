@@ -6,8 +6,10 @@ import json
 import logging
 import os
 import shutil
+import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -15,12 +17,12 @@ import torch
 from torch import nn
 
 from tether.config import RunConfig, dump_config
-from tether.data import Collator, Datasets, load_datasets
+from tether.data import Collator, Datasets, load_datasets, load_split
 from tether.errors import ConfigError, NonFiniteError, TetherError
 from tether.evaluate import dataset_metrics, forgetting, reference_metrics
 from tether.models import apply_lora, load_model
 from tether.outputs import plot_curves, write_dir_atomic, write_json, write_jsonl, write_text_atomic
-from tether.regularizers import RegularizerStack, SetupContext, parse_entries
+from tether.regularizers import FinishContext, RegularizerStack, SetupContext, parse_entries
 
 log = logging.getLogger(__name__)
 TRAIN_LOSS_ROWS = 2000  # the train-loss estimate of the overfitting gap uses at most this many rows
@@ -46,27 +48,34 @@ def training_args(cfg: RunConfig, output_dir: Path) -> Any:
 
 
 def check_output_dir(output_dir: Path, overwrite: bool, resume: bool) -> str | None:
-    """Refuse to train over a finished run; check the directory is writable before any work. Returns the
+    """Refuse to train over a finished run, or into a place that cannot be written; creates nothing. Returns the
     checkpoint to resume from: the last one when --resume is given or when an unfinished run left checkpoints."""
-    finished = (output_dir / "metrics.json").exists()
-    if finished and not overwrite:
+    if (output_dir / "metrics.json").exists() and not overwrite:
         raise TetherError(f"{output_dir} holds a finished run: pass --overwrite or choose another --output-dir")
+    existing = next(p for p in (output_dir, *output_dir.parents) if p.exists())
     try:
-        output_dir.mkdir(parents=True, exist_ok=True)
-        probe = output_dir / ".tether-write-test"
-        probe.write_text("")
-        probe.unlink()
+        if not existing.is_dir():
+            raise NotADirectoryError(20, "a file is in the way")
+        with tempfile.TemporaryFile(dir=existing):  # a real probe: os.access says yes to root on a read-only fs
+            pass
     except OSError as e:
         reason = e.strerror
         raise TetherError(f"output dir {output_dir} is not writable ({reason}): choose another --output-dir") from None
+    if not output_dir.is_dir():
+        if resume:
+            raise TetherError(f"--resume: {output_dir} does not exist: train without --resume")
+        return None
     last = last_complete_checkpoint(output_dir)
     if resume and last is None:
         raise TetherError(f"--resume: {output_dir} holds no checkpoint-N directory: train without --resume")
-    if overwrite and not resume:
-        for old in output_dir.glob("checkpoint-*"):
-            shutil.rmtree(old)  # a fresh run must not resume from, or rotate, the old run's checkpoints
-        return None
-    return last
+    return None if overwrite and not resume else last
+
+
+def clear_checkpoints(output_dir: Path) -> None:
+    """--overwrite: a fresh run must not resume from, or rotate, the old run's checkpoints."""
+    for old in output_dir.glob("checkpoint-*"):
+        shutil.rmtree(old)
+    (output_dir / "metrics.json").unlink(missing_ok=True)
 
 
 def last_complete_checkpoint(output_dir: Path) -> str | None:
@@ -109,6 +118,8 @@ def train(
     model, tokenizer = load_model(cfg.model, cfg.task)
     model.to(args.device)
     data = load_datasets(cfg.data, cfg.task, tokenizer)
+    if overwrite and not resume:
+        clear_checkpoints(output_dir)
     collator = Collator(tokenizer.pad_token_id)
     before = reference_metrics(model, tokenizer, data.reference, collator) if data.reference else None
     if cfg.lora is not None:
@@ -117,7 +128,10 @@ def train(
     callbacks = list(callbacks or [])
     if cfg.early_stopping is not None:
         callbacks.append(EarlyStoppingCallback(cfg.early_stopping.patience, cfg.early_stopping.threshold))
-    trainer = _trainer(model, args, data, collator, stack, callbacks)
+    reference_rows = data.reference.encoded if data.reference else None
+    train_rows = stack.train_data(data.train.encoded, reference_rows, args.seed, _reader(cfg, tokenizer))
+    mixed = replace(data, train=replace(data.train, encoded=train_rows))  # the Trainer's; metrics use data.train
+    trainer = _trainer(model, args, mixed, collator, stack, callbacks)
     refs = reference_batches(data, collator, args.per_device_eval_batch_size, args.device)
     stack.setup(SetupContext(trainer.model, refs, args.learning_rate))
     started = time.perf_counter()
@@ -156,6 +170,12 @@ def _finish(cfg: RunConfig, output_dir: Path, trainer: Any, tokenizer: Any, data
         best_step=best_step, stopped_early=state.global_step < state.max_steps,
         global_step=state.global_step, train_runtime_s=round(runtime, 2),
     )  # fmt: skip
+    finish = FinishContext(
+        output_dir,
+        lambda m: measure(m, tokenizer, data, collator, before),
+        lambda m, name: _save_as(m, tokenizer, output_dir / name),
+    )
+    metrics.update(trainer.stack.after_training(model, finish))  # ema, wise_ft: alternative final models
     write_text_atomic(output_dir / "config.yaml", dump_config(cfg))
     write_jsonl(output_dir / "history.jsonl", state.log_history)
     plot_curves(state.log_history, best_step, output_dir / "curves.png")
@@ -166,6 +186,17 @@ def _finish(cfg: RunConfig, output_dir: Path, trainer: Any, tokenizer: Any, data
 def _save_model(model: nn.Module, tokenizer: Any, directory: Path) -> None:
     model.save_pretrained(directory)  # safetensors; for PEFT the adapter only
     tokenizer.save_pretrained(directory)
+
+
+def _save_as(model: nn.Module, tokenizer: Any, directory: Path) -> Path:
+    write_dir_atomic(directory, lambda tmp: _save_model(model, tokenizer, tmp))
+    return directory
+
+
+def _reader(cfg: RunConfig, tokenizer: Any) -> Callable[[str], list[dict]]:
+    """Reads and encodes another data file (replay.source) as the reference data is read."""
+    fmt = cfg.data.reference_format or cfg.data.format
+    return lambda path: load_split(path, "replay.source", fmt, cfg.task, tokenizer, cfg.data.max_length).encoded
 
 
 def measure(model: nn.Module, tokenizer: Any, data: Datasets, collator: Collator, before: dict | None) -> dict:

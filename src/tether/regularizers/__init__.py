@@ -1,11 +1,28 @@
 """Regularizers, each registered by name in its own module; importing this package registers them all."""
 
-from tether.regularizers import ewc, l1, l2, l2_sp, llrd, si, weight_decay  # noqa: F401  (registers them)
-from tether.regularizers.base import REGISTRY, Regularizer, RegularizerConfig, SetupContext, register
+from tether.regularizers import (  # noqa: F401  (registers them)
+    distill,
+    dropout,
+    ema,
+    ewc,
+    kl,
+    l1,
+    l2,
+    l2_sp,
+    label_smoothing,
+    llrd,
+    neftune,
+    replay,
+    si,
+    weight_decay,
+    wise_ft,
+)
+from tether.regularizers.base import REGISTRY, FinishContext, Regularizer, RegularizerConfig, SetupContext, register
 from tether.regularizers.stack import RegularizerStack, parse_entries
 
 __all__ = [
     "REGISTRY",
+    "FinishContext",
     "Regularizer",
     "RegularizerConfig",
     "RegularizerStack",

@@ -9,6 +9,13 @@ A regularizer takes part at up to six points, each with a default that does noth
                  per optimizer step, and returns the penalty value (detached) for logging
   step_begin     before the optimizer step, after penalty_grad: changes that use theta_t, as AdamW's decay does
   step_end       after the optimizer step (EMA, online updates)
+Three more points, also with do-nothing defaults:
+  reference_options  the options of the frozen reference (tether.reference) when the regularizer compares with the
+                 original model's outputs (distill, kl); the stack then builds one Reference for all of them
+  train_data     before the Trainer is built: change the training rows (replay mixes reference rows in);
+                 `load(path)` reads and encodes another data file as the reference data is
+  after_training after training and the main metrics: evaluate or save alternative models (ema, wise_ft); the
+                 returned dict goes into metrics.json under the regularizer's name
 """
 
 from __future__ import annotations
@@ -16,14 +23,18 @@ from __future__ import annotations
 import re
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Any, ClassVar, Protocol
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
 import torch
-from pydantic import ConfigDict, Field
+from pydantic import ConfigDict, Field, ValidationInfo, field_validator
 from torch import nn
 
 from tether.config import Section
 from tether.errors import ConfigError
+
+if TYPE_CHECKING:
+    from tether.reference import Reference, ReferenceOptions
 
 
 class RegularizerConfig(Section):
@@ -44,6 +55,33 @@ class SetupContext:
     reference_batches: Callable[[], Iterable[dict[str, torch.Tensor]]] | None = None
     """Yields collated batches of the reference data on the model's device (None when no reference data)."""
     learning_rate: float = 0.0
+    reference: Reference | None = None
+    """The frozen original model's outputs (built by the stack when a regularizer asks for it)."""
+
+
+@dataclass
+class FinishContext:
+    """What a regularizer may use in `after_training`: where the run writes, and how it measures and saves."""
+
+    output_dir: Path
+    evaluate: Callable[[nn.Module], dict[str, Any]]
+    """The run's metrics of a model: target.*, overfit_gap and, with reference data, forgetting.*."""
+    save: Callable[[nn.Module, str], Path]
+    """save(model, name): save_pretrained (and the tokenizer) into output_dir/name atomically; returns the path."""
+
+
+class NoPenaltyConfig(RegularizerConfig):
+    """Base of the configs of regularizers without a penalty, whose own fields set their effect."""
+
+    strength: float = 0.0
+    """Unused: this regularizer adds no penalty. Leave it out."""
+
+    @field_validator("strength")
+    @classmethod
+    def _no_strength(cls, value: float, info: ValidationInfo) -> float:
+        if value != 0:
+            raise ValueError(f"{info.data.get('name')} adds no penalty, so strength is unused: remove it")
+        return value
 
 
 class Regularizer(Protocol):
@@ -68,6 +106,21 @@ class Regularizer(Protocol):
 
     def step_end(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
         return None
+
+    def reference_options(self) -> ReferenceOptions | None:
+        return None
+
+    def train_data(
+        self,
+        train: list[dict],
+        reference: list[dict] | None,
+        seed: int,
+        load: Callable[[str], list[dict]] | None = None,
+    ) -> list[dict]:
+        return train
+
+    def after_training(self, model: nn.Module, ctx: FinishContext) -> dict[str, Any]:
+        return {}
 
 
 @dataclass(frozen=True)

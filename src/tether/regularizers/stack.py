@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -10,7 +12,15 @@ from torch import nn
 
 from tether.config import RegularizerEntry
 from tether.errors import NonFiniteError
-from tether.regularizers.base import REGISTRY, Regularizer, RegularizerConfig, SetupContext, config_error
+from tether.reference import Reference, merge_options
+from tether.regularizers.base import (
+    REGISTRY,
+    FinishContext,
+    Regularizer,
+    RegularizerConfig,
+    SetupContext,
+    config_error,
+)
 
 
 def parse_entries(entries: list[RegularizerEntry]) -> list[RegularizerConfig]:
@@ -43,6 +53,7 @@ class RegularizerStack:
         self.items = regularizers
         self._sums: dict[str, torch.Tensor] = {}
         self._counts: dict[str, int] = {}
+        self.reference: Reference | None = None
 
     @classmethod
     def from_configs(cls, configs: list[RegularizerConfig]) -> RegularizerStack:
@@ -53,8 +64,30 @@ class RegularizerStack:
         return [reg.name for reg, _ in self.items]
 
     def setup(self, ctx: SetupContext) -> None:
+        """Builds the one frozen Reference first, when one is asked for: before any setup changes the model."""
+        wanted = [opts for reg, _ in self.items if (opts := reg.reference_options()) is not None]
+        if wanted and ctx.reference is None:
+            ctx = dataclasses.replace(ctx, reference=Reference.build(ctx.model, merge_options(wanted)))
+        self.reference = ctx.reference
         for reg, _ in self.items:
             reg.setup(ctx)
+
+    def train_data(
+        self,
+        train: list[dict],
+        reference: list[dict] | None,
+        seed: int,
+        load: Callable[[str], list[dict]] | None = None,
+    ) -> list[dict]:
+        """The training rows after each regularizer's train_data, in order (replay mixes reference rows in)."""
+        for reg, _ in self.items:
+            train = reg.train_data(train, reference, seed, load)
+        return train
+
+    def after_training(self, model: nn.Module, ctx: FinishContext) -> dict[str, dict[str, Any]]:
+        """{name: results} of the regularizers that evaluate or save something after training (ema, wise_ft)."""
+        results = {reg.name: reg.after_training(model, ctx) for reg, _ in self.items}
+        return {name: result for name, result in results.items() if result}
 
     def param_groups(self, model: nn.Module) -> list[dict[str, Any]]:
         """Optimizer groups: one group of all trainable parameters, then each regularizer splits or re-weights."""
@@ -89,6 +122,8 @@ class RegularizerStack:
     def step_end(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
         for reg, _ in self.items:
             reg.step_end(model, optimizer)
+        if self.reference is not None:
+            self.reference.clear()
 
     def attach(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
         """Run before_step + step_begin / step_end around every optimizer.step(), however the Trainer wraps it."""

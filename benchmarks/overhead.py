@@ -1,0 +1,154 @@
+"""Overhead of each parameter-space regularizer on a training step, and the setup cost of ewc and si.
+
+    .venv/bin/python benchmarks/overhead.py [--reps 40] [--seq 64] [--threads 1]
+
+A tiny Llama (hidden 128, 4 layers, vocab 1000: 1.3M parameters) trains on CPU on batches of 8 x seq tokens through
+the trainer's path: task loss + stack.penalty, backward, AdamW step (whose hooks run penalty_grad, step_begin,
+step_end). Every configuration has its own copy of the model and optimizer. Each repetition times every regularizer's
+step right next to a plain step (no regularizer), in random order, and the table gives the median over repetitions
+of the ratio regularized / plain: load from other processes changes both sides of a pair alike and cancels out.
+A regularizer's cost grows with the parameters and a step's with the tokens, so the ratio falls as seq grows.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import random
+import statistics
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from tether.regularizers import REGISTRY, RegularizerStack, SetupContext
+from tether.regularizers.anchor import trainable
+from tether.regularizers.ewc import estimate_fisher
+from tether.synthetic import tiny_model
+
+CONFIGS: dict[str, dict[str, Any]] = {
+    "l2": {"name": "l2", "strength": 1e-4},
+    "l1": {"name": "l1", "strength": 1e-5},
+    "l2_sp (decoupled)": {"name": "l2_sp", "strength": 1.0, "form": "decoupled"},
+    "l2_sp (penalty)": {"name": "l2_sp", "strength": 0.01, "form": "penalty"},
+    "ewc": {"name": "ewc", "strength": 0.3},
+    "si": {"name": "si", "strength": 0.3},
+    "llrd": {"name": "llrd", "decay": 0.9},
+    "weight_decay": {"name": "weight_decay", "strength": 0.01},
+}
+LR = 1e-4
+BATCH, VOCAB, REFERENCE_ROWS = 8, 1000, 64
+
+
+def batch_of(gen: torch.Generator, seq: int) -> dict[str, torch.Tensor]:
+    ids = torch.randint(4, VOCAB, (BATCH, seq), generator=gen)
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
+
+
+class Run:
+    """One configuration: its model copy, stack and AdamW, and a timed training step."""
+
+    def __init__(self, base: torch.nn.Module, entries: list[dict[str, Any]], refs: Callable) -> None:
+        self.model = copy.deepcopy(base).train()
+        self.stack = RegularizerStack.from_configs([REGISTRY[e["name"]].config(**e) for e in entries])
+        self.stack.setup(SetupContext(self.model, refs, LR))
+        groups = self.stack.param_groups(self.model)
+        for g in groups:
+            g["lr"] = LR * g.pop("lr_scale")
+        self.opt = torch.optim.AdamW(groups, lr=LR, weight_decay=0.0)
+        self.stack.attach(self.model, self.opt)
+
+    def step(self, batch: dict[str, torch.Tensor]) -> float:
+        start = time.perf_counter()
+        out = self.model(**batch)
+        penalty = self.stack.penalty(self.model, batch, out)
+        (out.loss if penalty is None else out.loss + penalty).backward()
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+        return time.perf_counter() - start
+
+
+def step_overheads(
+    base: torch.nn.Module, refs: Callable, reps: int, seq: int
+) -> list[tuple[str, float, float, float]]:
+    """(name, median ratio to the adjacent plain step, median plain ms, median regularized ms) per configuration."""
+    gen, order = torch.Generator().manual_seed(0), random.Random(0)
+    plain = Run(base, [], refs)
+    runs = {name: Run(base, [entry], refs) for name, entry in CONFIGS.items()}
+    batch = batch_of(gen, seq)
+    for run in [plain, *runs.values()]:  # warm-up: allocator, optimizer state
+        for _ in range(3):
+            run.step(batch)
+    times: dict[str, list[tuple[float, float]]] = {name: [] for name in runs}
+    for _ in range(reps):
+        for name in order.sample(list(runs), len(runs)):
+            if order.random() < 0.5:
+                t_plain, t_reg = plain.step(batch), runs[name].step(batch)
+            else:
+                t_reg, t_plain = runs[name].step(batch), plain.step(batch)
+            times[name].append((t_plain, t_reg))
+    rows = []
+    for name, pairs in times.items():
+        ratio = statistics.median(r / p for p, r in pairs)
+        rows.append(
+            (name, ratio, 1e3 * statistics.median(p for p, _ in pairs), 1e3 * statistics.median(r for _, r in pairs))
+        )
+    return rows
+
+
+def setup_costs(base: torch.nn.Module, refs: Callable, repeats: int = 3) -> list[tuple[str, float, float]]:
+    """(what, median seconds, ratio to one forward + backward over the reference data)."""
+    model = copy.deepcopy(base)
+    named = trainable(model)
+
+    def forward_backward() -> None:
+        for batch in refs():
+            model(**batch).loss.backward()
+        model.zero_grad(set_to_none=True)
+
+    def si_setup() -> None:
+        REGISTRY["si"].cls(REGISTRY["si"].config(name="si")).setup(SetupContext(model, refs, LR))
+
+    jobs = {"forward+backward (baseline)": forward_backward, "si setup (4 steps)": si_setup}
+    for estimator in ("sampled", "empirical", "exact"):
+        jobs[f"ewc Fisher, {estimator}"] = lambda e=estimator: estimate_fisher(model, named, refs(), e)
+    seconds: dict[str, list[float]] = {name: [] for name in jobs}
+    for _ in range(repeats):  # interleaved, like the step timings
+        for name, job in jobs.items():
+            start = time.perf_counter()
+            job()
+            seconds[name].append(time.perf_counter() - start)
+    base_s = statistics.median(seconds["forward+backward (baseline)"])
+    return [(name, statistics.median(s), statistics.median(s) / base_s) for name, s in seconds.items()]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--reps", type=int, default=40, help="paired repetitions per regularizer")
+    parser.add_argument("--seq", type=int, default=64, help="tokens per row of the training batches")
+    parser.add_argument(
+        "--threads", type=int, default=1, help="torch CPU threads (more than the free cores makes OpenMP spin)"
+    )
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    base = tiny_model("llama", "causal_lm", VOCAB, hidden_size=128, num_layers=4, num_heads=4)
+    gen = torch.Generator().manual_seed(1)
+    reference = [batch_of(gen, 64) for _ in range(REFERENCE_ROWS // BATCH)]
+    refs = lambda: iter(reference)  # noqa: E731
+    n_params = sum(p.numel() for p in base.parameters())
+    print(f"tiny Llama, {n_params / 1e6:.2f}M parameters, batch {BATCH} x {args.seq} tokens, {args.threads} threads")
+    print("\n| regularizer | step / plain step (median of pairs) | plain ms | regularized ms |")
+    print("| --- | --- | --- | --- |")
+    for name, ratio, plain_ms, reg_ms in step_overheads(base, refs, args.reps, args.seq):
+        print(f"| {name} | {ratio:.3f}x | {plain_ms:.1f} | {reg_ms:.1f} |")
+    print(f"\nSetup on {REFERENCE_ROWS} reference rows ({REFERENCE_ROWS // BATCH} batches of {BATCH} x 64):")
+    print("\n| setup | seconds | / one forward+backward over the reference data |")
+    print("| --- | --- | --- |")
+    for name, seconds, ratio in setup_costs(base, refs):
+        print(f"| {name} | {seconds:.3f} | {ratio:.2f}x |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,262 @@
+"""EWC: lambda/2 * sum F * (theta - theta_0)^2 with a diagonal Fisher F estimated on the reference data at setup.
+
+The Fisher tether estimates (every estimator targets this normalization):
+
+    F = 1/N * sum_n (d l_n / d theta)^2,   l_n = mean NLL over the labelled tokens of reference row n
+
+so a row counts once whatever its length (for classification l_n is the row's cross-entropy). Estimators:
+  sampled    (default) the label of every labelled position is drawn from the model's own predictive distribution
+             (teacher-forced: the inputs stay the data's tokens): the true Fisher, the curvature EWC's Laplace
+             approximation asks for. Sampled-label gradients have zero
+             mean, so the squared gradient of a batch's summed loss, (sum_n g_n)^2, is an unbiased estimate of
+             sum_n g_n^2: one forward and backward per reference batch.
+  empirical  the same batch estimate with the true labels: the empirical Fisher. Cheap too, but the empirical
+             Fisher can point the wrong way (Kunstner et al., 2019), and batching adds the cross terms g_n * g_m,
+             which do not vanish for true labels (with one row per batch it equals exact).
+  exact      per-row squared gradients of the true-label loss with torch.func (vmap over rows of equal length,
+             padding cut away): the empirical Fisher without the batch approximation. Memory grows with rows x
+             parameters: for small models or LoRA.
+Batches are forwarded in eval mode (no dropout); the gradients never touch p.grad.
+
+Only trainable tensors are included (the adapters and head under LoRA). The Fisher is always fp32. `normalize`
+divides it by its mean, so that one lambda transfers between models and data sizes. With `save_path` the raw
+(un-normalized) Fisher is written as safetensors, keyed by parameter name; `fisher_path` loads such a file instead of
+estimating, and `online` adds a new estimate to it: F <- decay * F_loaded + F_new (online EWC, Schwarz et al., 2018).
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import warnings
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from pydantic import Field
+from torch import nn
+
+from tether.data import IGNORE
+from tether.errors import ConfigError
+from tether.regularizers.anchor import quadratic_pull, snapshot, trainable, work_buffers
+from tether.regularizers.base import Regularizer, RegularizerConfig, SetupContext, register
+
+Batch = dict[str, torch.Tensor]
+SAMPLING_SEED = 0  # the sampled estimator draws its labels from its own generator, so a run repeats exactly
+
+
+class EWCConfig(RegularizerConfig):
+    strength: float = Field(0.3, ge=0)
+    """lambda; with normalize (mean F = 1), 0.1-1 (the demo task: 0.1-1 keep the facts, 10 slows learning)."""
+    estimator: Literal["sampled", "empirical", "exact"] = "sampled"
+    """sampled: the true Fisher (labels drawn from the model); empirical: true labels, per batch; exact: true labels,
+    per row with torch.func (small models or LoRA)."""
+    normalize: bool = True
+    """Divide F by its mean over all entries, so that lambda does not depend on the model or the loss scale."""
+    fisher_path: str | None = None
+    """A Fisher saved by an earlier run (save_path): used instead of estimating one (or combined with a new one)."""
+    online: bool = False
+    """With fisher_path: estimate a new Fisher on the reference data too and use decay * loaded + new."""
+    decay: float = Field(0.9, gt=0, le=1)
+    """Online EWC: weight of the loaded (older) Fisher."""
+    save_path: str | None = None
+    """Write the Fisher used (before normalize) here as safetensors, for a later run's fisher_path."""
+
+
+@register("ewc", EWCConfig)
+class EWC(Regularizer):
+    def __init__(self, config: EWCConfig) -> None:
+        self.config = config
+        self.names: list[str] = []
+        self.params: list[torch.Tensor] = []
+        self.anchors: list[torch.Tensor] = []
+        self.buffers: list[torch.Tensor] | None = None
+        self.scale = 1.0  # mean(F) with normalize: the weights are F / scale
+        self.roots: list[torch.Tensor] = []  # sqrt(F / scale), all the Fisher that is kept
+
+    def setup(self, ctx: SetupContext) -> None:
+        named = trainable(ctx.model)
+        self.names, self.params = [n for n, _ in named], [p for _, p in named]
+        self.anchors = snapshot(self.params)
+        self.buffers = work_buffers(self.params)
+        fisher = self._fisher(ctx, named)
+        if self.config.save_path is not None:
+            save_fisher(self.config.save_path, dict(zip(self.names, fisher)), self.config.estimator)
+        self.scale = mean_of(fisher) if self.config.normalize else 1.0
+        torch._foreach_div_(fisher, self.scale)
+        torch._foreach_sqrt_(fisher)  # in place: a full-size fp32 Fisher is the largest thing ewc holds
+        self.roots = fisher
+
+    @property
+    def weights(self) -> list[torch.Tensor]:
+        """The per-entry weights of the penalty: F, or F / mean(F) with normalize."""
+        return torch._foreach_mul(self.roots, self.roots)
+
+    @property
+    def fisher(self) -> list[torch.Tensor]:
+        """The Fisher as estimated or loaded (before normalize)."""
+        return torch._foreach_mul(self.weights, self.scale)
+
+    def _fisher(self, ctx: SetupContext, named: list[tuple[str, nn.Parameter]]) -> list[torch.Tensor]:
+        cfg = self.config
+        loaded = load_fisher(cfg.fisher_path, named) if cfg.fisher_path is not None else None
+        if loaded is not None and not cfg.online:
+            return loaded
+        if ctx.reference_batches is None:
+            need = "for online ewc" if cfg.online else "or set ewc.fisher_path to a Fisher saved by an earlier run"
+            raise ConfigError(f"ewc estimates its Fisher on the reference data: set data.reference {need}")
+        new = estimate_fisher(ctx.model, named, ctx.reference_batches(), cfg.estimator)
+        return new if loaded is None else torch._foreach_add(torch._foreach_mul(loaded, cfg.decay), new)
+
+    def save(self, path: str | Path) -> None:
+        """Write the raw Fisher as safetensors, keyed by parameter name."""
+        save_fisher(path, dict(zip(self.names, self.fisher)), self.config.estimator)
+
+    def penalty_grad(self, scale: float) -> torch.Tensor | None:
+        return quadratic_pull(self.params, self.anchors, self.roots, scale, self.buffers)
+
+
+def mean_of(fisher: list[torch.Tensor]) -> float:
+    """mean(F) over every entry of every tensor."""
+    mean = torch.stack([f.sum() for f in fisher]).sum().item() / sum(f.numel() for f in fisher)
+    if not mean > 0:
+        raise ConfigError("ewc.normalize: the Fisher is zero everywhere (no gradient on the reference data)")
+    return mean
+
+
+def per_example_nll(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Loss of each row: the mean NLL over its labelled tokens (causal LM, labels shifted by one as in HF), or the
+    cross-entropy of its class (sequence classification, labels of shape [batch])."""
+    if labels.ndim == 1:
+        return F.cross_entropy(logits.float(), labels, reduction="none")
+    logits, labels = logits[:, :-1], labels[:, 1:]
+    nll = F.cross_entropy(logits.float().transpose(1, 2), labels, ignore_index=IGNORE, reduction="none")
+    return nll.sum(1) / (labels != IGNORE).sum(1).clamp(min=1)
+
+
+def sample_labels(logits: torch.Tensor, labels: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Labels drawn from the model's predictive distribution at every labelled position (the others stay -100)."""
+    with torch.no_grad():
+        if labels.ndim == 1:
+            return torch.multinomial(logits.float().softmax(-1), 1, generator=generator).squeeze(1)
+        mask = labels[:, 1:] != IGNORE
+        probs = logits[:, :-1][mask].float().softmax(-1)  # only the labelled positions: vocab x tokens can be large
+        sampled = labels.clone()
+        sampled[:, 1:][mask] = torch.multinomial(probs, 1, generator=generator).squeeze(1)
+    return sampled
+
+
+def estimate_fisher(
+    model: nn.Module, named: list[tuple[str, nn.Parameter]], batches: Iterable[Batch], estimator: str
+) -> list[torch.Tensor]:
+    """The diagonal Fisher of the named parameters on `batches` (see the module docstring), fp32."""
+    params = [p for _, p in named]
+    sums = [torch.zeros_like(p, dtype=torch.float32) for p in params]
+    rows, generator, was_training = 0, None, model.training
+    model.eval()
+    try:
+        for batch in batches:
+            rows += batch["input_ids"].shape[0]
+            if estimator == "exact":
+                torch._foreach_add_(sums, per_row_squares(model, named, batch))
+                continue
+            if estimator == "sampled" and generator is None:
+                generator = torch.Generator(batch["input_ids"].device).manual_seed(SAMPLING_SEED)
+            grads = batch_gradient(model, params, batch, generator)
+            torch._foreach_addcmul_(sums, grads, grads)
+    finally:
+        model.train(was_training)
+    if rows == 0:
+        raise ConfigError("ewc: the reference data yielded no batch: check data.reference")
+    return torch._foreach_div(sums, float(rows))
+
+
+def model_inputs(batch: Batch) -> Batch:
+    return {k: v for k, v in batch.items() if k != "labels"}
+
+
+def batch_gradient(
+    model: nn.Module, params: list[torch.Tensor], batch: Batch, generator: torch.Generator | None
+) -> list[torch.Tensor]:
+    """d/dtheta of the batch's summed per-row loss, labels sampled when a generator is given, in fp32."""
+    logits = model(**model_inputs(batch)).logits
+    labels = batch["labels"] if generator is None else sample_labels(logits, batch["labels"], generator)
+    loss = per_example_nll(logits, labels).sum()
+    grads = torch.autograd.grad(loss, params, allow_unused=True, materialize_grads=True)
+    return [g.float() for g in grads]
+
+
+def per_row_squares(model: nn.Module, named: list[tuple[str, nn.Parameter]], batch: Batch) -> list[torch.Tensor]:
+    """sum over the batch's rows of each row's squared gradient, with torch.func. Rows are grouped by length and
+    their padding cut away, so no model sees an attention mask that vmap would have to branch on."""
+    from torch.func import functional_call, grad, vmap
+
+    def row_loss(p: Batch, row_ids: torch.Tensor, row_labels: torch.Tensor, ones: torch.Tensor) -> torch.Tensor:
+        logits = functional_call(model, p, (), {"input_ids": row_ids[None], "attention_mask": ones}).logits
+        return per_example_nll(logits, row_labels[None])[0]
+
+    params = {n: p.detach() for n, p in named}
+    mask = batch["attention_mask"].bool()
+    lengths = mask.sum(1)
+    out = [torch.zeros_like(p, dtype=torch.float32) for p in params.values()]
+    for length in lengths.unique().tolist():
+        rows = lengths == length
+        ids = batch["input_ids"][rows][mask[rows]].view(-1, length)
+        labels = batch["labels"][rows]
+        if labels.ndim == 2:
+            labels = labels[mask[rows]].view(-1, length)
+        ones = torch.ones(1, length, dtype=batch["attention_mask"].dtype, device=ids.device)
+        with warnings.catch_warnings():  # "no batching rule for SDPA on CPU, falling back to a loop": nothing to do
+            warnings.filterwarnings("ignore", message="There is a performance drop")
+            grads = vmap(grad(row_loss), in_dims=(None, 0, 0, None))(params, ids, labels, ones)
+        torch._foreach_add_(out, [grads[n].float().square().sum(0) for n in params])
+    return out
+
+
+def save_fisher(path: str | Path, fisher: dict[str, torch.Tensor], estimator: str) -> None:
+    """Write {parameter name: Fisher} as safetensors, atomically (a reader sees the old file or the new one)."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    os.close(fd)
+    try:
+        tensors = {n: f.detach().float().contiguous().cpu() for n, f in fisher.items()}
+        save_file(tensors, tmp, metadata={"format": "tether-fisher", "estimator": estimator})
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def load_fisher(path: str | Path, named: list[tuple[str, nn.Parameter]]) -> list[torch.Tensor]:
+    """The Fisher in `path`, aligned with `named` (fp32, on each parameter's device); ConfigError on any mismatch."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    where = f"ewc.fisher_path: {path}"
+    if not Path(path).is_file():
+        raise ConfigError(f"{where} does not exist: give the file an earlier run wrote with ewc.save_path")
+    try:
+        loaded = load_file(str(path))
+    except (SafetensorError, OSError) as e:
+        raise ConfigError(f"{where} is not a safetensors file ({e}): give a file written by ewc.save_path") from None
+    names = [n for n, _ in named]
+    missing, extra = [n for n in names if n not in loaded], sorted(set(loaded) - set(names))
+    if missing or extra:
+        example = f"missing {missing[0]!r}" if missing else f"unexpected {extra[0]!r}"
+        raise ConfigError(
+            f"{where} does not match this model's trainable parameters ({len(missing)} missing, {len(extra)} "
+            f"unexpected, e.g. {example}): it was saved for another model or other trainable parameters (LoRA or "
+            "not); estimate a new one by removing fisher_path"
+        )
+    for n, p in named:
+        if loaded[n].shape != p.shape:
+            raise ConfigError(
+                f"{where}: {n} has shape {tuple(loaded[n].shape)} in the file but {tuple(p.shape)} in the model: "
+                "it was saved for another model; estimate a new one by removing fisher_path"
+            )
+    return [loaded[n].to(device=p.device, dtype=torch.float32) for n, p in named]

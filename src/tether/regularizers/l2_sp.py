@@ -1,0 +1,185 @@
+"""L2-SP: pull the weights toward the pre-trained ones, lambda/2 * sum (theta - theta_0)^2 (Li et al., 2018).
+
+theta_0 is every trainable tensor as it is at setup (biases and norms included), kept as detached copies.
+
+Two forms (`form`):
+  decoupled  the pull is applied in the update, as AdamW applies its decay, before the optimizer step and so from
+             theta_t: theta <- theta - lr * lambda * (theta - theta_0), with each parameter group's current lr
+             (so it follows the schedule and LLRD). Adam does not rescale it: lambda means the same for every weight.
+  penalty    lambda * (theta - theta_0) is added to the gradients (the gradient of the penalty in the loss), so it
+             goes through Adam's normalization like the task gradient.
+
+With LoRA (a PEFT model) the frozen base weights cannot move; what moves is each adapted layer's effective weight,
+W + s * B @ A. The pull is then on that change, 1/2 * s^2 * ||B A - B_0 A_0||_F^2 (B_0 = 0 for a fresh adapter, so
+this is ||Delta W||^2), not on A and B themselves (A is random and its size says nothing about Delta W). It is
+computed from r x r products only: ||B A||^2 = trace((B^T B)(A A^T)), and so are its gradients
+s^2 (B A - B_0 A_0) A^T for B and s^2 B^T (B A - B_0 A_0) for A; the d x d matrix is never formed. Each active
+adapter of a layer is pulled on its own. Other trainable tensors (a classifier head, modules_to_save, embedding or
+conv adapters, DoRA magnitudes) are pulled elementwise toward their values at setup.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+from pydantic import Field, model_validator
+from torch import nn
+
+from tether.errors import ConfigError
+from tether.regularizers.anchor import differences, snapshot, sum_of_squares, trainable, with_grads, work_buffers
+from tether.regularizers.base import Regularizer, RegularizerConfig, SetupContext, register
+
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class L2SPConfig(RegularizerConfig):
+    strength: float = Field(10.0, ge=0)
+    """lambda; left out, 10 for decoupled and 0.01 for penalty. decoupled: each step removes the fraction lr * lambda
+    of the distance to theta_0, so take lr * lambda * steps ~ 2-6 (lr 1e-3, 200 steps: 10-30); penalty: 0.01-0.03."""
+    form: Literal["decoupled", "penalty"] = "decoupled"
+    """decoupled: applied in the update like AdamW's decay; penalty: its gradient is added to the loss gradient."""
+    anchor_dtype: Literal["bfloat16", "float16"] | None = None
+    """Keep theta_0 in this lower precision to halve its memory for fp32 training; theta_0 is then rounded
+    (relative 4e-3 for bfloat16), so the pull is not exactly zero at the start. None: the parameter's dtype."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _default_strength(cls, data: Any) -> Any:
+        """The two forms' lambdas differ by ~1000x (Adam normalizes the penalty's gradient), so each has its own."""
+        if isinstance(data, dict) and "strength" not in data and data.get("form") == "penalty":
+            return {**data, "strength": 0.01}
+        return data
+
+
+@dataclass
+class LoraPair:
+    """One adapter of one LoRA layer: A (r x in), B (out x r), its scaling s and their values at setup."""
+
+    a: nn.Parameter
+    b: nn.Parameter
+    scaling: float
+    a0: torch.Tensor
+    b0: torch.Tensor
+
+    def pull(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(1/2 s^2 ||B A - B_0 A_0||^2, its gradient for A, for B), in fp32 from r x r products."""
+        a, b, a0, b0, s2 = self.a.float(), self.b.float(), self.a0, self.b0, self.scaling**2
+        aat, a0at, btb, btb0 = a @ a.T, a0 @ a.T, b.T @ b, b.T @ b0
+        sq = (btb * aat).sum() - 2 * (btb0 * a0at.T).sum() + ((b0.T @ b0) * (a0 @ a0.T)).sum()
+        grad_a = s2 * (btb @ a - btb0 @ a0)
+        grad_b = s2 * (b @ aat - b0 @ a0at)
+        return 0.5 * s2 * sq.clamp(min=0), grad_a, grad_b
+
+
+def lora_pairs(model: nn.Module) -> list[LoraPair]:
+    """The trainable (A, B) pairs of the model's LoRA Linear layers, with their values now."""
+    if "peft" not in sys.modules:  # no PEFT imported, so no LoRA layer can exist: skip its slow import
+        return []
+    from peft.tuners.lora import LoraLayer
+
+    pairs = []
+    for module in model.modules():
+        if not isinstance(module, LoraLayer):
+            continue
+        for name in module.active_adapters:
+            if name not in module.lora_A:
+                continue
+            a, b = module.lora_A[name], module.lora_B[name]
+            if (
+                isinstance(a, nn.Linear)
+                and isinstance(b, nn.Linear)
+                and a.weight.requires_grad
+                and b.weight.requires_grad
+            ):
+                a0, b0 = a.weight.detach().float().clone(), b.weight.detach().float().clone()
+                pairs.append(LoraPair(a.weight, b.weight, float(module.scaling[name]), a0, b0))
+    return pairs
+
+
+@register("l2_sp", L2SPConfig)
+class L2SP(Regularizer):
+    def __init__(self, config: L2SPConfig) -> None:
+        self.config = config
+        self.decoupled = config.form == "decoupled"
+        self.params: list[torch.Tensor] = []
+        self.anchors: list[torch.Tensor] = []
+        self.buffers: list[torch.Tensor] | None = None
+        self.lora: list[LoraPair] = []
+        self._scale = 0.0  # lambda, as the stack hands it to penalty_grad; the decoupled pull uses it in step_begin
+        self._groups: tuple[torch.optim.Optimizer, list[tuple[dict, list[int]]], dict[int, dict]] | None = None
+
+    def setup(self, ctx: SetupContext) -> None:
+        lr_lambda = ctx.learning_rate * self.config.strength
+        if self.decoupled and lr_lambda >= 1:
+            raise ConfigError(
+                f"l2_sp.strength: lr * strength = {lr_lambda:g} >= 1 overshoots theta_0 every step: lower strength"
+            )
+        self.lora = lora_pairs(ctx.model)
+        in_pairs = {id(p) for pair in self.lora for p in (pair.a, pair.b)}
+        self.params = [p for _, p in trainable(ctx.model) if id(p) not in in_pairs]
+        self.anchors = snapshot(self.params, DTYPES.get(self.config.anchor_dtype or ""))
+        self.buffers = None if self.decoupled else work_buffers(self.params)
+
+    def penalty_grad(self, scale: float) -> torch.Tensor | None:
+        """The value; the penalty form also adds scale * its gradient (the decoupled form pulls in step_begin)."""
+        params, anchors, buffers = with_grads(self.params, self.anchors, self.buffers)
+        pairs = [pair for pair in self.lora if pair.a.grad is not None and pair.b.grad is not None]
+        if not params and not pairs:
+            return None
+        self._scale = scale
+        value = torch.zeros((), device=(params or [pairs[0].a])[0].device)
+        with torch.no_grad():
+            if params and self.decoupled:
+                value = 0.5 * squared_distance(params, anchors)
+            elif params:
+                diffs = differences(params, anchors, buffers)
+                value = 0.5 * sum_of_squares(diffs)
+                if scale:
+                    torch._foreach_add_([p.grad for p in params], diffs, alpha=scale)
+            for pair in pairs:
+                pair_value, grad_a, grad_b = pair.pull()
+                value = value + pair_value
+                if scale and not self.decoupled:
+                    pair.a.grad.add_(grad_a, alpha=scale)
+                    pair.b.grad.add_(grad_b, alpha=scale)
+        return value
+
+    def step_begin(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+        """Decoupled form: theta <- theta - lr * lambda * (theta - theta_0) with each group's lr, from theta_t."""
+        if not self.decoupled or not self._scale:
+            return
+        with torch.no_grad():
+            grouped, group_of = self._grouped(optimizer)
+            for group, indices in grouped:
+                keep = [i for i in indices if self.params[i].grad is not None]  # as AdamW skips them, so does this
+                params, anchors = [self.params[i] for i in keep], [self.anchors[i] for i in keep]
+                weight = group["lr"] * self._scale
+                if params and params[0].dtype == anchors[0].dtype:
+                    torch._foreach_lerp_(params, anchors, weight)  # theta + w * (theta_0 - theta): one fused pass
+                elif params:  # a lower-precision anchor: lerp_ wants one dtype
+                    torch._foreach_add_(params, torch._foreach_sub(params, anchors), alpha=-weight)
+            for pair in self.lora:
+                group = group_of.get(id(pair.a))
+                if group is not None and pair.a.grad is not None and pair.b.grad is not None:
+                    _, grad_a, grad_b = pair.pull()
+                    pair.a.add_(grad_a, alpha=-group["lr"] * self._scale)
+                    pair.b.add_(grad_b, alpha=-group["lr"] * self._scale)
+
+    def _grouped(self, optimizer: torch.optim.Optimizer) -> tuple[list[tuple[dict, list[int]]], dict[int, dict]]:
+        """([(param group, indices into self.params of its tensors)], {id(tensor): its group}), cached per
+        optimizer. Groups are the live dicts, so "lr" follows the scheduler; a tensor the optimizer does not hold is
+        not pulled."""
+        if self._groups is None or self._groups[0] is not optimizer:
+            index = {id(p): i for i, p in enumerate(self.params)}
+            grouped = [(g, [index[id(p)] for p in g["params"] if id(p) in index]) for g in optimizer.param_groups]
+            group_of = {id(p): g for g in optimizer.param_groups for p in g["params"]}
+            self._groups = (optimizer, [(g, idx) for g, idx in grouped if idx], group_of)
+        return self._groups[1], self._groups[2]
+
+
+def squared_distance(params: list[torch.Tensor], anchors: list[torch.Tensor]) -> torch.Tensor:
+    """sum ||theta - theta_0||^2 in fp32, one tensor at a time (torch.dist needs no full-size temporary list)."""
+    return torch.stack([torch.dist(p.float(), a.float()) for p, a in zip(params, anchors)]).square().sum()

@@ -1,0 +1,101 @@
+"""SI-style importance: lambda/2 * sum Omega * (theta - theta_0)^2, Omega from a short training pass at setup.
+
+Element-wise (Synaptic Intelligence, Zenke et al., 2017): `steps` plain SGD steps at the run's learning rate on the
+first reference batches (true labels, eval mode) accumulate the path integral omega = sum_k -g_k * dtheta_k
+(= lr * sum_k g_k^2 for SGD), and the importance is omega / ((theta_K - theta_0)^2 + damping). The weights are then
+restored exactly: the model leaves setup as it came in. With fine-tuning learning rates the path is short, the damping
+dominates the denominator, and Omega is close to the sum of squared gradients along the path: a cheap Fisher proxy
+from a few batches (compare ewc, which passes over all the reference data).
+
+Layer-wise (the hierarchy of arXiv 2501.13669): Omega is divided by its mean within each parameter tensor, so every
+tensor is held equally hard on average (lambda means the same for every layer and model, and the embeddings or the
+head, whose gradients are largest, do not take over), and within a tensor the important entries are held harder.
+Only trainable tensors take part (the adapters and head under LoRA).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from itertools import cycle, islice
+
+import torch
+from pydantic import Field
+from torch import nn
+
+from tether.errors import ConfigError
+from tether.regularizers.anchor import differences, quadratic_pull, snapshot, trainable, work_buffers
+from tether.regularizers.base import Regularizer, RegularizerConfig, SetupContext, register
+from tether.regularizers.ewc import Batch, model_inputs
+
+
+class SIConfig(RegularizerConfig):
+    strength: float = Field(0.3, ge=0)
+    """lambda; Omega has mean 1 in every tensor: 0.1-1 (the scale of ewc with normalize)."""
+    steps: int = Field(4, ge=1)
+    """SGD steps of the setup pass, one reference batch each (cycled when there are fewer)."""
+    damping: float = Field(1e-3, gt=0)
+    """xi in omega / ((theta_K - theta_0)^2 + xi): keeps Omega finite where a weight did not move."""
+
+
+@register("si", SIConfig)
+class SI(Regularizer):
+    def __init__(self, config: SIConfig) -> None:
+        self.config = config
+        self.params: list[torch.Tensor] = []
+        self.anchors: list[torch.Tensor] = []
+        self.buffers: list[torch.Tensor] | None = None
+        self.roots: list[torch.Tensor] = []  # sqrt(Omega)
+
+    def setup(self, ctx: SetupContext) -> None:
+        if ctx.reference_batches is None:
+            raise ConfigError("si measures importance on the reference data: set data.reference")
+        if not ctx.learning_rate > 0:
+            raise ConfigError("si takes its setup steps at the training learning rate: set training.learning_rate > 0")
+        self.params = [p for _, p in trainable(ctx.model)]
+        self.anchors = snapshot(self.params)
+        batches = list(islice(ctx.reference_batches(), self.config.steps))
+        if not batches:
+            raise ConfigError("si: the reference data yielded no batch: check data.reference")
+        try:
+            omega = path_integral(ctx.model, self.params, islice(cycle(batches), self.config.steps), ctx.learning_rate)
+            with torch.no_grad():
+                moved = differences(self.params, self.anchors, None)
+        finally:
+            with torch.no_grad():
+                torch._foreach_copy_(self.params, self.anchors)  # leave the model as it came in, whatever happens
+        importance = importance_from_path(omega, moved, self.config.damping)
+        self.buffers = work_buffers(self.params)
+        self.roots = torch._foreach_sqrt([w / w.mean() if w.mean() > 0 else w for w in importance])
+
+    @property
+    def weights(self) -> list[torch.Tensor]:
+        """Omega, the per-entry weights of the penalty (mean 1 in every tensor that moved)."""
+        return torch._foreach_mul(self.roots, self.roots)
+
+    def penalty_grad(self, scale: float) -> torch.Tensor | None:
+        return quadratic_pull(self.params, self.anchors, self.roots, scale, self.buffers)
+
+
+def path_integral(
+    model: nn.Module, params: list[torch.Tensor], batches: Iterable[Batch], lr: float
+) -> list[torch.Tensor]:
+    """sum_k -g_k * dtheta_k over plain SGD steps (theta <- theta - lr * g) on `batches`, in fp32; moves the model."""
+    omega = [torch.zeros_like(p, dtype=torch.float32) for p in params]
+    was_training = model.training
+    model.eval()
+    try:
+        for batch in batches:
+            loss = model(**model_inputs(batch), labels=batch["labels"]).loss
+            grads = torch.autograd.grad(loss, params, allow_unused=True, materialize_grads=True)
+            with torch.no_grad():
+                torch._foreach_add_(params, grads, alpha=-lr)
+                grads = [g.float() for g in grads]
+                torch._foreach_addcmul_(omega, grads, grads, value=lr)  # -g * dtheta = lr * g^2
+    finally:
+        model.train(was_training)
+    return omega
+
+
+def importance_from_path(omega: list[torch.Tensor], moved: list[torch.Tensor], damping: float) -> list[torch.Tensor]:
+    """Element-wise SI importance omega / (total change^2 + damping)."""
+    return torch._foreach_div(omega, torch._foreach_add(torch._foreach_mul(moved, moved), damping))

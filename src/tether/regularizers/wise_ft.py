@@ -1,0 +1,153 @@
+"""WiSE-FT: after training, interpolate in weight space between the original and the fine-tuned model.
+
+theta(alpha) = (1 - alpha) * theta_0 + alpha * theta (Wortsman et al., 2022): alpha = 0 is the original model,
+1 the fine-tuned one. Each alpha in `alphas` is measured like the final model (target val loss, and with reference
+data the forgetting), the table goes to metrics.json under `wise_ft` and the trade-off to wise_ft.png (target loss
+against the increase of the reference loss, one point per alpha), and the chosen alpha's model is saved to
+output_dir/model_wise_ft/. The main model/ stays the fine-tuned one.
+
+Choice (`choose`):
+  least_forgetting  among the alphas whose target val loss is within `tolerance` (relative) of the best one, the
+                    one with the lowest reference loss (ties: the larger alpha); without reference data, best_target
+  best_target       the alpha with the lowest target val loss
+The choice is made on the validation data, so the chosen model's validation loss is slightly optimistic.
+
+Full fine-tuning keeps theta_0, a copy of the trainable weights at setup. Under LoRA the update of a layer is
+s * B @ A; interpolating both factors would give alpha^2 terms, so the factor that was zero at setup (B, or A for
+embedding adapters) is interpolated and the other keeps its trained value: exactly alpha * delta W (the scaling
+of the adapter by alpha). An adapter with neither factor zero at setup (trained before this run) cannot be
+interpolated that way: setup stops with an error. Other trainable tensors (a classification head) are interpolated
+elementwise. strength is unused.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from pydantic import Field, field_validator
+from torch import nn
+
+from tether.errors import ConfigError
+from tether.regularizers.anchor import snapshot, trainable
+from tether.regularizers.base import FinishContext, NoPenaltyConfig, Regularizer, SetupContext, register
+
+
+class WiseFTConfig(NoPenaltyConfig):
+    alphas: list[float] = Field(default_factory=lambda: [0.0, 0.25, 0.5, 0.75, 1.0])
+    """Interpolation weights of the fine-tuned model to measure, each in [0, 1] (0: original, 1: fine-tuned)."""
+    choose: Literal["least_forgetting", "best_target"] = "least_forgetting"
+    """Which alpha's model to save to model_wise_ft/ (see the module docstring)."""
+    tolerance: float = Field(0.05, ge=0)
+    """least_forgetting: how much worse than the best target val loss is acceptable, relative (0.05: 5%)."""
+
+    @field_validator("alphas")
+    @classmethod
+    def _alphas(cls, value: list[float]) -> list[float]:
+        if not value or any(not 0 <= a <= 1 for a in value):
+            raise ValueError("give a non-empty list of alphas, each between 0 and 1")
+        return sorted(set(value))
+
+
+@register("wise_ft", WiseFTConfig)
+class WiseFT(Regularizer):
+    def __init__(self, config: WiseFTConfig) -> None:
+        self.config = config
+        self.params: list[torch.Tensor] = []
+        self.start: list[torch.Tensor] = []
+
+    def setup(self, ctx: SetupContext) -> None:
+        named = trainable(ctx.model)
+        kept = lora_factors_to_keep(named)
+        self.params = [p for _, p in named if id(p) not in kept]
+        self.start = snapshot(self.params)
+
+    def after_training(self, model: nn.Module, ctx: FinishContext) -> dict[str, Any]:
+        trained = [p.detach().clone() for p in self.params]
+        rows = []
+        try:
+            for alpha in self.config.alphas:
+                self.interpolate(trained, alpha)
+                rows.append({"alpha": alpha, **summary(ctx.evaluate(model))})
+            chosen = choose(rows, self.config.choose, self.config.tolerance)
+            self.interpolate(trained, chosen)
+            ctx.save(model, "model_wise_ft")
+        finally:
+            with torch.no_grad():
+                torch._foreach_copy_(self.params, trained)
+        plot(rows, chosen, ctx.output_dir / "wise_ft.png")
+        return {"alphas": rows, "chosen_alpha": chosen, "choose": self.config.choose}
+
+    def interpolate(self, trained: list[torch.Tensor], alpha: float) -> None:
+        """Set the interpolated tensors to theta(alpha) = theta_0 + alpha * (trained - theta_0), in place."""
+        with torch.no_grad():
+            torch._foreach_copy_(self.params, self.start)
+            torch._foreach_lerp_(self.params, trained, alpha)
+
+
+def lora_factors_to_keep(named: list[tuple[str, torch.Tensor]]) -> set[int]:
+    """ids of the LoRA factors that keep their trained value: in each (A, B) pair, the one whose partner is zero."""
+    by_name = dict(named)
+    kept = set()
+    for name, a in named:
+        partner = re.sub(r"\.lora_(embedding_)?A\.", r".lora_\1B.", name)
+        if partner == name or partner not in by_name:
+            continue
+        b = by_name[partner]
+        if not b.any():
+            kept.add(id(a))
+        elif not a.any():
+            kept.add(id(b))
+        else:
+            raise ConfigError(
+                f"wise_ft: the adapter {name} was not at its initial value at setup (neither LoRA factor is zero): "
+                "wise_ft under LoRA needs an adapter created by this run; remove wise_ft"
+            )
+    return kept
+
+
+def summary(metrics: dict[str, Any]) -> dict[str, float]:
+    """The numbers of one alpha's table row: target val loss, reference loss and its increase, fact recall."""
+    row = {"val_loss": metrics["target"]["val_loss"]}
+    forgetting = metrics.get("forgetting", {})
+    if forgetting:
+        row.update(reference_loss=forgetting["reference_loss_after"], delta_loss=forgetting["delta_loss"])
+    if "recall_after" in forgetting:
+        row["recall"] = forgetting["recall_after"]
+    return row
+
+
+def choose(rows: list[dict[str, float]], rule: str, tolerance: float) -> float:
+    """The alpha picked by `rule` (module docstring) from the measured rows."""
+    best = min(r["val_loss"] for r in rows)
+    if rule == "best_target" or "reference_loss" not in rows[0]:
+        return min(rows, key=lambda r: (r["val_loss"], -r["alpha"]))["alpha"]
+    close = [r for r in rows if r["val_loss"] <= best + tolerance * abs(best)]
+    return min(close, key=lambda r: (r["reference_loss"], -r["alpha"]))["alpha"]
+
+
+def plot(rows: list[dict[str, float]], chosen: float, path: Path) -> None:
+    """wise_ft.png: target val loss against forgetting (or against alpha without reference data), chosen marked."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    forgetting = "delta_loss" in rows[0]
+    xs = [r["val_loss"] for r in rows]
+    ys = [r["delta_loss"] if forgetting else r["alpha"] for r in rows]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot(xs, ys, marker="o")
+    for r, x, y in zip(rows, xs, ys):
+        ax.annotate(f"{r['alpha']:g}" + (" (chosen)" if r["alpha"] == chosen else ""), (x, y), fontsize=8)
+    ax.set_xlabel("target val loss")
+    ax.set_ylabel("reference loss increase (forgetting)" if forgetting else "alpha")
+    ax.set_title("WiSE-FT: theta(alpha) = (1 - alpha) theta_0 + alpha theta")
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    os.replace(tmp, path)

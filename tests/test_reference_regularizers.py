@@ -1,0 +1,540 @@
+"""The frozen reference and the regularizers around it (distill, kl, replay, label_smoothing, dropout, neftune, ema,
+wise_ft): parity with naive references, behaviour, and one run end to end."""
+
+from __future__ import annotations
+
+import copy
+import json
+import random
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from tether.config import RegularizerEntry, validate_config
+from tether.data import IGNORE, Collator
+from tether.errors import ConfigError
+from tether.reference import Reference, ReferenceOptions
+from tether.regularizers import REGISTRY, FinishContext, RegularizerStack, SetupContext, parse_entries
+from tether.regularizers.distill import divergence
+from tether.regularizers.dropout import KNOBS
+from tether.regularizers.ema import EMA
+from tether.regularizers.label_smoothing import uniform_minus_nll
+from tether.regularizers.neftune import noise_like
+from tether.regularizers.replay import loss_tokens, mix
+from tether.run import train
+from tether.synthetic import ARCHITECTURES, ENCODER_ONLY, tiny_model
+
+VOCAB = 40
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Matrices this small gain nothing from a second thread, which only waits on the first when the CPU is shared."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def model_of(arch: str = "llama", task: str = "causal_lm", seed: int = 0) -> nn.Module:
+    return tiny_model(arch, task, VOCAB, hidden_size=16, num_layers=2, num_heads=2, seed=seed)
+
+
+def batch_of(n: int = 4, seed: int = 0, task: str = "causal_lm") -> dict[str, torch.Tensor]:
+    """Rows of different lengths (so the batch is padded), the first 3 positions of each a prompt without loss."""
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        ids = [rng.randrange(4, VOCAB) for _ in range(rng.randint(5, 10))]
+        labels = rng.randrange(2) if task != "causal_lm" else [IGNORE] * 3 + ids[3:]
+        rows.append({"input_ids": ids, "attention_mask": [1] * len(ids), "labels": labels})
+    return Collator(0)(rows)
+
+
+def stack_of(model: nn.Module, *entries: dict[str, Any], lr: float = 1e-2) -> RegularizerStack:
+    stack = RegularizerStack.from_configs([REGISTRY[e["name"]].config(**e) for e in entries])
+    stack.setup(SetupContext(model, None, lr))
+    return stack
+
+
+def lora(model: nn.Module, trained: bool = False) -> nn.Module:
+    """A PEFT LoRA model; `trained`: its adapter is away from init, as one trained before this run is."""
+    from peft import LoraConfig, TaskType, get_peft_model
+
+    peft = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, task_type=TaskType.CAUSAL_LM))
+    if trained:
+        move_adapter(peft, seed=1)
+    return peft
+
+
+def move_adapter(model: nn.Module, seed: int) -> None:
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.add_(0.3 * torch.randn(p.shape, generator=gen))
+
+
+def logits(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    was = model.training
+    model.eval()
+    with torch.no_grad():
+        out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    model.train(was)
+    return out
+
+
+def storages(*modules: nn.Module) -> set[int]:
+    return {t.untyped_storage().data_ptr() for m in modules for t in [*m.parameters(), *m.buffers()]}
+
+
+def sgd_steps(model: nn.Module, stack: RegularizerStack, batches: list[dict], lr: float = 1e-2) -> None:
+    """What the trainer does per step: task loss + weighted penalties, backward, optimizer step with the hooks."""
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=lr)
+    stack.attach(model, opt)
+    model.train()
+    for batch in batches:
+        out = model(**batch)
+        penalty = stack.penalty(model, batch, out)
+        (out.loss if penalty is None else out.loss + penalty).backward()
+        opt.step()
+        opt.zero_grad()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The reference
+
+
+def test_lora_reference_disables_the_adapter_and_copies_no_weight():
+    base = model_of()
+    batch = batch_of()
+    original = logits(base, batch)
+    model = lora(base)
+    before = storages(model)
+    ref = Reference.build(model, ReferenceOptions())
+    assert ref.mode == "disable" and ref.frozen is None and ref.adapter is None
+    assert storages(model) == before  # nothing copied, nothing new in the model
+    move_adapter(model, seed=2)  # training moves the adapter
+    assert not torch.allclose(logits(model, batch), original, atol=1e-4)
+    torch.testing.assert_close(ref.logits(batch), original)
+    assert model.training and all(m.training for m in model.modules())  # each module's mode put back
+
+
+def test_an_adapter_trained_before_the_run_gets_a_cloned_frozen_reference():
+    model = lora(model_of(), trained=True)
+    batch = batch_of()
+    at_setup = logits(model, batch)
+    with model.disable_adapter():
+        base = logits(model, batch)
+    ref = Reference.build(model, ReferenceOptions())
+    assert ref.mode == "clone"
+    trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    assert set(ref.adapter) == set(trainable)  # a clone of the adapter, not of the model
+    assert all(not t.requires_grad for t in ref.adapter.values())
+    assert storages(model).isdisjoint(t.untyped_storage().data_ptr() for t in ref.adapter.values())
+    move_adapter(model, seed=3)
+    got = ref.logits(batch)
+    torch.testing.assert_close(got, at_setup)
+    assert not torch.allclose(got, base, atol=1e-3), "disabling the adapter would have been the wrong reference"
+    assert all(p.requires_grad for p in trainable.values())
+    assert Reference.build(model, ReferenceOptions(adapter="disable")).mode == "disable"  # forced by config
+
+
+def test_full_fine_tuning_reference_is_a_frozen_copy_optionally_in_bf16():
+    model = model_of()
+    batch = batch_of()
+    original = logits(model, batch)
+    ref = Reference.build(model, ReferenceOptions())
+    half = Reference.build(model, ReferenceOptions(dtype="bfloat16", offload=True))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.1)
+    torch.testing.assert_close(ref.logits(batch), original)
+    assert all(not p.requires_grad for p in ref.frozen.parameters()) and not ref.frozen.training
+    assert all(p.dtype == torch.bfloat16 and p.device.type == "cpu" for p in half.frozen.parameters())
+    torch.testing.assert_close(half.logits(batch).float(), original, atol=0.05, rtol=0.05)
+
+
+def test_reference_options_are_checked_where_used():
+    with pytest.raises(ConfigError, match="different `reference:` options"):
+        stack_of(model_of(), {"name": "distill", "reference": {"dtype": "bfloat16"}},
+                 {"name": "kl", "reference": {"dtype": "float16"}})  # fmt: skip
+    # the same options on one of them only are fine
+    stack = stack_of(model_of(), {"name": "distill", "reference": {"dtype": "bfloat16"}}, {"name": "kl"})
+    assert next(stack.reference.frozen.parameters()).dtype == torch.bfloat16
+    with pytest.raises(ConfigError, match="under LoRA the reference is the same model"):
+        stack_of(lora(model_of()), {"name": "kl", "reference": {"offload": True}})
+    with pytest.raises(ConfigError, match="LoRA only"):
+        stack_of(model_of(), {"name": "kl", "reference": {"adapter": "clone"}})
+
+
+@pytest.mark.parametrize("use_lora", [False, True], ids=["full_copy", "lora"])
+def test_distill_and_kl_share_one_reference_forward_per_step(use_lora: bool):
+    model = lora(model_of()) if use_lora else model_of()
+    stack = stack_of(model, {"name": "distill"}, {"name": "kl"})
+    reference_net = model if use_lora else stack.reference.frozen
+    calls = []
+    reference_net.register_forward_hook(lambda *_: calls.append(1))
+    steps = 3
+    sgd_steps(model, stack, [batch_of(seed=i) for i in range(steps)], lr=0.5)
+    student_forwards = steps if use_lora else 0  # under LoRA the hook sees the student's forwards too
+    assert len(calls) - student_forwards == steps == stack.reference.forwards
+    assert stack.reference._logits is None  # cleared after each optimizer step
+    logs = stack.pop_logs()
+    assert logs["reg/distill"] > 0 and logs["reg/kl"] > 0
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# distill and kl
+
+
+def naive_divergence(student: torch.Tensor, teacher: torch.Tensor, labels: torch.Tensor, kind: str, temperature: float,
+                     beta: float) -> torch.Tensor:  # fmt: skip
+    """Position by position with explicit probabilities: sum p log(p / q), the mixture written out."""
+    if labels.ndim == 1:
+        student, teacher, labels = student[:, None], teacher[:, None], torch.stack([labels, labels], 1)
+    values = []
+    for b in range(labels.shape[0]):
+        for t in range(labels.shape[1] - 1):
+            if labels[b, t + 1] == IGNORE:
+                continue
+            ps = torch.softmax(student[b, t].double() / temperature, -1)
+            pt = torch.softmax(teacher[b, t].double() / temperature, -1)
+            if kind == "forward":
+                d = (pt * (pt / ps).log()).sum()
+            elif kind == "reverse":
+                d = (ps * (ps / pt).log()).sum()
+            else:
+                m = beta * pt + (1 - beta) * ps
+                d = beta * (pt * (pt / m).log()).sum() + (1 - beta) * (ps * (ps / m).log()).sum()
+            values.append(temperature**2 * d)
+    return torch.stack(values).mean()
+
+
+@pytest.mark.parametrize("task", ["causal_lm", "classification"])
+@pytest.mark.parametrize(("kind", "temperature"), [("forward", 2.0), ("reverse", 1.0), ("jsd", 1.5)])
+def test_chunked_divergence_matches_naive_value_and_gradient(kind: str, temperature: float, task: str):
+    gen = torch.Generator().manual_seed(0)
+    if task == "causal_lm":
+        labels = batch_of(3)["labels"]
+        shape = (*labels.shape, 11)
+    else:
+        labels = torch.tensor([0, 1, 1, IGNORE, 0])
+        shape = (5, 7)
+    student = torch.randn(shape, generator=gen, dtype=torch.float64).float().requires_grad_(True)
+    teacher = torch.randn(shape, generator=gen)
+    naive = naive_divergence(student, teacher, labels, kind, temperature, 0.3)
+    (want,) = torch.autograd.grad(naive, student)
+    for chunk in (3, 10_000):  # chunks of 3 positions vs all positions at once
+        value = divergence(student, teacher, labels, kind, temperature, 0.3, chunk)
+        (grad,) = torch.autograd.grad(value, student)
+        torch.testing.assert_close(value.double(), naive, rtol=1e-5, atol=1e-7)
+        torch.testing.assert_close(grad, want, rtol=1e-4, atol=1e-7)
+
+
+def test_divergence_is_zero_at_the_teacher_and_ignores_masked_positions():
+    student = torch.randn(2, 6, 9)
+    labels = torch.full((2, 6), IGNORE)
+    labels[0, 3] = 5  # the only position with loss: logits[0, 2]
+    other = student.clone()
+    other[:, [0, 1, 3, 4, 5]] += 5.0  # everywhere else
+    other[1] += 5.0
+    for kind in ("forward", "reverse", "jsd"):
+        assert divergence(student, student, labels, kind).item() == pytest.approx(0, abs=1e-6)
+        assert divergence(student, other, labels, kind).item() == pytest.approx(0, abs=1e-6)
+
+
+def mean_kl_to(original: nn.Module, model: nn.Module, batch: dict) -> float:
+    return divergence(logits(model, batch), logits(original, batch), batch["labels"], "forward").item()
+
+
+@pytest.mark.parametrize("name", ["kl", "distill"])
+def test_kl_and_distill_keep_the_model_closer_to_the_original(name: str):
+    batches = [batch_of(8, seed=i) for i in range(12)]
+    held_out = batch_of(8, seed=99)
+    distance = {}
+    for strength in (0.0, 2.0):
+        original, model = model_of(), model_of()
+        stack = stack_of(model, {"name": name, "strength": strength})
+        sgd_steps(model, stack, batches, lr=0.5)
+        distance[strength] = mean_kl_to(original, model, held_out)
+    assert distance[2.0] < 0.7 * distance[0.0], distance
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# label_smoothing
+
+
+@pytest.mark.parametrize("task", ["causal_lm", "sequence_classification"])
+def test_label_smoothing_equals_torch_smoothed_cross_entropy(task: str):
+    alpha = 0.2
+    model = model_of("llama", task)
+    batch = batch_of(4, task=task)
+    if task == "causal_lm":
+        batch["labels"][1, 6:] = IGNORE  # padding-like ignored tail
+    out = model(**batch)
+    stack = stack_of(model, {"name": "label_smoothing", "strength": alpha})
+    total = out.loss + stack.penalty(model, batch, out)
+    logits_, labels = out.logits, batch["labels"]
+    if task == "causal_lm":
+        logits_, labels = logits_[:, :-1].reshape(-1, VOCAB), labels[:, 1:].reshape(-1)
+    want = F.cross_entropy(logits_, labels, ignore_index=IGNORE, label_smoothing=alpha)
+    torch.testing.assert_close(total, want)
+    got_grads = torch.autograd.grad(total, list(model.parameters()), retain_graph=True)
+    want_grads = torch.autograd.grad(want, list(model.parameters()))
+    for g, w in zip(got_grads, want_grads):
+        torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-6)
+
+
+def test_label_smoothing_leaves_the_evaluation_loss_unchanged(tmp_path: Path):
+    from transformers import TrainingArguments
+
+    from tether.trainer import RegularizedTrainer
+
+    model = model_of()
+    batch = batch_of(4)
+    args = TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to="none")
+    trainer = RegularizedTrainer(model=model, args=args, stack=stack_of(model, {"name": "label_smoothing"}))
+    model.eval()
+    assert trainer.compute_loss(model, batch).item() == pytest.approx(model(**batch).loss.item())
+    model.train()
+    assert trainer.compute_loss(model, batch).item() != pytest.approx(model(**batch).loss.item())
+    assert uniform_minus_nll(model(**batch).logits, batch["labels"]).item() != 0
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# dropout
+
+MATRIX = [(arch, "sequence_classification" if arch in ENCODER_ONLY else "causal_lm") for arch in ARCHITECTURES]
+
+
+@pytest.mark.parametrize(("arch", "task"), MATRIX, ids=[a for a, _ in MATRIX])
+def test_dropout_sets_every_module_and_acts_in_training_only(arch: str, task: str):
+    model = model_of(arch, task)
+    roles = KNOBS[model.config.model_type]
+    stack_of(model, {"name": "dropout", **dict.fromkeys(roles, 0.3)})
+    for role, (keys, _, _) in roles.items():
+        assert all(getattr(model.config, key) == 0.3 for key in keys), role
+    rates = [m.p for m in model.modules() if isinstance(m, nn.Dropout)]
+    rates += [m.attention_dropout for m in model.modules() if isinstance(vars(m).get("attention_dropout"), float)]
+    assert rates and all(r == 0.3 for r in rates), rates
+    batch = batch_of(2, task=task)
+    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+    torch.manual_seed(0)
+    model.train()
+    assert not torch.equal(model(**inputs).logits, model(**inputs).logits)
+    model.eval()
+    assert torch.equal(model(**inputs).logits, model(**inputs).logits)
+
+
+def test_dropout_a_role_the_architecture_lacks_is_an_error():
+    with pytest.raises(ConfigError, match="llama has no hidden dropout"):
+        stack_of(model_of(), {"name": "dropout", "attention": 0.1, "hidden": 0.1})
+    with pytest.raises(ConfigError, match="dropout adds no penalty, so strength is unused"):
+        parse_entries([RegularizerEntry(name="dropout", strength=0.1)])
+
+
+def test_dropout_under_lora_reaches_the_base_model():
+    model = lora(model_of("gpt2"))
+    stack_of(model, {"name": "dropout", "hidden": 0.25})
+    base = model.get_base_model()
+    assert base.transformer.h[0].mlp.dropout.p == 0.25 and base.config.resid_pdrop == 0.25
+    assert all(m.p == 0.0 for n, m in model.named_modules() if "lora_dropout" in n and isinstance(m, nn.Dropout))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# neftune
+
+
+def test_neftune_noise_scales_with_each_rows_own_length():
+    alpha, dim = 10.0, 64
+    mask = torch.zeros(3, 40, dtype=torch.long)
+    for row, length in enumerate((4, 16, 40)):
+        mask[row, :length] = 1
+    torch.manual_seed(0)
+    noise = noise_like(torch.zeros(3, 40, dim), mask, alpha)
+    for row, length in enumerate((4, 16, 40)):
+        bound = alpha / (length * dim) ** 0.5
+        assert noise[row, :length].abs().max() <= bound
+        assert noise[row, :length].abs().max() > 0.95 * bound  # uniform on [-bound, bound]
+        assert not noise[row, length:].any()  # no noise on padding
+
+
+def test_neftune_adds_noise_in_training_only_and_is_batch_independent():
+    model = model_of()
+    stack_of(model, {"name": "neftune", "strength": 8.0})
+    seen = []
+    model.get_input_embeddings().register_forward_hook(lambda m, a, out: seen.append(out.detach()))
+    batch = batch_of(3)
+    clean = model.get_input_embeddings().weight[batch["input_ids"]].detach()
+    model.train()
+    model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+    lengths = batch["attention_mask"].sum(1)
+    for row, length in enumerate(lengths.tolist()):
+        noise = (seen[-1][row] - clean[row]).abs()
+        bound = 8.0 / (length * 16) ** 0.5  # the row's own length, not the padded width
+        assert 0.5 * bound < noise[:length].max() <= bound + 1e-6
+        assert not noise[length:].any()
+    model.eval()
+    model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+    assert torch.equal(seen[-1], clean)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# replay
+
+
+def rows(n: int, start: int = 0, length: int = 6) -> list[dict]:
+    return [{"input_ids": [i] * length, "attention_mask": [1] * length, "labels": [IGNORE] * 2 + [i] * (length - 2)}
+            for i in range(start, start + n)]  # fmt: skip
+
+
+def test_replay_ratio_is_exact_deterministic_and_goes_through_the_source_before_repeating():
+    train_rows, source = rows(40), rows(7, start=100)
+    stack = stack_of(model_of(), {"name": "replay", "ratio": 0.2})
+    mixed = stack.train_data(train_rows, source, seed=0)
+    picked = mixed[len(train_rows) :]
+    assert mixed[: len(train_rows)] == train_rows
+    assert len(picked) == 10 and len(picked) / len(mixed) == 0.2
+    ids = [r["input_ids"][0] for r in picked]
+    assert sorted(ids[:7]) == list(range(100, 107))  # the whole source once before any repeat
+    assert mix(train_rows, source, 0.2, "examples", 0) == picked
+    assert mix(train_rows, source, 0.2, "examples", 1) != picked
+    assert stack.after_training(None, None)["replay"]["examples"] == 10
+
+
+def test_replay_by_tokens_counts_loss_tokens():
+    train_rows, source = rows(30, length=6), rows(50, start=100, length=12)
+    picked = mix(train_rows, source, 0.25, "tokens", seed=0)
+    target = 0.25 / 0.75 * sum(map(loss_tokens, train_rows))
+    got = sum(map(loss_tokens, picked))
+    assert target <= got < target + loss_tokens(source[0])
+    with pytest.raises(ConfigError, match="needs rows to replay"):
+        stack_of(model_of(), {"name": "replay"}).train_data(train_rows, None, 0)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# ema and wise_ft
+
+
+@pytest.mark.parametrize("bias_correction", [True, False])
+def test_ema_equals_a_hand_computed_average(bias_correction: bool):
+    model = model_of()
+    stack = stack_of(model, {"name": "ema", "decay": 0.7, "bias_correction": bias_correction})
+    ema = stack.items[0][0]
+    assert isinstance(ema, EMA)
+    weights = [torch.cat([p.detach().flatten() for p in model.parameters()])]
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    stack.attach(model, opt)
+    for i in range(4):
+        model(**batch_of(seed=i)).loss.backward()
+        opt.step()
+        opt.zero_grad()
+        weights.append(torch.cat([p.detach().flatten() for p in model.parameters()]))
+    avg = torch.zeros_like(weights[0]) if bias_correction else weights[0].clone()
+    for w in weights[1:]:
+        avg = 0.7 * avg + 0.3 * w
+    if bias_correction:
+        avg = avg / (1 - 0.7**4)
+    torch.testing.assert_close(torch.cat([a.flatten() for a in ema.average()]), avg)
+
+
+class Finish:
+    """A FinishContext that measures the validation loss of one batch and keeps what was saved."""
+
+    def __init__(self, tmp_path: Path, batch: dict, reference_batch: dict | None = None) -> None:
+        self.batch, self.reference_batch, self.saved = batch, reference_batch, {}
+        self.ctx = FinishContext(tmp_path, self.evaluate, self.save)
+
+    def evaluate(self, model: nn.Module) -> dict:
+        model.eval()
+        with torch.no_grad():
+            out = {"target": {"val_loss": model(**self.batch).loss.item()}}
+            if self.reference_batch is not None:
+                ref = model(**self.reference_batch).loss.item()
+                out["forgetting"] = {"reference_loss_after": ref, "delta_loss": ref}
+        return out
+
+    def save(self, model: nn.Module, name: str) -> Path:
+        self.saved[name] = copy.deepcopy(model)
+        return Path(name)
+
+
+@pytest.mark.parametrize("use_lora", [False, True], ids=["full", "lora"])
+def test_wise_ft_interpolates_between_the_original_and_the_fine_tuned_model(use_lora: bool, tmp_path: Path):
+    model = lora(model_of()) if use_lora else model_of()
+    original = copy.deepcopy(model)
+    stack = stack_of(model, {"name": "wise_ft", "alphas": [0, 0.5, 1], "choose": "best_target"})
+    sgd_steps(model, stack, [batch_of(8, seed=i) for i in range(5)], lr=0.5)
+    tuned = copy.deepcopy(model)
+    batch = batch_of(8, seed=50)
+    finish = Finish(tmp_path, batch)
+    result = stack.after_training(model, finish.ctx)["wise_ft"]
+    by_alpha = {r["alpha"]: r["val_loss"] for r in result["alphas"]}
+    assert by_alpha[0] == pytest.approx(finish.evaluate(original)["target"]["val_loss"], rel=1e-5)
+    assert by_alpha[1] == pytest.approx(finish.evaluate(tuned)["target"]["val_loss"], rel=1e-5)
+    assert result["chosen_alpha"] == min(by_alpha, key=by_alpha.get)
+    torch.testing.assert_close(logits(model, batch), logits(tuned, batch))  # the trained weights are back
+    assert set(finish.saved) == {"model_wise_ft"} and (tmp_path / "wise_ft.png").exists()
+    # alpha = 0.5 is halfway in weight space; under LoRA, W + 0.5 * delta W (merged weights compared)
+    wise = stack.items[0][0]
+    wise.interpolate([p.detach().clone() for p in wise.params], 0.5)
+    merged = [merged_weights(m) for m in (original, tuned, model)]
+    for name, half in merged[2].items():
+        torch.testing.assert_close(half, (merged[0][name] + merged[1][name]) / 2, atol=1e-6, rtol=1e-5, msg=name)
+
+
+def merged_weights(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The weights the model computes with: LoRA updates merged into a copy."""
+    model = copy.deepcopy(model)
+    if hasattr(model, "merge_and_unload"):
+        model = model.merge_and_unload()
+    return {n: p.detach() for n, p in model.named_parameters()}
+
+
+def test_wise_ft_chooses_the_least_forgetting_alpha_within_tolerance(tmp_path: Path):
+    from tether.regularizers.wise_ft import choose
+
+    rows_ = [
+        {"alpha": 0.0, "val_loss": 3.0, "reference_loss": 1.0},
+        {"alpha": 0.5, "val_loss": 2.05, "reference_loss": 1.5},
+        {"alpha": 1.0, "val_loss": 2.0, "reference_loss": 3.0},
+    ]
+    assert choose(rows_, "least_forgetting", 0.05) == 0.5
+    assert choose(rows_, "least_forgetting", 0.01) == 1.0
+    assert choose(rows_, "best_target", 0.05) == 1.0
+    with pytest.raises(ConfigError, match="needs an adapter created by this run"):
+        stack_of(lora(model_of(), trained=True), {"name": "wise_ft"})
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# end to end
+
+
+def test_train_with_distill_replay_ema_and_wise_ft(raw_config: dict, tmp_path: Path):
+    raw = copy.deepcopy(raw_config)
+    raw["training"] = {"learning_rate": 3e-3, "max_steps": 6, "per_device_train_batch_size": 8, "eval_steps": 3,
+                       "logging_steps": 2}  # fmt: skip
+    raw["regularizers"] = [
+        {"name": "distill", "strength": 0.5},
+        {"name": "replay", "ratio": 0.2},
+        {"name": "ema", "decay": 0.9},
+        {"name": "wise_ft", "alphas": [0.0, 1.0]},
+    ]
+    out = tmp_path / "run"
+    metrics = train(validate_config(raw), out)
+    saved = json.loads((out / "metrics.json").read_text())
+    assert saved["replay"]["examples"] == 12 and saved["replay"]["share_examples"] == 0.2  # 12 / (48 + 12)
+    assert saved["ema"]["steps"] == 6 and saved["ema"]["target"]["val_loss"] > 0
+    assert "forgetting" in saved["ema"]
+    wise = {r["alpha"]: r for r in saved["wise_ft"]["alphas"]}
+    assert wise[1.0]["val_loss"] == pytest.approx(metrics["target"]["val_loss"], rel=1e-5)
+    assert wise[0.0]["reference_loss"] == pytest.approx(metrics["forgetting"]["reference_loss_before"], rel=1e-5)
+    for name in ("model_ema/model.safetensors", "model_wise_ft/model.safetensors", "wise_ft.png"):
+        assert (out / name).exists(), name
+    history = [json.loads(line) for line in (out / "history.jsonl").read_text().splitlines()]
+    assert all("reg/distill" in h for h in history if "loss" in h)
