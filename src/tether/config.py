@@ -250,9 +250,10 @@ def _one_line(err: ValidationError) -> str:
 def _check_training_keys(training: dict[str, Any]) -> None:
     from transformers import TrainingArguments
 
-    known = {f.name for f in dataclasses.fields(TrainingArguments)}
+    fields = {f.name: f for f in dataclasses.fields(TrainingArguments)}
+    known = set(fields)
     for key, value in training.items():
-        if value is None:
+        if value is None and key in fields and fields[key].default is not None:
             raise ConfigError(f"training.{key} is empty: give it a value or remove the key")
         if key in TRAINER_OWNED:
             raise ConfigError(f"training.{key} is set by tether: remove it (use output_dir / early_stopping instead)")
