@@ -101,7 +101,6 @@ FUZZ = settings(
     max_examples=25, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True,
     phases=[Phase.explicit, Phase.generate],
 )  # fmt: skip
-pytestmark = pytest.mark.slow
 
 
 @FUZZ

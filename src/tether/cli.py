@@ -15,7 +15,7 @@ from rich.console import Console
 from tether.errors import TetherError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
-console = Console()
+console = Console(width=None if sys.stdout.isatty() else 110)  # pipes and CI logs get a readable table
 err_console = Console(stderr=True)
 SetOpt = Annotated[list[str], typer.Option("--set", help="Override a config value: key.path=value (repeatable).")]
 
