@@ -180,3 +180,21 @@ def test_cli_validate_ok(monkeypatch, capsys):
     monkeypatch.setattr(sys, "argv", ["tether", "validate", "configs/quickstart.yaml"])
     main()
     assert "ok" in capsys.readouterr().out
+
+
+def test_eval_command_measures_a_saved_model(raw_config, tmp_path, monkeypatch, capsys):
+    import yaml
+
+    raw = copy.deepcopy(raw_config)
+    metrics = train(validate_config(raw), tmp_path / "run")
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    from tether.cli import main
+
+    monkeypatch.setattr(sys, "argv", ["tether", "eval", str(path), "--model", str(tmp_path / "run" / "model")])
+    main()
+    out = json.loads(capsys.readouterr().out)
+    assert out["target"]["val_loss"] == pytest.approx(metrics["target"]["val_loss"], rel=1e-5)
+    assert out["reference"]["loss"] == pytest.approx(metrics["forgetting"]["reference_loss_after"], rel=1e-5)
+    code, err = _cli_inprocess(monkeypatch, capsys, "eval", str(path), "--model", str(tmp_path / "nope"))
+    assert code == 2 and "is not a directory" in err
