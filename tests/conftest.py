@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import random
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -46,3 +47,10 @@ def raw_config(data_files: dict[str, Path], tmp_path: Path) -> dict[str, Any]:
         "regularizers": [{"name": "weight_decay", "strength": 0.01}, {"name": "l2", "strength": 1e-4}],
         "output_dir": str(tmp_path / "run"),
     }
+
+
+def pytest_terminal_summary(terminalreporter):
+    """Bad-input fuzzing reports how many generated cases it threw at validate and train."""
+    fuzz = sys.modules.get("tests.test_fuzz")
+    if fuzz is not None and fuzz.CASES:
+        terminalreporter.write_line(f"fuzzed bad-input cases tried: {fuzz.CASES}")

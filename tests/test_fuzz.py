@@ -12,7 +12,6 @@ import sys
 from pathlib import Path
 from typing import Any
 
-import pytest
 import yaml
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
@@ -132,9 +131,3 @@ def test_fuzzed_dataset_files(monkeypatch, capsys, tmp_path_factory, lines, fiel
     raw = copy.deepcopy(BASE)
     raw["data"][field] = str(data)
     _check(monkeypatch, capsys, tmp_path, raw, "data")
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _report():
-    yield
-    print(f"\nfuzzed cases tried: {CASES}", file=sys.__stderr__)
