@@ -53,10 +53,7 @@ class Run:
         self.model = copy.deepcopy(base).train()
         self.stack = RegularizerStack.from_configs([REGISTRY[e["name"]].config(**e) for e in entries])
         self.stack.setup(SetupContext(self.model, refs, LR))
-        groups = self.stack.param_groups(self.model)
-        for g in groups:
-            g["lr"] = LR * g.pop("lr_scale")
-        self.opt = torch.optim.AdamW(groups, lr=LR, weight_decay=0.0)
+        self.opt = torch.optim.AdamW(self.stack.optimizer_groups(self.model, LR), lr=LR, weight_decay=0.0)
         self.stack.attach(self.model, self.opt)
 
     def step(self, batch: dict[str, torch.Tensor]) -> float:

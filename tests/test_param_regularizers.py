@@ -23,15 +23,6 @@ VOCAB = 48
 QUADRATIC = ["l1", "l2", "l2_sp", "ewc", "si"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Matrices this small gain nothing from a second thread, which only waits on the first when the CPU is shared."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def model_of(arch: str = "llama", task: str = "causal_lm", hidden: int = 16, seed: int = 0) -> nn.Module:
     return tiny_model(arch, task, VOCAB, hidden_size=hidden, num_layers=2, num_heads=2, seed=seed)
 
@@ -67,9 +58,7 @@ def perturb(model: nn.Module, seed: int = 1, size: float = 0.05) -> None:
 
 
 def optimizer_of(model: nn.Module, stack: RegularizerStack, lr: float, sgd: bool = False) -> torch.optim.Optimizer:
-    groups = stack.param_groups(model)
-    for g in groups:
-        g["lr"] = lr * g.pop("lr_scale")
+    groups = stack.optimizer_groups(model, lr)
     opt = torch.optim.SGD(groups, lr=lr) if sgd else torch.optim.AdamW(groups, lr=lr)
     stack.attach(model, opt)
     return opt

@@ -31,15 +31,6 @@ from tether.synthetic import ARCHITECTURES, ENCODER_ONLY, tiny_model
 VOCAB = 40
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Matrices this small gain nothing from a second thread, which only waits on the first when the CPU is shared."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def model_of(arch: str = "llama", task: str = "causal_lm", seed: int = 0) -> nn.Module:
     return tiny_model(arch, task, VOCAB, hidden_size=16, num_layers=2, num_heads=2, seed=seed)
 

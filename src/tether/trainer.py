@@ -49,9 +49,7 @@ class RegularizedMixin:
         if self.optimizer is None:
             model = self.model if model is None else model
             cls, kwargs = self.get_optimizer_cls_and_kwargs(self.args, model)
-            groups = self.stack.param_groups(model)
-            for g in groups:
-                g["lr"] = kwargs.get("lr", self.args.learning_rate) * g.pop("lr_scale")
+            groups = self.stack.optimizer_groups(model, kwargs.get("lr", self.args.learning_rate))
             self.optimizer = cls(groups, **kwargs)
             self.stack.attach(model, self.optimizer)
         return self.optimizer

@@ -97,6 +97,13 @@ class RegularizerStack:
             groups = reg.param_groups(groups)
         return [g for g in groups if g["params"]]
 
+    def optimizer_groups(self, model: nn.Module, lr: float) -> list[dict[str, Any]]:
+        """param_groups with each group's lr set (base lr times its lr_scale), ready for any torch optimizer."""
+        groups = self.param_groups(model)
+        for g in groups:
+            g["lr"] = lr * g.pop("lr_scale")
+        return groups
+
     def penalty(self, model: nn.Module, inputs: dict[str, Any], outputs: Any) -> torch.Tensor | None:
         """Weighted sum of the autograd penalties of this micro-batch; None when no regularizer has one."""
         total = None
