@@ -27,14 +27,17 @@ class RegularizedMixin:
         task_loss, outputs = super().compute_loss(model, inputs, True, num_items_in_batch)
         loss = task_loss
         if model.training:
-            if not torch.isfinite(task_loss.detach()):
-                raise NonFiniteError(
-                    f"the task loss became {task_loss.item()}: lower the learning rate or check the data"
-                )
             penalty = self.stack.penalty(model, inputs, outputs)
             if penalty is not None:
                 loss = task_loss + penalty * self._penalty_scale(num_items_in_batch)
+            if not torch.isfinite(loss.detach()):  # one device sync per micro-batch; the culprit is found after
+                raise NonFiniteError(self._non_finite_term(task_loss))
         return (loss, outputs) if return_outputs else loss
+
+    def _non_finite_term(self, task_loss: torch.Tensor) -> str:
+        if not torch.isfinite(task_loss.detach()):
+            return f"the task loss became {task_loss.item()}: lower the learning rate or check the data"
+        return self.stack.non_finite_term()
 
     def _penalty_scale(self, num_items_in_batch: Any) -> float:
         """The penalty counts once per optimizer step: when the Trainer will not divide the loss by the number of

@@ -52,6 +52,7 @@ class RegularizerStack:
     def __init__(self, regularizers: list[tuple[Regularizer, float]]) -> None:
         self.items = regularizers
         self._sums: dict[str, torch.Tensor] = {}
+        self._last: dict[str, torch.Tensor] = {}  # weighted terms of the current micro-batch / step
         self._counts: dict[str, int] = {}
         self.reference: Reference | None = None
 
@@ -106,7 +107,7 @@ class RegularizerStack:
 
     def penalty(self, model: nn.Module, inputs: dict[str, Any], outputs: Any) -> torch.Tensor | None:
         """Weighted sum of the autograd penalties of this micro-batch; None when no regularizer has one."""
-        total = None
+        total, self._last = None, {}
         for reg, strength in self.items:
             value = reg.penalty(model, inputs, outputs)
             if value is None:
@@ -117,10 +118,14 @@ class RegularizerStack:
 
     def before_step(self) -> None:
         """Closed-form penalty gradients, added once per optimizer step (after clipping; see README)."""
+        self._last = {}
         for reg, strength in self.items:
             value = reg.penalty_grad(strength)
             if value is not None:
                 self._record(reg.name, value, strength)
+        # One check (one device sync) per step for all closed-form terms; the culprit is looked up only on failure.
+        if self._last and not torch.isfinite(torch.stack(list(self._last.values())).sum()):
+            raise NonFiniteError(self.non_finite_term())
 
     def step_begin(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
         for reg, _ in self.items:
@@ -142,10 +147,16 @@ class RegularizerStack:
         optimizer.register_step_pre_hook(pre_hook)
         optimizer.register_step_post_hook(lambda opt, *_: self.step_end(model, opt))
 
+    def non_finite_term(self) -> str:
+        """Which weighted term of the last micro-batch or step went NaN/inf, said so that the user can act."""
+        for name, weighted in self._last.items():
+            if not torch.isfinite(weighted):
+                return f"reg/{name} became {weighted.item()} (weighted): lower its strength or the learning rate"
+        return "a penalty became non-finite: lower the strengths or the learning rate"
+
     def _record(self, name: str, value: torch.Tensor, strength: float) -> None:
         value = value.detach().float()
-        if not torch.isfinite(value * strength):
-            raise NonFiniteError(f"reg/{name} became {value.item()} (x {strength}): lower its strength or the lr")
+        self._last[name] = value * strength
         self._sums[name] = self._sums[name] + value if name in self._sums else value
         self._counts[name] = self._counts.get(name, 0) + 1
 
