@@ -133,7 +133,7 @@ def main() -> None:
     base = tiny_model("llama", "causal_lm", VOCAB, hidden_size=128, num_layers=4, num_heads=4)
     gen = torch.Generator().manual_seed(1)
     reference = [batch_of(gen, 64) for _ in range(REFERENCE_ROWS // BATCH)]
-    refs = lambda: iter(reference)  # noqa: E731
+    refs = lambda shard=True: iter(reference)  # noqa: E731
     n_params = sum(p.numel() for p in base.parameters())
     print(f"tiny Llama, {n_params / 1e6:.2f}M parameters, batch {BATCH} x {args.seq} tokens, {args.threads} threads")
     print("\n| regularizer | step / plain step (median of pairs) | plain ms | regularized ms |")

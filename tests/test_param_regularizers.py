@@ -39,7 +39,7 @@ def rows_of(n: int, task: str = "causal_lm", seed: int = 0) -> list[dict[str, An
 
 def batches_of(rows: list[dict[str, Any]], size: int):
     collate = Collator(0)
-    return lambda: (collate(rows[i : i + size]) for i in range(0, len(rows), size))
+    return lambda shard=True: (collate(rows[i : i + size]) for i in range(0, len(rows), size))
 
 
 def build(name: str, model: nn.Module, refs=None, lr: float = 1e-2, **fields: Any) -> RegularizerStack:
@@ -295,7 +295,9 @@ def test_sampled_fisher_estimates_the_true_fisher() -> None:
             loss = model(**collate([{**row, "labels": label}])).loss
             grads = torch.autograd.grad(loss, params, allow_unused=True, materialize_grads=True)
             true = [t + probs[label] * g.square() / len(rows) for t, g in zip(true, grads)]
-    sampled = estimate_fisher(model, named, (b for _ in range(40) for b in batches_of(rows, 3)()), "sampled")
+    # labels are drawn per batch from its tokens: 40 shuffles make 40 different batchings of the same rows
+    shuffles = [[rows[i] for i in torch.randperm(len(rows))] for _ in range(40)]
+    sampled = estimate_fisher(model, named, (b for order in shuffles for b in batches_of(order, 3)()), "sampled")
     ratio = sum(f.sum() for f in sampled) / sum(t.sum() for t in true)
     assert 0.8 < ratio < 1.25
 

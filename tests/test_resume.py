@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import json
 import os
 import signal
 import subprocess
@@ -41,22 +42,47 @@ def _config(raw_config: dict) -> dict:
     return raw
 
 
-def _weights(run: Path) -> dict[str, torch.Tensor]:
-    return load_file(str(run / "model" / "model.safetensors"))
+def _weights(run: Path, model: str = "model") -> dict[str, torch.Tensor]:
+    return load_file(str(run / model / "model.safetensors"))
 
 
 def test_interrupted_run_resumes_to_the_same_weights(raw_config, tmp_path):
-    cfg = validate_config(_config(raw_config))
+    """Includes regularizer state: the EMA average (checkpointed) and the EWC Fisher (kept in the run dir)."""
+    raw = _config(raw_config)
+    raw["regularizers"] += [{"name": "ema", "decay": 0.8}, {"name": "ewc", "strength": 0.1}]
+    cfg = validate_config(raw)
     straight = train(cfg, tmp_path / "straight")
     with pytest.raises(KeyboardInterrupt):
         train(cfg, tmp_path / "resumed", callbacks=[Crash(at=10)])
     assert not (tmp_path / "resumed" / "metrics.json").exists()
+    assert (tmp_path / "resumed" / "checkpoint-8" / "tether_state.safetensors").is_file()
     resumed = train(cfg, tmp_path / "resumed")  # an unfinished run with checkpoints resumes by itself
-    a, b = _weights(tmp_path / "straight"), _weights(tmp_path / "resumed")
-    for name in a:
-        torch.testing.assert_close(a[name], b[name], rtol=0, atol=0, msg=name)  # bit-exact on CPU
+    for model in ("model", "model_ema"):
+        a, b = _weights(tmp_path / "straight", model), _weights(tmp_path / "resumed", model)
+        for name in a:
+            torch.testing.assert_close(a[name], b[name], rtol=0, atol=0, msg=name)  # bit-exact on CPU
     assert resumed["target"]["val_loss"] == straight["target"]["val_loss"]
+    assert resumed["ema"]["target"]["val_loss"] == straight["ema"]["target"]["val_loss"]
     assert resumed["best_step"] == straight["best_step"]
+
+
+def test_resume_uses_the_fisher_in_the_run_dir(raw_config, tmp_path):
+    """The Fisher is estimated once per run: a resumed run reads RUN_DIR/fisher.safetensors (changed here to show
+    it is read, not re-estimated)."""
+    from safetensors.torch import save_file
+
+    raw = _config(raw_config)
+    raw["regularizers"] = [{"name": "ewc", "strength": 1.0, "normalize": False}]
+    cfg = validate_config(raw)
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg, tmp_path / "run", callbacks=[Crash(at=6)])
+    fisher = load_file(str(tmp_path / "run" / "fisher.safetensors"))
+    save_file({n: torch.zeros_like(f) for n, f in fisher.items()}, str(tmp_path / "run" / "fisher.safetensors"))
+    train(cfg, tmp_path / "run")
+    history = [json.loads(line) for line in (tmp_path / "run" / "history.jsonl").read_text().splitlines()]
+    after = [h["reg/ewc"] for h in history if "reg/ewc" in h and h["step"] > 8]
+    assert after and all(v == 0 for v in after)  # a zero Fisher: the penalty is zero after the resume
+    assert any(h["reg/ewc"] > 0 for h in history if "reg/ewc" in h and h["step"] <= 6)
 
 
 def test_resume_without_checkpoint_is_an_error(raw_config, tmp_path):
@@ -124,3 +150,34 @@ def test_non_finite_loss_stops_with_the_term_named(raw_config, tmp_path, overrid
         train(validate_config(raw), tmp_path / "run")
     assert term in str(e.value) and "step " in str(e.value)
     assert not (tmp_path / "run" / "metrics.json").exists()
+
+
+def poison(module, inputs, out):
+    out["logits"], out["loss"] = out.logits * torch.nan, out.loss * torch.nan
+
+
+class NaNAt(TrainerCallback):
+    """Makes the logits NaN in the forward passes of optimizer step `at` only (a one-off spike)."""
+
+    def __init__(self, at: int) -> None:
+        self.at, self.handle = at, None
+
+    def on_step_begin(self, args, state, control, model=None, **kwargs):
+        if state.global_step + 1 == self.at:
+            self.handle = model.register_forward_hook(poison)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.handle is not None:
+            self.handle.remove()
+            self.handle = None
+
+
+def test_skip_non_finite_drops_that_update_and_goes_on(raw_config, tmp_path):
+    raw = _config(raw_config)
+    raw["skip_non_finite"] = 1
+    metrics = train(validate_config(raw), tmp_path / "skip", callbacks=[NaNAt(5)])
+    assert metrics["global_step"] == 16 and metrics["skipped_steps"] == 1
+    assert all(torch.isfinite(w).all() for w in _weights(tmp_path / "skip").values())
+    raw["skip_non_finite"] = 0
+    with pytest.raises(TetherError, match="step 5: the task loss became nan"):
+        train(validate_config(raw), tmp_path / "stop", callbacks=[NaNAt(5)])

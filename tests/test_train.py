@@ -117,6 +117,7 @@ def test_cli_trains_the_shipped_quickstart_config(tmp_path):
     out = tmp_path / "qs"
     res = _cli("train", "configs/quickstart.yaml", "--output-dir", str(out), "--set", "training.max_steps=20")
     assert res.returncode == 0, res.stderr[-2000:]
+    assert "memory estimate (before activations)" in res.stdout and "model weights" in res.stdout
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["global_step"] <= 20
     assert "forgetting" in metrics

@@ -53,7 +53,8 @@ def train(
     out = output_dir or Path(cfg.output_dir)
     from tether.progress import RichProgress
 
-    metrics = run_train(cfg, out, resume=resume, overwrite=overwrite, callbacks=[RichProgress("training", console)])
+    progress = [RichProgress("training", console)]
+    metrics = run_train(cfg, out, resume=resume, overwrite=overwrite, callbacks=progress, console=console)
     console.print_json(json.dumps(metrics))
     console.print(f"[green]done[/]: {out}")
 

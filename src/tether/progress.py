@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from transformers import TrainerCallback
+
+from tether.distributed import is_main_process
 
 
 def progress_bar(console: Console | None = None) -> Progress:
@@ -47,3 +51,19 @@ class RichProgress(TrainerCallback):
         if self.bar is not None:
             self.bar.stop()
             self.bar = None
+
+
+@contextmanager
+def pass_progress(console: Console | None) -> Iterator[Callable[[str, int | None], Callable[[int], None]] | None]:
+    """progress(description, total) for passes before training (the Fisher): one transient bar each; None (silent)
+    without a console or off the main process."""
+    if console is None or not is_main_process():
+        yield None
+        return
+    with progress_bar(console) as bar:
+
+        def start(description: str, total: int | None) -> Callable[[int], None]:
+            task = bar.add_task(description, total=total, info="")
+            return lambda n: bar.advance(task, n)
+
+        yield start

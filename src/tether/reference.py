@@ -117,6 +117,16 @@ class Reference:
         self._inputs, self._logits = (ids, ids._version), logits
         return logits
 
+    def memory(self) -> dict[str, int]:
+        """Bytes this reference holds beyond the model: the frozen copy (on CPU with offload) or the cloned adapter."""
+        if self.mode == "copy":
+            held = {id(t): t for t in [*self.frozen.parameters(), *self.frozen.buffers()]}.values()
+            where = " (CPU)" if self.offload else ""
+            return {f"frozen copy{where}": sum(t.numel() * t.element_size() for t in held)}
+        if self.mode == "clone":
+            return {"cloned adapter": sum(t.numel() * t.element_size() for t in self.adapter.values())}
+        return {}
+
     def clear(self) -> None:
         """Drop the cached logits (after each optimizer step: they are a batch x tokens x vocab tensor)."""
         self._inputs = self._logits = None

@@ -14,15 +14,20 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from rich.console import Console
 from torch import nn
 
 from tether.config import RunConfig, dump_config
 from tether.data import Collator, Datasets, load_datasets, load_split
+from tether.distributed import is_main_process, rank, world_size
 from tether.errors import ConfigError, NonFiniteError, TetherError
 from tether.evaluate import dataset_metrics, forgetting, reference_metrics
 from tether.models import apply_lora, load_model
 from tether.outputs import plot_curves, write_dir_atomic, write_json, write_jsonl, write_text_atomic
+from tether.progress import pass_progress
 from tether.regularizers import FinishContext, RegularizerStack, SetupContext, parse_entries
+from tether.regularizers.ewc import RUN_FISHER
+from tether.trainer import STACK_STATE
 
 log = logging.getLogger(__name__)
 TRAIN_LOSS_ROWS = 2000  # the train-loss estimate of the overfitting gap uses at most this many rows
@@ -72,10 +77,11 @@ def check_output_dir(output_dir: Path, overwrite: bool, resume: bool) -> str | N
 
 
 def clear_checkpoints(output_dir: Path) -> None:
-    """--overwrite: a fresh run must not resume from, or rotate, the old run's checkpoints."""
+    """--overwrite: a fresh run must not resume from, or rotate, the old run's checkpoints, nor reuse its Fisher."""
     for old in output_dir.glob("checkpoint-*"):
         shutil.rmtree(old)
     (output_dir / "metrics.json").unlink(missing_ok=True)
+    (output_dir / RUN_FISHER).unlink(missing_ok=True)
 
 
 def last_complete_checkpoint(output_dir: Path) -> str | None:
@@ -94,22 +100,32 @@ def last_complete_checkpoint(output_dir: Path) -> str | None:
 
 
 def reference_batches(data: Datasets, collator: Collator, batch_size: int, device: torch.device) -> Any:
-    """A function yielding the reference data as collated batches on the device (None without reference data)."""
+    """batches(shard=True) yielding the reference data as collated batches on the device (None without reference
+    data). With several processes, process r of W gets batches r, r + W, ...: the single-process batches, shared."""
     if data.reference is None:
         return None
     encoded = data.reference.encoded
 
-    def batches() -> Iterator[dict[str, torch.Tensor]]:
-        for start in range(0, len(encoded), batch_size):
+    def batches(shard: bool = True) -> Iterator[dict[str, torch.Tensor]]:
+        first, step = (rank(), world_size()) if shard else (0, 1)
+        for start in range(first * batch_size, len(encoded), step * batch_size):
             yield {k: v.to(device) for k, v in collator(encoded[start : start + batch_size]).items()}
 
     return batches
 
 
 def train(
-    cfg: RunConfig, output_dir: Path, *, resume: bool = False, overwrite: bool = False, callbacks: list | None = None
+    cfg: RunConfig,
+    output_dir: Path,
+    *,
+    resume: bool = False,
+    overwrite: bool = False,
+    callbacks: list | None = None,
+    console: Console | None = None,
 ) -> dict[str, Any]:
-    """Fine-tune as configured and write model/, config.yaml, history.jsonl, metrics.json and curves.png."""
+    """Fine-tune as configured and write model/, config.yaml, history.jsonl, metrics.json and curves.png. With a
+    console, the memory estimate and the progress of passes before training (the Fisher) are shown on it. With
+    several processes only the main one writes, and the others return {}."""
     from transformers import EarlyStoppingCallback, set_seed
 
     args = training_args(cfg, output_dir)
@@ -124,7 +140,7 @@ def train(
     before = reference_metrics(model, tokenizer, data.reference, collator) if data.reference else None
     if cfg.lora is not None:
         model = apply_lora(model, cfg.lora, cfg.task)
-    stack = RegularizerStack.from_configs(parse_entries(cfg.regularizers))
+    stack = RegularizerStack.from_configs(parse_entries(cfg.regularizers), cfg.skip_non_finite)
     callbacks = list(callbacks or [])
     if cfg.early_stopping is not None:
         callbacks.append(EarlyStoppingCallback(cfg.early_stopping.patience, cfg.early_stopping.threshold))
@@ -133,10 +149,13 @@ def train(
     mixed = replace(data, train=replace(data.train, encoded=train_rows))  # the Trainer's; metrics use data.train
     trainer = _trainer(model, args, mixed, collator, stack, callbacks)
     refs = reference_batches(data, collator, args.per_device_eval_batch_size, args.device)
-    stack.setup(SetupContext(trainer.model, refs, args.learning_rate))
+    with pass_progress(console) as progress:
+        stack.setup(SetupContext(trainer.model, refs, args.learning_rate, output_dir=output_dir, progress=progress))
+    show_memory(memory_estimate(trainer.model, stack), console)
     started = time.perf_counter()
     if resume_from is not None:
         log.warning("resuming from %s", resume_from)
+        stack.load_state_dict(load_stack_state(Path(resume_from)))
     try:
         trainer.train(resume_from_checkpoint=resume_from)
     except NonFiniteError as e:
@@ -144,7 +163,39 @@ def train(
         kept = f"last good checkpoint: {last}" if last else "no checkpoint was written yet"
         raise NonFiniteError(f"step {trainer.state.global_step + 1}: {e} ({kept})") from None
     runtime = time.perf_counter() - started
+    if not is_main_process():
+        return {}
     return _finish(cfg, output_dir, trainer, tokenizer, data, collator, before, runtime)
+
+
+def load_stack_state(checkpoint: Path) -> dict[str, torch.Tensor]:
+    """The regularizers' state saved with a checkpoint ({} for a checkpoint written without regularizer state)."""
+    from safetensors.torch import load_file
+
+    path = checkpoint / STACK_STATE
+    return load_file(str(path)) if path.is_file() else {}
+
+
+def memory_estimate(model: nn.Module, stack: RegularizerStack) -> dict[str, int]:
+    """Bytes the run holds before activations: weights, gradients and Adam-style optimizer state (two fp32 moments)
+    of the trainable ones, and what the regularizers and the frozen reference hold."""
+    params = {id(p): p for p in model.parameters()}.values()
+    trainable = [p for p in params if p.requires_grad]
+    est = {
+        "model weights": sum(p.numel() * p.element_size() for p in params),
+        "gradients": sum(p.numel() * p.element_size() for p in trainable),
+        "optimizer state (Adam moments)": sum(2 * 4 * p.numel() for p in trainable),
+    }
+    return {**est, **stack.memory()}
+
+
+def show_memory(estimate: dict[str, int], console: Console | None) -> None:
+    lines = [f"{what}: {n / 2**20:.1f} MiB" for what, n in estimate.items()]
+    text = f"memory estimate (before activations): {sum(estimate.values()) / 2**20:.1f} MiB = " + ", ".join(lines)
+    if console is not None and is_main_process():
+        console.print(text, highlight=False)
+    else:
+        log.info(text)
 
 
 def _trainer(model: nn.Module, args: Any, data: Datasets, collator: Collator, stack: Any, callbacks: list) -> Any:
@@ -163,12 +214,13 @@ def _trainer(model: nn.Module, args: Any, data: Datasets, collator: Collator, st
 def _finish(cfg: RunConfig, output_dir: Path, trainer: Any, tokenizer: Any, data: Datasets, collator: Collator,
             before: dict | None, runtime: float) -> dict[str, Any]:  # fmt: skip
     model, state = trainer.model, trainer.state
+    metrics_extra = {"skipped_steps": trainer.stack.skipped} if trainer.stack.skip_budget else {}
     write_dir_atomic(output_dir / "model", lambda tmp: _save_model(model, tokenizer, tmp))
     metrics = measure(model, tokenizer, data, collator, before)
     best_step = state.best_global_step if cfg.early_stopping is not None else None
     metrics.update(
         best_step=best_step, stopped_early=state.global_step < state.max_steps,
-        global_step=state.global_step, train_runtime_s=round(runtime, 2),
+        global_step=state.global_step, train_runtime_s=round(runtime, 2), **metrics_extra,
     )  # fmt: skip
     finish = FinishContext(
         output_dir,

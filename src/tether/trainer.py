@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 from transformers import Trainer
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
-from tether.errors import NonFiniteError
+from tether.outputs import save_safetensors_atomic
 from tether.regularizers import RegularizerStack
+
+STACK_STATE = "tether_state.safetensors"  # the regularizers' training state in each checkpoint-N/
 
 
 class RegularizedMixin:
@@ -31,7 +35,7 @@ class RegularizedMixin:
             if penalty is not None:
                 loss = task_loss + penalty * self._penalty_scale(num_items_in_batch)
             if not torch.isfinite(loss.detach()):  # one device sync per micro-batch; the culprit is found after
-                raise NonFiniteError(self._non_finite_term(task_loss))
+                self.stack.flag_non_finite(self._non_finite_term(task_loss))  # the optimizer step stops or skips
         return (loss, outputs) if return_outputs else loss
 
     def _non_finite_term(self, task_loss: torch.Tensor) -> str:
@@ -56,6 +60,15 @@ class RegularizedMixin:
             self.optimizer = cls(groups, **kwargs)
             self.stack.attach(model, self.optimizer)
         return self.optimizer
+
+    def _save_checkpoint(self, model: nn.Module, trial: Any) -> None:
+        """The stack's state (EMA average, skipped steps) goes into the checkpoint first: the Trainer writes
+        trainer_state.json last, and a checkpoint without it is treated as torn on resume."""
+        if self.args.should_save:
+            folder = Path(self._get_output_dir(trial=trial)) / f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+            folder.mkdir(parents=True, exist_ok=True)
+            save_safetensors_atomic(self.stack.state_dict(), folder / STACK_STATE)
+        super()._save_checkpoint(model, trial)
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         """Training logs get each unweighted `reg/<name>` term next to the loss."""

@@ -16,6 +16,10 @@ Three more points, also with do-nothing defaults:
                  `load(path)` reads and encodes another data file as the reference data is
   after_training after training and the main metrics: evaluate or save alternative models (ema, wise_ft); the
                  returned dict goes into metrics.json under the regularizer's name
+and two for bookkeeping:
+  state_dict / load_state_dict   tensors that change during training and must survive a kill (the EMA average):
+                 written into every checkpoint, loaded on resume
+  memory         bytes held beyond the model (anchors, Fisher, averages), for the estimate printed before training
 """
 
 from __future__ import annotations
@@ -52,11 +56,16 @@ class SetupContext:
     """What a regularizer may use in `setup`: the model to train and, when configured, the reference data."""
 
     model: nn.Module
-    reference_batches: Callable[[], Iterable[dict[str, torch.Tensor]]] | None = None
-    """Yields collated batches of the reference data on the model's device (None when no reference data)."""
+    reference_batches: Callable[..., Iterable[dict[str, torch.Tensor]]] | None = None
+    """reference_batches(shard=True) yields collated batches of the reference data on the model's device (None when
+    no reference data); with several processes each gets its own share, or all of it with shard=False."""
     learning_rate: float = 0.0
     reference: Reference | None = None
     """The frozen original model's outputs (built by the stack when a regularizer asks for it)."""
+    output_dir: Path | None = None
+    """The run directory, for what a regularizer computes once and keeps (the Fisher); None outside a run."""
+    progress: Callable[[str, int | None], Callable[[int], None]] | None = None
+    """progress(description, total or None) starts a progress display and returns advance(n); None: silent."""
 
 
 @dataclass
@@ -122,6 +131,15 @@ class Regularizer(Protocol):
     def after_training(self, model: nn.Module, ctx: FinishContext) -> dict[str, Any]:
         return {}
 
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        return None
+
+    def memory(self) -> dict[str, int]:
+        return {}
+
 
 @dataclass(frozen=True)
 class Registered:
@@ -168,6 +186,11 @@ def named_params_with_module(model: nn.Module) -> list[tuple[str, nn.Parameter, 
             seen.add(id(p))
             out.append((f"{mod_name}.{p_name}" if mod_name else p_name, p, module))
     return out
+
+
+def nbytes(tensors: Iterable[torch.Tensor] | None) -> int:
+    """Bytes held by a list of tensors (for Regularizer.memory)."""
+    return sum(t.numel() * t.element_size() for t in tensors or [])
 
 
 def config_error(index: int, message: str) -> ConfigError:

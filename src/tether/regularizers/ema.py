@@ -6,7 +6,8 @@ divided by 1 - decay^t (as Adam corrects its moments), so it is a weighted mean 
 it the average starts from the weights at setup, which keep weight decay^t: a pull toward the original model that
 fades over the run. After training the average is swapped in, measured like the final model (target.*,
 forgetting.*, written to metrics.json under `ema`) and saved to output_dir/model_ema/; then the trained weights are
-put back. The average is not checkpointed: a resumed run averages from the step it resumed at. strength is unused.
+put back. The average and its step count are in every checkpoint, so a resumed run ends with the same average.
+strength is unused.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from pydantic import Field
 from torch import nn
 
 from tether.regularizers.anchor import trainable
-from tether.regularizers.base import FinishContext, NoPenaltyConfig, Regularizer, SetupContext, register
+from tether.regularizers.base import FinishContext, NoPenaltyConfig, Regularizer, SetupContext, nbytes, register
 
 
 class EMAConfig(NoPenaltyConfig):
@@ -47,6 +48,19 @@ class EMA(Regularizer):
         else:
             self.shadow = [p.detach().float().clone() for p in self.params]
         self.steps = 0
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        state = {f"shadow.{i}": s for i, s in enumerate(self.shadow)}
+        return {**state, "steps": torch.tensor(self.steps)}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        with torch.no_grad():
+            for i, s in enumerate(self.shadow):
+                s.copy_(state[f"shadow.{i}"])
+        self.steps = int(state["steps"])
+
+    def memory(self) -> dict[str, int]:
+        return {"average": nbytes(self.shadow)}
 
     def step_end(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
         self.steps += 1

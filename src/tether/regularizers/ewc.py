@@ -19,17 +19,21 @@ so a row counts once whatever its length (for classification l_n is the row's cr
 Batches are forwarded in eval mode (no dropout); the gradients never touch p.grad.
 
 Only trainable tensors are included (the adapters and head under LoRA). The Fisher is always fp32. `normalize`
-divides it by its mean, so that one lambda transfers between models and data sizes. With `save_path` the raw
-(un-normalized) Fisher is written as safetensors, keyed by parameter name; `fisher_path` loads such a file instead of
+divides it by its mean, so that one lambda transfers between models and data sizes. Every run writes the raw
+(un-normalized) Fisher it used to RUN_DIR/fisher.safetensors, keyed by parameter name (and to `save_path` when set);
+a resumed run loads it from there instead of estimating again. `fisher_path` loads such a file instead of
 estimating, and `online` adds a new estimate to it: F <- decay * F_loaded + F_new (online EWC, Schwarz et al., 2018).
+
+With several processes each estimates on its own share of the reference batches and the sums are all-reduced; the
+sampled labels of a batch come from a generator seeded by the batch's tokens, so the Fisher is the single-process
+one (up to float summation order) however the batches are spread. Only the main process writes the file.
 """
 
 from __future__ import annotations
 
-import os
-import tempfile
 import warnings
-from collections.abc import Iterable
+import zlib
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Literal
 
@@ -39,12 +43,15 @@ from pydantic import Field
 from torch import nn
 
 from tether.data import IGNORE
+from tether.distributed import is_main_process, sum_across_processes
 from tether.errors import ConfigError
+from tether.outputs import save_safetensors_atomic
 from tether.regularizers.anchor import quadratic_pull, snapshot, trainable, work_buffers
-from tether.regularizers.base import Regularizer, RegularizerConfig, SetupContext, register
+from tether.regularizers.base import Regularizer, RegularizerConfig, SetupContext, nbytes, register
 
 Batch = dict[str, torch.Tensor]
-SAMPLING_SEED = 0  # the sampled estimator draws its labels from its own generator, so a run repeats exactly
+SAMPLING_SEED = 0  # the sampled estimator draws its labels from its own generators, so a run repeats exactly
+RUN_FISHER = "fisher.safetensors"  # in the run directory
 
 
 class EWCConfig(RegularizerConfig):
@@ -81,13 +88,19 @@ class EWC(Regularizer):
         self.names, self.params = [n for n, _ in named], [p for _, p in named]
         self.anchors = snapshot(self.params)
         self.buffers = work_buffers(self.params)
-        fisher = self._fisher(ctx, named)
-        if self.config.save_path is not None:
-            save_fisher(self.config.save_path, dict(zip(self.names, fisher)), self.config.estimator)
+        kept = ctx.output_dir / RUN_FISHER if ctx.output_dir is not None else None
+        fisher = load_fisher(kept, named) if kept is not None and kept.is_file() else self._fisher(ctx, named)
+        for path in (kept, self.config.save_path):
+            if path is not None and is_main_process():
+                save_fisher(path, dict(zip(self.names, fisher)), self.config.estimator)
         self.scale = mean_of(fisher) if self.config.normalize else 1.0
         torch._foreach_div_(fisher, self.scale)
         torch._foreach_sqrt_(fisher)  # in place: a full-size fp32 Fisher is the largest thing ewc holds
         self.roots = fisher
+
+    def memory(self) -> dict[str, int]:
+        held = nbytes(self.anchors), nbytes(self.roots), nbytes(self.buffers)
+        return dict(zip(("anchor", "Fisher", "work buffers"), held))
 
     @property
     def weights(self) -> list[torch.Tensor]:
@@ -107,7 +120,8 @@ class EWC(Regularizer):
         if ctx.reference_batches is None:
             need = "for online ewc" if cfg.online else "or set ewc.fisher_path to a Fisher saved by an earlier run"
             raise ConfigError(f"ewc estimates its Fisher on the reference data: set data.reference {need}")
-        new = estimate_fisher(ctx.model, named, ctx.reference_batches(), cfg.estimator)
+        advance = ctx.progress(f"ewc: {cfg.estimator} Fisher on the reference data", None) if ctx.progress else None
+        new = estimate_fisher(ctx.model, named, ctx.reference_batches(), cfg.estimator, advance)
         return new if loaded is None else torch._foreach_add(torch._foreach_mul(loaded, cfg.decay), new)
 
     def save(self, path: str | Path) -> None:
@@ -149,28 +163,42 @@ def sample_labels(logits: torch.Tensor, labels: torch.Tensor, generator: torch.G
 
 
 def estimate_fisher(
-    model: nn.Module, named: list[tuple[str, nn.Parameter]], batches: Iterable[Batch], estimator: str
+    model: nn.Module,
+    named: list[tuple[str, nn.Parameter]],
+    batches: Iterable[Batch],
+    estimator: str,
+    advance: Callable[[int], None] | None = None,
 ) -> list[torch.Tensor]:
-    """The diagonal Fisher of the named parameters on `batches` (see the module docstring), fp32."""
+    """The diagonal Fisher of the named parameters on `batches` (see the module docstring), fp32; with several
+    processes, over every process's batches."""
     params = [p for _, p in named]
     sums = [torch.zeros_like(p, dtype=torch.float32) for p in params]
-    rows, generator, was_training = 0, None, model.training
+    rows, was_training = torch.zeros((), device=params[0].device), model.training
     model.eval()
     try:
         for batch in batches:
             rows += batch["input_ids"].shape[0]
             if estimator == "exact":
                 torch._foreach_add_(sums, per_row_squares(model, named, batch))
-                continue
-            if estimator == "sampled" and generator is None:
-                generator = torch.Generator(batch["input_ids"].device).manual_seed(SAMPLING_SEED)
-            grads = batch_gradient(model, params, batch, generator)
-            torch._foreach_addcmul_(sums, grads, grads)
+            else:
+                generator = batch_generator(batch["input_ids"]) if estimator == "sampled" else None
+                grads = batch_gradient(model, params, batch, generator)
+                torch._foreach_addcmul_(sums, grads, grads)
+            if advance is not None:
+                advance(1)
     finally:
         model.train(was_training)
-    if rows == 0:
+    sum_across_processes([*sums, rows])
+    if rows.item() == 0:
         raise ConfigError("ewc: the reference data yielded no batch: check data.reference")
-    return torch._foreach_div(sums, float(rows))
+    return torch._foreach_div(sums, rows.item())
+
+
+def batch_generator(input_ids: torch.Tensor) -> torch.Generator:
+    """The sampled labels' generator, seeded by the batch's tokens: the same batch draws the same labels whatever
+    process it lands on and whatever came before it."""
+    seed = zlib.crc32(input_ids.cpu().numpy().tobytes(), SAMPLING_SEED)
+    return torch.Generator(input_ids.device).manual_seed(seed)
 
 
 def model_inputs(batch: Batch) -> Batch:
@@ -217,19 +245,8 @@ def per_row_squares(model: nn.Module, named: list[tuple[str, nn.Parameter]], bat
 
 def save_fisher(path: str | Path, fisher: dict[str, torch.Tensor], estimator: str) -> None:
     """Write {parameter name: Fisher} as safetensors, atomically (a reader sees the old file or the new one)."""
-    from safetensors.torch import save_file
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    os.close(fd)
-    try:
-        tensors = {n: f.detach().float().contiguous().cpu() for n, f in fisher.items()}
-        save_file(tensors, tmp, metadata={"format": "tether-fisher", "estimator": estimator})
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    tensors = {n: f.float() for n, f in fisher.items()}
+    save_safetensors_atomic(tensors, Path(path), {"format": "tether-fisher", "estimator": estimator})
 
 
 def load_fisher(path: str | Path, named: list[tuple[str, nn.Parameter]]) -> list[torch.Tensor]:

@@ -12,7 +12,14 @@ import torch
 from pydantic import Field
 
 from tether.regularizers.anchor import with_grads, work_buffers
-from tether.regularizers.base import Regularizer, RegularizerConfig, SetupContext, register, trainable_weights
+from tether.regularizers.base import (
+    Regularizer,
+    RegularizerConfig,
+    SetupContext,
+    nbytes,
+    register,
+    trainable_weights,
+)
 
 
 class L1Config(RegularizerConfig):
@@ -29,6 +36,9 @@ class L1(Regularizer):
     def setup(self, ctx: SetupContext) -> None:
         self.params = [p for _, p in trainable_weights(ctx.model)]
         self.buffers = work_buffers(self.params)
+
+    def memory(self) -> dict[str, int]:
+        return {"work buffers": nbytes(self.buffers)}
 
     def penalty_grad(self, scale: float) -> torch.Tensor | None:
         params, buffers = with_grads(self.params, self.buffers)

@@ -30,7 +30,7 @@ from torch import nn
 
 from tether.errors import ConfigError
 from tether.regularizers.anchor import differences, snapshot, sum_of_squares, trainable, with_grads, work_buffers
-from tether.regularizers.base import Regularizer, RegularizerConfig, SetupContext, register
+from tether.regularizers.base import Regularizer, RegularizerConfig, SetupContext, nbytes, register
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -110,6 +110,9 @@ class L2SP(Regularizer):
         self.lora: list[LoraPair] = []
         self._scale = 0.0  # lambda, as the stack hands it to penalty_grad; the decoupled pull uses it in step_begin
         self._groups: tuple[torch.optim.Optimizer, list[tuple[dict, list[int]]], dict[int, dict]] | None = None
+
+    def memory(self) -> dict[str, int]:
+        return {"anchor": nbytes(self.anchors), "work buffers": nbytes(self.buffers)}
 
     def setup(self, ctx: SetupContext) -> None:
         lr_lambda = ctx.learning_rate * self.config.strength

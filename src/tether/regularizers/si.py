@@ -24,7 +24,7 @@ from torch import nn
 
 from tether.errors import ConfigError
 from tether.regularizers.anchor import differences, quadratic_pull, snapshot, trainable, work_buffers
-from tether.regularizers.base import Regularizer, RegularizerConfig, SetupContext, register
+from tether.regularizers.base import Regularizer, RegularizerConfig, SetupContext, nbytes, register
 from tether.regularizers.ewc import Batch, model_inputs
 
 
@@ -53,7 +53,8 @@ class SI(Regularizer):
             raise ConfigError("si takes its setup steps at the training learning rate: set training.learning_rate > 0")
         self.params = [p for _, p in trainable(ctx.model)]
         self.anchors = snapshot(self.params)
-        batches = list(islice(ctx.reference_batches(), self.config.steps))
+        # every process takes the same steps on the same batches: the importance must be identical everywhere
+        batches = list(islice(ctx.reference_batches(shard=False), self.config.steps))
         if not batches:
             raise ConfigError("si: the reference data yielded no batch: check data.reference")
         try:
@@ -66,6 +67,10 @@ class SI(Regularizer):
         importance = importance_from_path(omega, moved, self.config.damping)
         self.buffers = work_buffers(self.params)
         self.roots = torch._foreach_sqrt([w / w.mean() if w.mean() > 0 else w for w in importance])
+
+    def memory(self) -> dict[str, int]:
+        held = nbytes(self.anchors), nbytes(self.roots), nbytes(self.buffers)
+        return dict(zip(("anchor", "importance", "work buffers"), held))
 
     @property
     def weights(self) -> list[torch.Tensor]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
 from collections.abc import Callable
 from typing import Any
 
@@ -11,7 +12,8 @@ from pydantic import ValidationError
 from torch import nn
 
 from tether.config import RegularizerEntry
-from tether.errors import NonFiniteError
+from tether.distributed import sum_across_processes, world_size
+from tether.errors import NonFiniteError, TetherError
 from tether.reference import Reference, merge_options
 from tether.regularizers.base import (
     REGISTRY,
@@ -21,6 +23,9 @@ from tether.regularizers.base import (
     SetupContext,
     config_error,
 )
+
+log = logging.getLogger(__name__)
+SKIPPED = "stack.skipped_steps"  # a key no regularizer name can produce (names have no dots)
 
 
 def parse_entries(entries: list[RegularizerEntry]) -> list[RegularizerConfig]:
@@ -49,16 +54,21 @@ def parse_entries(entries: list[RegularizerEntry]) -> list[RegularizerConfig]:
 class RegularizerStack:
     """Calls every regularizer at each point in order; the trainer talks to this object only."""
 
-    def __init__(self, regularizers: list[tuple[Regularizer, float]]) -> None:
+    def __init__(self, regularizers: list[tuple[Regularizer, float]], skip_non_finite: int = 0) -> None:
         self.items = regularizers
+        self.skip_budget = skip_non_finite
+        self.skipped = 0
+        """Optimizer steps dropped because a loss or penalty was NaN/inf (at most skip_budget)."""
+        self._non_finite: str | None = None  # what went non-finite in this step's micro-batches
+        self._skipping = False
         self._sums: dict[str, torch.Tensor] = {}
         self._last: dict[str, torch.Tensor] = {}  # weighted terms of the current micro-batch / step
         self._counts: dict[str, int] = {}
         self.reference: Reference | None = None
 
     @classmethod
-    def from_configs(cls, configs: list[RegularizerConfig]) -> RegularizerStack:
-        return cls([(REGISTRY[c.name].cls(c), c.strength) for c in configs])
+    def from_configs(cls, configs: list[RegularizerConfig], skip_non_finite: int = 0) -> RegularizerStack:
+        return cls([(REGISTRY[c.name].cls(c), c.strength) for c in configs], skip_non_finite)
 
     @property
     def names(self) -> list[str]:
@@ -141,11 +151,65 @@ class RegularizerStack:
         """Run before_step + step_begin / step_end around every optimizer.step(), however the Trainer wraps it."""
 
         def pre_hook(opt: torch.optim.Optimizer, *_: Any) -> None:  # must return None: a value would replace args
+            self._skipping = self._skip_this_step()
+            if self._skipping:
+                for group in opt.param_groups:
+                    for p in group["params"]:
+                        p.grad = None  # torch optimizers leave parameters without a gradient untouched
+                return
             self.before_step()
             self.step_begin(model, opt)
 
+        def post_hook(opt: torch.optim.Optimizer, *_: Any) -> None:
+            if not self._skipping:
+                self.step_end(model, opt)
+            elif self.reference is not None:
+                self.reference.clear()
+
         optimizer.register_step_pre_hook(pre_hook)
-        optimizer.register_step_post_hook(lambda opt, *_: self.step_end(model, opt))
+        optimizer.register_step_post_hook(post_hook)
+
+    def flag_non_finite(self, message: str) -> None:
+        """A micro-batch's loss went NaN/inf: the coming optimizer step skips or stops, on every process alike."""
+        if self._non_finite is None:
+            self._non_finite = message
+
+    def _skip_this_step(self) -> bool:
+        """Whether any process flagged this step; raises NonFiniteError when the skip budget is spent."""
+        bad = self._non_finite is not None
+        if world_size() > 1:  # every process must skip or stop together, or the others wait for it forever
+            device = "cuda" if torch.distributed.get_backend() == "nccl" else "cpu"
+            bad = bool(sum_across_processes([torch.tensor([float(bad)], device=device)])[0].item())
+        if not bad:
+            return False
+        message = self._non_finite or "a loss became non-finite on another process"
+        self._non_finite = None
+        if self.skipped >= self.skip_budget:
+            raise NonFiniteError(message)
+        self.skipped += 1
+        log.warning("skipped an optimizer step (%d of %d allowed): %s", self.skipped, self.skip_budget, message)
+        return True
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """Every regularizer's training state as `<name>.<key>` tensors, and the skipped steps (for checkpoints)."""
+        state = {f"{reg.name}.{k}": v for reg, _ in self.items for k, v in reg.state_dict().items()}
+        return {**state, SKIPPED: torch.tensor(self.skipped)}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        self.skipped = int(state.get(SKIPPED, 0))
+        for reg, _ in self.items:
+            prefix = f"{reg.name}."
+            own = {k.removeprefix(prefix): v for k, v in state.items() if k.startswith(prefix)}
+            if reg.state_dict() and not own:
+                raise TetherError(f"the checkpoint holds no state for '{reg.name}': resume with the config it used")
+            reg.load_state_dict(own)
+
+    def memory(self) -> dict[str, int]:
+        """{'<name>: <what>': bytes} of what the regularizers and the reference hold beyond the model."""
+        held = {f"{reg.name}: {what}": n for reg, _ in self.items for what, n in reg.memory().items() if n}
+        if self.reference is not None:
+            held.update({f"reference: {what}": n for what, n in self.reference.memory().items()})
+        return held
 
     def non_finite_term(self) -> str:
         """Which weighted term of the last micro-batch or step went NaN/inf, said so that the user can act."""

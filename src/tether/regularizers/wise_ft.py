@@ -33,7 +33,7 @@ from torch import nn
 
 from tether.errors import ConfigError
 from tether.regularizers.anchor import snapshot, trainable
-from tether.regularizers.base import FinishContext, NoPenaltyConfig, Regularizer, SetupContext, register
+from tether.regularizers.base import FinishContext, NoPenaltyConfig, Regularizer, SetupContext, nbytes, register
 
 
 class WiseFTConfig(NoPenaltyConfig):
@@ -64,6 +64,9 @@ class WiseFT(Regularizer):
         kept = lora_factors_to_keep(named)
         self.params = [p for _, p in named if id(p) not in kept]
         self.start = snapshot(self.params)
+
+    def memory(self) -> dict[str, int]:
+        return {"start weights": nbytes(self.start)}
 
     def after_training(self, model: nn.Module, ctx: FinishContext) -> dict[str, Any]:
         trained = [p.detach().clone() for p in self.params]
