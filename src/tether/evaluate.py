@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -10,11 +11,22 @@ from torch import nn
 
 from tether.data import IGNORE, Collator, Split
 
+Progress = Callable[[str, int | None], Callable[[int], None]]
+"""progress(description, total) starts one progress display and returns advance(n) (tether.progress.pass_progress)."""
+RECALL_CHUNK = 256  # prompts per recall call: a step of the progress display
+
 
 @torch.no_grad()
-def dataset_metrics(model: nn.Module, encoded: list[dict[str, Any]], collator: Collator, batch_size: int = 32) -> dict:
+def dataset_metrics(
+    model: nn.Module,
+    encoded: list[dict[str, Any]],
+    collator: Collator,
+    batch_size: int = 32,
+    advance: Callable[[int], None] | None = None,
+) -> dict:
     """Token-weighted mean cross-entropy over the whole set (not a mean of batch means); for class labels also
-    accuracy and macro F1. Evaluation mode: dropout off; the previous mode is restored."""
+    accuracy and macro F1. Evaluation mode: dropout off; the previous mode is restored. advance(rows) is called
+    after each batch when given (a progress display)."""
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
@@ -35,6 +47,8 @@ def dataset_metrics(model: nn.Module, encoded: list[dict[str, Any]], collator: C
                 ignore_index=IGNORE, reduction="sum",
             ).item()  # fmt: skip
             count += (shift_labels != IGNORE).sum().item()
+        if advance is not None:
+            advance(len(labels))
     model.train(was_training)
     out = {"loss": loss_sum / max(count, 1)}
     if golds:
@@ -54,15 +68,36 @@ def macro_f1(preds: list[int], golds: list[int]) -> float:
     return sum(scores) / len(scores)
 
 
-def reference_metrics(model: nn.Module, tokenizer: Any, split: Split, collator: Collator) -> dict[str, float]:
-    """What the model knows of the reference data: its loss, and for a fact set (prompt_completion) greedy recall."""
-    out = {"loss": dataset_metrics(model, split.encoded, collator)["loss"]}
+def reference_metrics(
+    model: nn.Module, tokenizer: Any, split: Split, collator: Collator, progress: Progress | None = None
+) -> dict[str, float]:
+    """What the model knows of the reference data: its loss, and for a fact set (prompt_completion) greedy recall.
+    With `progress`, each pass shows its own display."""
+    advance = start_pass(progress, "reference data: loss", len(split.encoded))
+    out = {"loss": dataset_metrics(model, split.encoded, collator, advance=advance)["loss"]}
     if split.format == "prompt_completion" and split.rows and "prompt" in split.rows[0]:
-        from tether.recall import exact_match_recall
-
-        prompts = [r["prompt"] for r in split.rows]
-        out["recall"] = exact_match_recall(model, tokenizer, prompts, [r["completion"] for r in split.rows])
+        advance = start_pass(progress, "reference data: recall", len(split.rows))
+        out["recall"] = _recall(model, tokenizer, split.rows, advance)
     return out
+
+
+def start_pass(progress: Progress | None, description: str, total: int) -> Callable[[int], None] | None:
+    """advance(n) of a new progress display, or None without one."""
+    return progress(description, total) if progress is not None else None
+
+
+def _recall(model: nn.Module, tokenizer: Any, rows: list[dict], advance: Callable[[int], None] | None) -> float:
+    """exact_match_recall over all rows, called per chunk so that a progress display can follow it."""
+    from tether.recall import exact_match_recall
+
+    hits = 0
+    for start in range(0, len(rows), RECALL_CHUNK):
+        chunk = rows[start : start + RECALL_CHUNK]
+        share = exact_match_recall(model, tokenizer, [r["prompt"] for r in chunk], [r["completion"] for r in chunk])
+        hits += round(share * len(chunk))  # the share is hits / len(chunk): back to the exact count
+        if advance is not None:
+            advance(len(chunk))
+    return hits / len(rows)
 
 
 def forgetting(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:

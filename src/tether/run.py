@@ -19,14 +19,16 @@ from torch import nn
 
 from tether.config import RunConfig, dump_config
 from tether.data import Collator, Datasets, load_datasets, load_split
-from tether.distributed import is_main_process, rank, world_size
+from tether.distributed import barrier, is_main_process, rank, world_size
 from tether.errors import ConfigError, NonFiniteError, TetherError
-from tether.evaluate import dataset_metrics, forgetting, reference_metrics
+from tether.evaluate import Progress, dataset_metrics, forgetting, reference_metrics, start_pass
 from tether.models import apply_lora, load_model
 from tether.outputs import plot_curves, write_dir_atomic, write_json, write_jsonl, write_text_atomic
 from tether.progress import pass_progress
 from tether.regularizers import FinishContext, RegularizerStack, SetupContext, parse_entries
 from tether.regularizers.ewc import RUN_FISHER
+from tether.report.runs import write_report
+from tether.report.tensorboard import write_final_scalars
 from tether.trainer import STACK_STATE
 
 log = logging.getLogger(__name__)
@@ -40,6 +42,10 @@ def training_args(cfg: RunConfig, output_dir: Path) -> Any:
     kw = cfg.training_arguments()
     kw["output_dir"] = str(output_dir)
     kw.setdefault("dataloader_pin_memory", torch.cuda.is_available())  # pinning without a GPU only warns
+    if not torch.cuda.is_available():
+        kw.setdefault("use_cpu", True)  # without it, processes started by torchrun on CPU would not form a DDP group
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            kw.setdefault("ddp_backend", "gloo")  # only with several processes: a backend alone starts a group
     if cfg.early_stopping is not None:
         if kw.get("eval_strategy") == "no":
             raise ConfigError("early_stopping needs evaluations: set training.eval_strategy to steps or epoch")
@@ -86,13 +92,16 @@ def clear_checkpoints(output_dir: Path) -> None:
 
 def last_complete_checkpoint(output_dir: Path) -> str | None:
     """The newest checkpoint-N whose trainer_state.json (the Trainer writes it last) parses; newer, half-written
-    ones (a kill during a save) are renamed aside so that nothing loads them and nothing is lost."""
+    ones (a kill during a save) are renamed aside by the main process so that nothing loads them and nothing is
+    lost."""
     steps = sorted((int(p.name.split("-")[1]), p) for p in output_dir.glob("checkpoint-*") if p.name[11:].isdigit())
     for _, path in reversed(steps):
         try:
             json.loads((path / "trainer_state.json").read_text())
             return str(path)
         except (OSError, ValueError):
+            if not is_main_process():
+                continue
             aside = path.with_name(f".incomplete-{path.name}-{int(time.time())}")
             log.warning("%s was not completely written (killed during a save?): moved to %s", path, aside.name)
             os.replace(path, aside)
@@ -134,10 +143,13 @@ def train(
     model, tokenizer = load_model(cfg.model, cfg.task)
     model.to(args.device)
     data = load_datasets(cfg.data, cfg.task, tokenizer)
-    if overwrite and not resume:
+    if overwrite and not resume and is_main_process():
         clear_checkpoints(output_dir)
+    barrier()  # the other processes go on once the main one has cleared or set aside what it had to
     collator = Collator(tokenizer.pad_token_id)
-    before = reference_metrics(model, tokenizer, data.reference, collator) if data.reference else None
+    main_measures = data.reference is not None and is_main_process()  # only the main process measures and writes
+    with pass_progress(console) as progress:
+        before = reference_metrics(model, tokenizer, data.reference, collator, progress) if main_measures else None
     if cfg.lora is not None:
         model = apply_lora(model, cfg.lora, cfg.task)
     stack = RegularizerStack.from_configs(parse_entries(cfg.regularizers), cfg.skip_non_finite)
@@ -165,7 +177,8 @@ def train(
     runtime = time.perf_counter() - started
     if not is_main_process():
         return {}
-    return _finish(cfg, output_dir, trainer, tokenizer, data, collator, before, runtime)
+    with pass_progress(console) as progress:
+        return _finish(cfg, output_dir, trainer, tokenizer, data, collator, before, runtime, progress)
 
 
 def load_stack_state(checkpoint: Path) -> dict[str, torch.Tensor]:
@@ -212,11 +225,11 @@ def _trainer(model: nn.Module, args: Any, data: Datasets, collator: Collator, st
 
 
 def _finish(cfg: RunConfig, output_dir: Path, trainer: Any, tokenizer: Any, data: Datasets, collator: Collator,
-            before: dict | None, runtime: float) -> dict[str, Any]:  # fmt: skip
+            before: dict | None, runtime: float, progress: Progress | None = None) -> dict[str, Any]:  # fmt: skip
     model, state = trainer.model, trainer.state
     metrics_extra = {"skipped_steps": trainer.stack.skipped} if trainer.stack.skip_budget else {}
     write_dir_atomic(output_dir / "model", lambda tmp: _save_model(model, tokenizer, tmp))
-    metrics = measure(model, tokenizer, data, collator, before)
+    metrics = measure(model, tokenizer, data, collator, before, progress)
     best_step = state.best_global_step if cfg.early_stopping is not None else None
     metrics.update(
         best_step=best_step, stopped_early=state.global_step < state.max_steps,
@@ -224,7 +237,7 @@ def _finish(cfg: RunConfig, output_dir: Path, trainer: Any, tokenizer: Any, data
     )  # fmt: skip
     finish = FinishContext(
         output_dir,
-        lambda m: measure(m, tokenizer, data, collator, before),
+        lambda m: measure(m, tokenizer, data, collator, before, progress),
         lambda m, name: _save_as(m, tokenizer, output_dir / name),
     )
     metrics.update(trainer.stack.after_training(model, finish))  # ema, wise_ft: alternative final models
@@ -232,6 +245,8 @@ def _finish(cfg: RunConfig, output_dir: Path, trainer: Any, tokenizer: Any, data
     write_jsonl(output_dir / "history.jsonl", state.log_history)
     plot_curves(state.log_history, best_step, output_dir / "curves.png")
     write_json(output_dir / "metrics.json", metrics)
+    write_final_scalars(trainer, metrics)  # TensorBoard, when training.report_to has it
+    write_report([output_dir], output_dir / "report.html")
     return metrics
 
 
@@ -251,21 +266,27 @@ def _reader(cfg: RunConfig, tokenizer: Any) -> Callable[[str], list[dict]]:
     return lambda path: load_split(path, "replay.source", fmt, cfg.task, tokenizer, cfg.data.max_length).encoded
 
 
-def measure(model: nn.Module, tokenizer: Any, data: Datasets, collator: Collator, before: dict | None) -> dict:
-    """target.*, overfit_gap and forgetting.* of a trained model."""
-    val = dataset_metrics(model, data.validation.encoded, collator)
-    train_loss = dataset_metrics(model, data.train.encoded[:TRAIN_LOSS_ROWS], collator)["loss"]
+def measure(
+    model: nn.Module, tokenizer: Any, data: Datasets, collator: Collator, before: dict | None,
+    progress: Progress | None = None,
+) -> dict:  # fmt: skip
+    """target.*, overfit_gap and forgetting.* of a trained model; with `progress`, each pass shows a display."""
+    val_rows, train_rows = data.validation.encoded, data.train.encoded[:TRAIN_LOSS_ROWS]
+    val = dataset_metrics(model, val_rows, collator, advance=start_pass(progress, "validation data", len(val_rows)))
+    advance = start_pass(progress, "train data (loss)", len(train_rows))
+    train_loss = dataset_metrics(model, train_rows, collator, advance=advance)["loss"]
     target = {"val_loss": val["loss"], "train_loss": train_loss}
     target.update({k: val[k] for k in ("accuracy", "f1") if k in val})
     metrics: dict[str, Any] = {"target": target, "overfit_gap": val["loss"] - train_loss}
     if before is not None:
-        after = reference_metrics(model, tokenizer, data.reference, collator)
+        after = reference_metrics(model, tokenizer, data.reference, collator, progress)
         metrics["forgetting"] = forgetting(before, after)
     return metrics
 
 
-def evaluate_saved(cfg: RunConfig, model_dir: Path) -> dict[str, Any]:
-    """`tether eval`: metrics of a saved model (a full model or a LoRA adapter over the configured base)."""
+def evaluate_saved(cfg: RunConfig, model_dir: Path, progress: Progress | None = None) -> dict[str, Any]:
+    """`tether eval`: metrics of a saved model (a full model or a LoRA adapter over the configured base); with
+    `progress`, each evaluation pass shows a display."""
     if not model_dir.is_dir():
         raise TetherError(f"--model {model_dir} is not a directory: pass a run's model/ directory")
     if (model_dir / "adapter_config.json").exists():
@@ -279,8 +300,9 @@ def evaluate_saved(cfg: RunConfig, model_dir: Path) -> dict[str, Any]:
         )
     data = load_datasets(cfg.data, cfg.task, tokenizer)
     collator = Collator(tokenizer.pad_token_id)
-    val = dataset_metrics(model, data.validation.encoded, collator)
+    advance = start_pass(progress, "validation data", len(data.validation.encoded))
+    val = dataset_metrics(model, data.validation.encoded, collator, advance=advance)
     out: dict[str, Any] = {"target": {"val_loss": val["loss"], **{k: v for k, v in val.items() if k != "loss"}}}
     if data.reference is not None:
-        out["reference"] = reference_metrics(model, tokenizer, data.reference, collator)
+        out["reference"] = reference_metrics(model, tokenizer, data.reference, collator, progress)
     return out

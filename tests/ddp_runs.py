@@ -1,0 +1,18 @@
+"""Trains the runs listed in a JSON file ([[config, output_dir], ...]) one after the other in every process of a
+`torchrun` launch: one process start-up for all the multi-process equivalence runs of tests/test_multiprocess.py."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+from tether.config import validate_config
+from tether.run import train
+
+if __name__ == "__main__":
+    torch.set_num_threads(1)  # two processes on two cores
+    for raw, out in json.loads(Path(sys.argv[1]).read_text()):
+        train(validate_config(raw), Path(out))
