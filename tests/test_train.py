@@ -157,6 +157,15 @@ def test_cli_bad_config_is_one_line_exit_2_nothing_written(tmp_path, monkeypatch
     assert not out.exists()
 
 
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [(["train"], "Missing argument 'config'"), (["train", "c.yaml", "--bogus"], "No such option: --bogus")],
+)
+def test_cli_usage_error_is_one_line_exit_2(monkeypatch, capsys, args, expected):
+    code, err = _cli_inprocess(monkeypatch, capsys, *args)
+    assert code == 2 and expected in err and len(err.strip().splitlines()) == 1, err
+
+
 def test_cli_bad_data_row_is_one_line(tmp_path, monkeypatch, capsys):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"prompt": "1+1=", "completion": "2"}\n{"prompt": 1}\n')

@@ -216,11 +216,21 @@ def _trainer(model: nn.Module, args: Any, data: Datasets, collator: Collator, st
 
     from tether.trainer import RegularizedTrainer
 
-    trainer = RegularizedTrainer(
-        model=model, args=args, train_dataset=data.train.encoded, eval_dataset=data.validation.encoded,
-        data_collator=collator, stack=stack, callbacks=callbacks,
-    )  # fmt: skip
+    try:
+        trainer = RegularizedTrainer(
+            model=model, args=args, train_dataset=data.train.encoded, eval_dataset=data.validation.encoded,
+            data_collator=collator, stack=stack, callbacks=callbacks,
+        )  # fmt: skip
+    except ValueError as e:  # the Trainer checks the arguments against the launch (e.g. fsdp needs processes)
+        raise ConfigError(f"training: {str(e).strip().splitlines()[0]}: change the training section") from None
     trainer.remove_callback(PrinterCallback)  # history.jsonl and the progress bar carry the logs
+    if trainer.is_fsdp_enabled or trainer.is_deepspeed_enabled:
+        whole = [reg.name for reg, _ in stack.items if not reg.sharded_parameters]
+        if whole:
+            raise ConfigError(
+                f"{', '.join(whole)} keep whole-parameter copies, not yet sharded with FSDP / DeepSpeed: train with "
+                "DDP (accelerate launch --multi_gpu, torchrun) or LoRA, or drop them"
+            )
     return trainer
 
 

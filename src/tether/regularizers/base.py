@@ -97,6 +97,8 @@ class Regularizer(Protocol):
     """The shape every regularizer has. Subclass it explicitly to inherit the do-nothing defaults."""
 
     name: ClassVar[str]
+    sharded_parameters: ClassVar[bool] = True
+    """False: works on whole parameter tensors (anchors, Fisher, averages), not on FSDP / ZeRO-3 shards."""
 
     def setup(self, ctx: SetupContext) -> None:
         return None

@@ -35,6 +35,8 @@ class EMAConfig(NoPenaltyConfig):
 
 @register("ema", EMAConfig)
 class EMA(Regularizer):
+    sharded_parameters = False  # holds or walks full per-parameter tensors
+
     def __init__(self, config: EMAConfig) -> None:
         self.config = config
         self.params: list[torch.Tensor] = []

@@ -74,6 +74,8 @@ class EWCConfig(RegularizerConfig):
 
 @register("ewc", EWCConfig)
 class EWC(Regularizer):
+    sharded_parameters = False  # holds or walks full per-parameter tensors
+
     def __init__(self, config: EWCConfig) -> None:
         self.config = config
         self.names: list[str] = []

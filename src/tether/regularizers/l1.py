@@ -29,6 +29,8 @@ class L1Config(RegularizerConfig):
 
 @register("l1", L1Config)
 class L1(Regularizer):
+    sharded_parameters = False  # holds or walks full per-parameter tensors
+
     def __init__(self, config: L1Config) -> None:
         self.params: list[torch.Tensor] = []
         self.buffers: list[torch.Tensor] | None = None

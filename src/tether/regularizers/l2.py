@@ -20,6 +20,8 @@ class L2Config(RegularizerConfig):
 
 @register("l2", L2Config)
 class L2(Regularizer):
+    sharded_parameters = False  # holds or walks full per-parameter tensors
+
     def __init__(self, config: L2Config) -> None:
         self.params: list[torch.Tensor] = []
 

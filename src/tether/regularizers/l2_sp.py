@@ -101,6 +101,8 @@ def lora_pairs(model: nn.Module) -> list[LoraPair]:
 
 @register("l2_sp", L2SPConfig)
 class L2SP(Regularizer):
+    sharded_parameters = False  # holds or walks full per-parameter tensors
+
     def __init__(self, config: L2SPConfig) -> None:
         self.config = config
         self.decoupled = config.form == "decoupled"

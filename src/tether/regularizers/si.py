@@ -39,6 +39,8 @@ class SIConfig(RegularizerConfig):
 
 @register("si", SIConfig)
 class SI(Regularizer):
+    sharded_parameters = False  # holds or walks full per-parameter tensors
+
     def __init__(self, config: SIConfig) -> None:
         self.config = config
         self.params: list[torch.Tensor] = []

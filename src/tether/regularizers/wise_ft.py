@@ -54,6 +54,8 @@ class WiseFTConfig(NoPenaltyConfig):
 
 @register("wise_ft", WiseFTConfig)
 class WiseFT(Regularizer):
+    sharded_parameters = False  # holds or walks full per-parameter tensors
+
     def __init__(self, config: WiseFTConfig) -> None:
         self.config = config
         self.params: list[torch.Tensor] = []
