@@ -91,6 +91,15 @@ def test_overrides_parse_yaml_values_and_indices(raw_config):
         apply_override(raw, "regularizers.7.strength=1")
 
 
+def test_yaml_no_and_on_stay_strings(raw_config):
+    """YAML 1.1 would read `eval_strategy: no` as False, which TrainingArguments rejects with a puzzling message."""
+    raw = copy.deepcopy(raw_config)
+    apply_override(raw, "training.eval_strategy=no")
+    apply_override(raw, "training.disable_tqdm=false")
+    cfg = validate_config(raw)
+    assert cfg.training["eval_strategy"] == "no" and cfg.training["disable_tqdm"] is False
+
+
 def test_load_config_reports_yaml_errors(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("model: [unclosed\n")

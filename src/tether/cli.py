@@ -1,4 +1,4 @@
-"""The command line: tether train | validate | eval | demo. User errors are one line on stderr and exit code 2."""
+"""The command line: tether train | validate | eval | report | sweep | bench | demo. User errors: one line, exit 2."""
 
 from __future__ import annotations
 
@@ -55,8 +55,9 @@ def train(
 
     progress = [RichProgress("training", console)]
     metrics = run_train(cfg, out, resume=resume, overwrite=overwrite, callbacks=progress, console=console)
-    console.print_json(json.dumps(metrics))
-    console.print(f"[green]done[/]: {out}")
+    if metrics:  # with several processes, only the main one measures and reports
+        console.print_json(json.dumps(metrics))
+        console.print(f"[green]done[/]: {out}")
 
 
 @app.command("eval")
@@ -67,9 +68,50 @@ def eval_(
 ) -> None:
     """Evaluate a saved model on the configured validation and reference data."""
     from tether.config import load_config
+    from tether.progress import pass_progress
     from tether.run import evaluate_saved
 
-    console.print_json(json.dumps(evaluate_saved(load_config(config, set_), model)))
+    cfg = load_config(config, set_)
+    with pass_progress(console) as progress:
+        metrics = evaluate_saved(cfg, model, progress)
+    console.print_json(json.dumps(metrics))
+
+
+@app.command()
+def report(
+    run_dirs: Annotated[list[Path], typer.Argument(help="Directories of finished runs (tether train's output).")],
+    output: Annotated[Path | None, typer.Option(help="Default RUN_DIR/report.html; several: ./report.html")] = None,
+) -> None:
+    """One self-contained report.html: loss curves, penalty terms, forgetting; several runs are compared."""
+    from tether.report.runs import write_report
+
+    out = output or (run_dirs[0] / "report.html" if len(run_dirs) == 1 else Path("report.html"))
+    console.print(f"[green]wrote[/] {write_report(run_dirs, out)}")
+
+
+@app.command()
+def sweep(
+    config: Path,
+    trials: Annotated[int | None, typer.Option(help="Trials to finish (default: the config's sweep.trials).")] = None,
+    storage: Annotated[str | None, typer.Option(help="Optuna RDB URL (default: sqlite:///OUT/sweep.db).")] = None,
+    study: Annotated[str | None, typer.Option(help="Study name (default: the config file's name).")] = None,
+    workers: Annotated[int, typer.Option(help="Trials run at once, in processes on this machine.")] = 1,
+    output_dir: Annotated[Path | None, typer.Option(help="Where trial-<n>/ and the report go.")] = None,
+    set_: SetOpt = [],  # noqa: B006  (typer reads the default, never mutates it)
+) -> None:
+    """Search the config's sweep: values with Optuna; resumable, parallel; writes sweep.json and sweep.html."""
+    from tether.config import load_config
+    from tether.sweep import run_sweep, summary_table
+
+    cfg = load_config(config, set_)
+    out = output_dir or Path(cfg.output_dir)
+    try:
+        summary = run_sweep(cfg, out, study_name=study or config.stem, trials=trials, storage=storage, workers=workers)
+    except KeyboardInterrupt:
+        err_console.print("interrupted: running trials are queued again; run the same command to resume")
+        sys.exit(130)
+    console.print(summary_table(summary))
+    console.print(f"[green]done[/]: {out}/sweep.json, {out}/sweep.html")
 
 
 @app.command()
@@ -80,6 +122,19 @@ def demo(
     from tether.demo import run_demo
 
     run_demo(output_dir, console)
+
+
+@app.command()
+def bench(
+    quick: Annotated[bool, typer.Option(help="A reduced grid (one or two strengths per method): minutes.")] = False,
+    seeds: Annotated[int, typer.Option(help="Seeds per setting: world, pre-trained base and training seed.")] = 3,
+    workers: Annotated[int | None, typer.Option(help="Runs at once, one torch thread each [default: cores].")] = None,
+    output_dir: Annotated[Path, typer.Option(help="Runs and results; run again to resume.")] = Path("runs/bench"),
+) -> None:
+    """Every regularizer against plain fine-tuning on the demo's world: forgetting, overfitting, pass/fail checks."""
+    from tether.bench import run_bench
+
+    run_bench(output_dir, quick=quick, seeds=seeds, workers=workers or os.cpu_count() or 1, console=console)
 
 
 def main() -> None:
@@ -95,15 +150,11 @@ def main() -> None:
         _fail(str(e))
     except typer.Exit as e:
         sys.exit(e.exit_code)
-    except Exception as e:
-        import click
-
-        if isinstance(e, click.exceptions.UsageError):
-            err_console.print(f"[bold red]error:[/] {e.format_message()}", highlight=False)
-            sys.exit(2)
-        if isinstance(e, click.exceptions.Abort):
-            sys.exit(130)
-        raise
+    except typer.Abort:
+        sys.exit(130)
+    except typer.TyperException as e:  # usage errors (a missing argument, an unknown option): one line, exit 2
+        err_console.print(f"[bold red]error:[/] {e.format_message()}", highlight=False, soft_wrap=True)
+        sys.exit(2)
 
 
 if __name__ == "__main__":

@@ -4,20 +4,27 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import json
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from tether.errors import ConfigError
 
 
 class _Loader(yaml.SafeLoader):
-    """YAML 1.1 reads `1e-4` as a string; users mean a number."""
+    """YAML 1.2 scalars: YAML 1.1 reads `1e-4` as a string and `no` / `on` as booleans (`eval_strategy: no`)."""
 
 
+_BOOL = "tag:yaml.org,2002:bool"
+_Loader.yaml_implicit_resolvers = {
+    first: [(tag, rx) for tag, rx in resolvers if tag != _BOOL]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+_Loader.add_implicit_resolver(_BOOL, re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF"))
 _Loader.add_implicit_resolver(
     "tag:yaml.org,2002:float",
     re.compile(r"^[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?$|^[-+]?\.(?:inf|Inf|INF)$|^\.(?:nan|NaN|NAN)$"),
@@ -110,6 +117,108 @@ class EarlyStoppingConfig(Section):
     """Whether lower (loss) or higher (accuracy) is better."""
 
 
+SWEEP_METRICS: dict[str, Literal["minimize", "maximize"]] = {  # metrics.json keys a sweep can use -> better way
+    "target.val_loss": "minimize",
+    "target.train_loss": "minimize",
+    "target.accuracy": "maximize",
+    "target.f1": "maximize",
+    "overfit_gap": "minimize",
+    "forgetting.delta_loss": "minimize",
+    "forgetting.reference_loss_after": "minimize",
+    "forgetting.recall_after": "maximize",
+    "forgetting.recall_drop": "minimize",
+}
+
+
+def _known_metric(name: str) -> str:
+    if name not in SWEEP_METRICS:
+        raise ValueError(f"unknown metric: use one of {', '.join(SWEEP_METRICS)}")
+    return name
+
+
+SweepMetric = Annotated[str, AfterValidator(_known_metric)]
+
+
+class SweepParam(Section):
+    distribution: Literal["log_uniform", "uniform", "int", "categorical"]
+    """log_uniform for strengths and learning rates (orders of magnitude), uniform for shares and
+    probabilities, int for counts (LoRA r), categorical for choices."""
+    low: float | None = None
+    """Smallest value (log_uniform, uniform, int)."""
+    high: float | None = None
+    """Largest value (log_uniform, uniform, int)."""
+    choices: list[bool | int | float | str] | None = None
+    """The values to choose from (categorical)."""
+
+    @model_validator(mode="after")
+    def _range(self) -> SweepParam:
+        if self.distribution == "categorical":
+            if not self.choices or self.low is not None or self.high is not None:
+                raise ValueError("categorical takes a non-empty choices list and no low/high")
+            return self
+        if self.choices is not None or self.low is None or self.high is None or not self.low < self.high:
+            raise ValueError(f"{self.distribution} takes low < high and no choices")
+        if self.distribution == "log_uniform" and self.low <= 0:
+            raise ValueError("log_uniform needs low > 0 (use uniform for ranges that include 0)")
+        if self.distribution == "int" and not (self.low.is_integer() and self.high.is_integer()):
+            raise ValueError("int takes whole numbers for low and high")
+        return self
+
+    def samples(self) -> list[Any]:
+        """Values that must all give a valid run config: the ends of the range, or every choice."""
+        if self.choices is not None:
+            return list(self.choices)
+        ends = [self.low, self.high]
+        return [int(v) for v in ends] if self.distribution == "int" else ends
+
+
+class SweepConstraint(Section):
+    metric: SweepMetric
+    """A metrics.json key (see sweep.objectives for the names)."""
+    max: float | None = None
+    """Trials above this value are infeasible: never on the Pareto front, never chosen."""
+    min: float | None = None
+    """Trials below this value are infeasible."""
+
+    @model_validator(mode="after")
+    def _bound(self) -> SweepConstraint:
+        if self.max is None and self.min is None:
+            raise ValueError("give max or min (or both)")
+        return self
+
+
+class SweepConfig(Section):
+    """`tether sweep`: an Optuna study over config values; ignored by `tether train`."""
+
+    params: dict[str, SweepParam] = Field(min_length=1)
+    """The values to search, by the dotted paths of --set (regularizers.0.strength, training.learning_rate)."""
+    trials: int = Field(20, ge=1)
+    """Trials to finish (completed or pruned); --trials overrides it, a re-run resumes until there are this many."""
+    objectives: list[SweepMetric] = Field(
+        default_factory=lambda: ["target.val_loss", "forgetting.delta_loss"], min_length=1
+    )
+    """metrics.json keys to optimize, each the way it is better (losses, gap, recall_drop down; accuracy, f1,
+    recall_after up): target.val_loss, target.train_loss, target.accuracy, target.f1, overfit_gap,
+    forgetting.delta_loss, forgetting.reference_loss_after, forgetting.recall_after, forgetting.recall_drop."""
+    constraints: list[SweepConstraint] = Field(default_factory=list)
+    """Bounds on metrics, e.g. {metric: forgetting.recall_drop, max: 0.1}."""
+    choose: Literal["least_forgetting", "best_target"] = "least_forgetting"
+    """Which feasible model to pick: least_forgetting, the best on the second objective among those within
+    `tolerance` of the best first objective; best_target, the best on the first (the rule with one objective)."""
+    tolerance: float = Field(0.05, ge=0)
+    """least_forgetting: how much worse than the best first objective is acceptable, relative (0.05: 5%)."""
+    stale_after_s: int = Field(120, ge=2)
+    """A running trial whose worker gave no sign of life for this long (killed, machine lost) is marked failed
+    and re-run with the same values, resuming from its last checkpoint. Workers signal every quarter of it."""
+
+    @field_validator("objectives")
+    @classmethod
+    def _distinct(cls, value: list[str]) -> list[str]:
+        if len(set(value)) != len(value):
+            raise ValueError("a metric is listed twice")
+        return value
+
+
 class RegularizerEntry(BaseModel):
     """One `regularizers:` item; its own fields are checked against the registered config class on load."""
 
@@ -130,7 +239,6 @@ _TRAINING_DEFAULTS: dict[str, Any] = {
     "save_total_limit": 2,
     "report_to": "none",
     "seed": 0,
-    "use_cpu": False,
     "disable_tqdm": True,
 }
 
@@ -155,6 +263,8 @@ class RunConfig(Section):
     the run stops; 0: stop at the first (a spike that repeats is a real problem: lower the lr or a strength)."""
     output_dir: str = "runs/tether"
     """Where the run writes its model, metrics, history and checkpoints."""
+    sweep: SweepConfig | None = None
+    """The search space and objectives of `tether sweep` (see the README); `tether train` ignores it."""
 
     @model_validator(mode="after")
     def _consistent(self) -> RunConfig:
@@ -198,7 +308,35 @@ def validate_config(raw: dict[str, Any]) -> RunConfig:
 
     parse_entries(cfg.regularizers)
     _check_files(cfg)
+    if cfg.sweep is not None:
+        _check_sweep(cfg, cfg.sweep)
     return cfg
+
+
+def with_values(cfg: RunConfig, values: dict[str, Any]) -> RunConfig:
+    """The config with each dotted path set to its value as `--set` would, validated, without the sweep section."""
+    raw = cfg.model_dump(mode="json", exclude={"sweep"})
+    for path, value in values.items():
+        apply_override(raw, f"{path}={json.dumps(value)}")
+    return validate_config(raw)
+
+
+def _check_sweep(cfg: RunConfig, sweep: SweepConfig) -> None:
+    """Every searched path must give a valid config at the ends of its range; metrics must be measured."""
+    for path, param in sweep.params.items():
+        for value in param.samples():
+            try:
+                with_values(cfg, {path: value})
+            except ConfigError as e:
+                raise ConfigError(f"sweep.params.{path} = {value!r}: {e}") from None
+    reference_format = cfg.data.reference_format or cfg.data.format
+    for name in [*sweep.objectives, *(c.metric for c in sweep.constraints)]:
+        if name.startswith("forgetting.") and cfg.data.reference is None:
+            raise ConfigError(f"sweep: {name} is measured on data.reference: set it or use target.* metrics")
+        if "recall" in name and reference_format != "prompt_completion":
+            raise ConfigError(f"sweep: {name} needs prompt_completion reference data (a fact set)")
+        if name in ("target.accuracy", "target.f1") and cfg.task != "sequence_classification":
+            raise ConfigError(f"sweep: {name} is measured for task sequence_classification only")
 
 
 def apply_override(raw: dict[str, Any], item: str) -> None:
