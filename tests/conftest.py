@@ -27,14 +27,19 @@ def addition_rows(n: int, seed: int) -> list[dict[str, str]]:
     ]
 
 
-@pytest.fixture
-def data_files(tmp_path: Path) -> dict[str, Path]:
+def write_data_files(root: Path) -> dict[str, Path]:
+    """Arithmetic train/validation rows and a small fact set as reference data, as JSONL files under `root`."""
     facts = [{"prompt": f"The color of item {i} is", "completion": f" c{i % 5}."} for i in range(12)]
     return {
-        "train": write_jsonl(tmp_path / "train.jsonl", addition_rows(48, 0)),
-        "validation": write_jsonl(tmp_path / "val.jsonl", addition_rows(16, 1)),
-        "reference": write_jsonl(tmp_path / "facts.jsonl", facts),
+        "train": write_jsonl(root / "train.jsonl", addition_rows(48, 0)),
+        "validation": write_jsonl(root / "val.jsonl", addition_rows(16, 1)),
+        "reference": write_jsonl(root / "facts.jsonl", facts),
     }
+
+
+@pytest.fixture
+def data_files(tmp_path: Path) -> dict[str, Path]:
+    return write_data_files(tmp_path)
 
 
 @pytest.fixture

@@ -20,7 +20,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.conftest import addition_rows, write_jsonl
+from tests.conftest import write_data_files
 from tether.config import validate_config
 from tether.run import train
 
@@ -58,12 +58,7 @@ def runs(tmp_path_factory) -> Path:
     if not _can_spawn():
         pytest.skip("torchrun is not installed next to this Python")
     root = tmp_path_factory.mktemp("ddp")
-    facts = [{"prompt": f"The color of item {i} is", "completion": f" c{i % 5}."} for i in range(12)]
-    data = {
-        "train": write_jsonl(root / "train.jsonl", addition_rows(48, 0)),
-        "validation": write_jsonl(root / "val.jsonl", addition_rows(16, 1)),
-        "reference": write_jsonl(root / "facts.jsonl", facts),
-    }
+    data = write_data_files(root)
     jobs = [[_raw(data, regs, 4), str(root / f"two-{kind}")] for kind, regs in KINDS.items()]
     (root / "jobs.json").write_text(json.dumps(jobs))
     torchrun = Path(sys.executable).parent / "torchrun"

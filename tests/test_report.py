@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import addition_rows, write_jsonl
+from tests.conftest import write_data_files
 from tether.config import validate_config
 from tether.errors import TetherError
 from tether.report.html import figure_tag, page, table_tag
@@ -75,12 +75,7 @@ def png_size(src: str) -> tuple[int, int]:
 def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """Two finished tiny runs: "anchored" (l2_sp, ema, wise_ft, early stopping, TensorBoard) and "plain"."""
     root = tmp_path_factory.mktemp("report")
-    facts = [{"prompt": f"The color of item {i} is", "completion": f" c{i % 5}."} for i in range(12)]
-    files = {
-        "train": write_jsonl(root / "train.jsonl", addition_rows(48, 0)),
-        "validation": write_jsonl(root / "val.jsonl", addition_rows(16, 1)),
-        "reference": write_jsonl(root / "facts.jsonl", facts),
-    }
+    files = write_data_files(root)
     base = {
         "model": {"synthetic": {"arch": "llama", "hidden_size": 32, "num_layers": 2, "num_heads": 4}},
         "data": {k: str(v) for k, v in files.items()} | {"format": "prompt_completion", "max_length": 32},
