@@ -21,7 +21,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import pickle
 import socket
 import subprocess
 import sys
@@ -52,13 +51,22 @@ CONFIG_ATTR = "tether_config"
 
 @dataclass(frozen=True)
 class Job:
-    """What every worker needs to take part in the sweep (picklable: workers are spawned processes)."""
+    """What every worker needs to take part in the sweep (sent to the worker processes as JSON)."""
 
     cfg: RunConfig
     out: Path
     storage: str
     study_name: str
     trials: int
+
+    def to_json(self) -> dict[str, Any]:
+        return {"cfg": self.cfg.model_dump(mode="json"), "out": str(self.out), "storage": self.storage,
+                "study_name": self.study_name, "trials": self.trials}  # fmt: skip
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> Job:
+        cfg = RunConfig.model_validate(data["cfg"])
+        return cls(cfg, Path(data["out"]), data["storage"], data["study_name"], data["trials"])
 
     @property
     def sweep(self) -> SweepConfig:
@@ -109,7 +117,7 @@ def _run_processes(job: Job, workers: int) -> None:
     for index in range(workers):
         proc = subprocess.Popen([sys.executable, "-c", WORKER_MAIN], stdin=subprocess.PIPE)
         assert proc.stdin is not None
-        proc.stdin.write(pickle.dumps((job, index, threads)))
+        proc.stdin.write(json.dumps({"job": job.to_json(), "index": index, "threads": threads}).encode())
         proc.stdin.close()
         procs.append(proc)
     try:
@@ -130,9 +138,10 @@ WORKER_MAIN = "from tether.sweep import worker_main; worker_main()"
 
 
 def worker_main() -> None:
-    """Entry point of a worker process: (job, index, threads) pickled on stdin; user errors as one line."""
+    """Entry point of a worker process: {job, index, threads} as JSON on stdin; user errors as one line."""
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    job, index, threads = pickle.load(sys.stdin.buffer)
+    given = json.load(sys.stdin)
+    job, index, threads = Job.from_json(given["job"]), given["index"], given["threads"]
     try:
         run_worker(job, index, threads)
     except TetherError as e:
