@@ -10,6 +10,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+# mkstemp / mkdtemp make owner-only files; a run's outputs are meant to be shared like any other file
+FILE_MODE, DIR_MODE = 0o644, 0o755
+
 
 def write_text_atomic(path: Path, text: str) -> None:
     """Write text so that a reader (or a resume after a kill) sees the old file or the new one, never half."""
@@ -20,6 +23,7 @@ def write_text_atomic(path: Path, text: str) -> None:
             f.write(text)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, FILE_MODE)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -43,6 +47,7 @@ def save_safetensors_atomic(tensors: dict[str, Any], path: Path, metadata: dict[
     os.close(fd)
     try:
         save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp, metadata=metadata)
+        os.chmod(tmp, FILE_MODE)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -55,6 +60,7 @@ def write_dir_atomic(path: Path, fill: Callable[[Path], None]) -> None:
     tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}."))
     try:
         fill(tmp)
+        tmp.chmod(DIR_MODE)
         if path.exists():
             old = path.with_name(f".{path.name}.old")
             shutil.rmtree(old, ignore_errors=True)
