@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -14,5 +15,7 @@ from tether.run import train
 
 if __name__ == "__main__":
     torch.set_num_threads(1)  # two processes on two cores
+    rank = int(os.environ["RANK"])
     for raw, out in json.loads(Path(sys.argv[1]).read_text()):
-        train(validate_config(raw), Path(out))
+        returned = train(validate_config(raw), Path(out))
+        Path(f"{out}.rank{rank}.json").write_text(json.dumps(returned))  # beside the run: what each process got

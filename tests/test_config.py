@@ -98,6 +98,9 @@ def test_yaml_no_and_on_stay_strings(raw_config):
     apply_override(raw, "training.disable_tqdm=false")
     cfg = validate_config(raw)
     assert cfg.training["eval_strategy"] == "no" and cfg.training["disable_tqdm"] is False
+    apply_override(raw, "training.fp16=off")  # a string where TrainingArguments wants a bool would count as true
+    with pytest.raises(ConfigError, match="training.fp16: 'off' is not a boolean: write true or false"):
+        validate_config(raw)
 
 
 def test_load_config_reports_yaml_errors(tmp_path):

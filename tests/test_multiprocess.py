@@ -97,7 +97,25 @@ def test_fisher_of_two_processes_is_the_fisher_of_one(runs: Path) -> None:
         torch.testing.assert_close(two[name], one[name], rtol=1e-5, atol=1e-12, msg=name)
 
 
-def test_only_the_main_process_wrote(runs: Path) -> None:
+def test_only_the_main_process_measures_and_writes(runs: Path) -> None:
+    for kind in KINDS:
+        main = json.loads((runs / f"two-{kind}.rank0.json").read_text())
+        assert main == json.loads((runs / f"two-{kind}" / "metrics.json").read_text())
+        assert json.loads((runs / f"two-{kind}.rank1.json").read_text()) == {}  # rank 1 measured and wrote nothing
     names = {p.name for p in (runs / "two-plain").iterdir()}
     assert {"metrics.json", "model", "history.jsonl", "checkpoint-12"} <= names
     assert not [n for n in names if n.startswith(".")]  # no temporary or set-aside files left by a race
+
+
+def test_whole_parameter_regularizers_are_refused_when_sharded() -> None:
+    from tether.config import RegularizerEntry
+    from tether.errors import ConfigError
+    from tether.regularizers import RegularizerStack, parse_entries
+    from tether.run import check_sharded
+
+    def stack(*names: str) -> RegularizerStack:
+        return RegularizerStack.from_configs(parse_entries([RegularizerEntry(name=n) for n in names]))
+
+    check_sharded(stack("kl", "distill", "replay", "llrd", "weight_decay", "dropout", "neftune", "label_smoothing"))
+    with pytest.raises(ConfigError, match="l2_sp, ewc keep whole-parameter copies"):
+        check_sharded(stack("kl", "l2_sp", "ewc"))

@@ -181,3 +181,34 @@ def test_skip_non_finite_drops_that_update_and_goes_on(raw_config, tmp_path):
     raw["skip_non_finite"] = 0
     with pytest.raises(TetherError, match="step 5: the task loss became nan"):
         train(validate_config(raw), tmp_path / "stop", callbacks=[NaNAt(5)])
+
+
+def test_a_fresh_start_estimates_its_own_fisher(raw_config, tmp_path):
+    """A Fisher left by an attempt killed before its first checkpoint is not reused: the data may have changed."""
+    from safetensors.torch import save_file
+
+    raw = _config(raw_config)
+    raw["regularizers"] = [{"name": "ewc", "strength": 1.0, "normalize": False}]
+    cfg = validate_config(raw)
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg, tmp_path / "run", callbacks=[Crash(at=2)])  # before the first checkpoint (step 4)
+    fisher = load_file(str(tmp_path / "run" / "fisher.safetensors"))
+    save_file({n: torch.zeros_like(f) for n, f in fisher.items()}, str(tmp_path / "run" / "fisher.safetensors"))
+    train(cfg, tmp_path / "run")
+    estimated = load_file(str(tmp_path / "run" / "fisher.safetensors"))
+    assert all(torch.equal(estimated[n], fisher[n]) for n in fisher)  # estimated again, not the zeros
+
+
+def test_a_flag_the_optimizer_never_read_does_not_stop_the_next_step():
+    """fp16's loss scaler skips optimizer.step() on non-finite gradients: the stack's flag from that step is dropped
+    at the step's end instead of stopping the next, healthy step."""
+    from tether.regularizers import RegularizerStack
+    from tether.trainer import StepEnd
+
+    stack = RegularizerStack([])
+    stack.flag_non_finite("the task loss became nan")
+    StepEnd(stack).on_step_end(None, None, None)
+    assert stack._skip_this_step() is False
+    stack.flag_non_finite("the task loss became nan")
+    with pytest.raises(TetherError, match="the task loss became nan"):
+        stack._skip_this_step()

@@ -319,3 +319,25 @@ def test_sweep_on_postgresql_with_two_workers(sweep_raw, tmp_path, postgres_url)
     assert len(study.get_trials(states=(TrialState.COMPLETE,))) == 3
     assert summary["storage"].startswith("postgresql+psycopg2://tether@127.0.0.1")
     assert not (tmp_path / "pg" / "sweep.db").exists()
+
+
+def test_summary_judges_each_candidate_on_the_constraints_it_can(sweep_raw, tmp_path):
+    """A WiSE-FT interpolation has no train loss: a constraint on overfit_gap leaves it out instead of crashing;
+    an infeasible model/ is never chosen."""
+    from tether.sweep import summarize
+
+    sweep_raw["sweep"]["constraints"] = [{"metric": "overfit_gap", "max": 0.5}]
+    job = Job(validate_config(sweep_raw), tmp_path, "sqlite://", "s", 2)
+    study = optuna.create_study(directions=["minimize", "minimize"])
+    metrics = {
+        "target": {"val_loss": 1.0, "train_loss": 0.2}, "overfit_gap": 0.8,  # over the bound: infeasible
+        "forgetting": {"delta_loss": 2.0, "recall_before": 1.0, "recall_after": 0.0, "recall_drop": 1.0},
+        "ema": {"target": {"val_loss": 1.1, "train_loss": 0.8}, "overfit_gap": 0.3,
+                "forgetting": {"delta_loss": 1.0, "recall_before": 1.0, "recall_after": 0.5, "recall_drop": 0.5}},
+        "wise_ft": {"chosen_alpha": 0.5, "alphas": [{"alpha": 0.5, "val_loss": 1.2, "delta_loss": 0.1}]},
+    }  # fmt: skip
+    attrs = {"run_dir": str(tmp_path / "trial-0"), "candidates": candidates(metrics)}
+    study.add_trial(optuna.trial.create_trial(values=[1.0, 2.0], user_attrs=attrs))
+    summary = summarize(study, job)
+    assert summary["chosen"]["model"] == "model_ema"  # the only feasible candidate that has an overfit gap
+    assert {c["model"] for c in summary["candidate_front"]} == {"model_ema"}

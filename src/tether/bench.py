@@ -38,7 +38,6 @@ within: the lowest T); on small-data the lowest T. Both choices look at the vali
 from __future__ import annotations
 
 import json
-import math
 import multiprocessing
 import os
 import shutil
@@ -57,6 +56,7 @@ from rich.console import Console
 from rich.table import Table
 
 from tether.errors import ConfigError, TetherError
+from tether.evaluate import pareto_indices
 from tether.outputs import write_json, write_text_atomic
 
 TARGET_COST = 0.05  # check 1 and the arithmetic best-strength rule: at most 5% more target loss than plain
@@ -373,16 +373,6 @@ def best_per_method(rows: list[dict[str, Any]], task: Task) -> list[dict[str, An
     return [best_strength(r, plain, task.best_by) for r in found if r]
 
 
-def pareto_front(points: list[tuple[float, float]]) -> list[int]:
-    """Indices of the points that no other point matches or beats on both coordinates (lower is better), by x."""
-    front, lowest_y = [], math.inf
-    for i in sorted(range(len(points)), key=lambda i: points[i]):
-        if points[i][1] < lowest_y:
-            front.append(i)
-            lowest_y = points[i][1]
-    return front
-
-
 @dataclass(frozen=True)
 class Check:
     claim: str
@@ -434,6 +424,8 @@ def check_wise_ft(rows: list[dict[str, Any]]) -> Check:
         return Check(claim, False, "not measurable: no wise_ft run at alpha 1 that forgot, or no alpha below 1")
     base = mean(full, "base_val_loss")
     gain = base - mean(full, "val_loss")
+    if gain <= 0:
+        return Check(claim, False, f"not measurable: fine-tuning did not lower the target loss (base {base:.3f})")
     scored = [(forgetting_cut(r, full), (base - mean(r, "val_loss")) / gain, r) for r in by_alpha.values()]
     passing = [s for s in scored if s[0] >= FORGET_CUT and s[1] >= GAIN_KEPT]
     # Without a passing alpha, show the one closest to both thresholds.
@@ -454,7 +446,7 @@ def check_small_data(rows: list[dict[str, Any]]) -> Check:
     stopping = select(rows, "small-data", "early_stopping")
     others = [r for m in SMALL_DATA_REGULARIZERS for r in select(rows, "small-data", m)]
     if not plain or not stopping or not others:
-        return Check(claim, False, _unmeasurable(plain, stopping + others))
+        return Check(claim, False, "not measured (a method of this check has no finished run)")
     target = mean(plain[0], "val_loss")
     best_stop = best_strength(stopping, plain[0], "target")
     best_other = best_strength(others, plain[0], "target")
@@ -582,7 +574,7 @@ def _pareto_axes(ax: Any, rows: list[dict[str, Any]], task: Task) -> None:
             ax.plot(xs, ys, marker=markers[i % len(markers)], color=colors[i % len(colors)], lw=1, ms=5,
                     label=method.name)  # fmt: skip
     points = [(mean(r, "delta_loss"), mean(r, "val_loss")) for r in rows]
-    front = [points[i] for i in pareto_front(points)]
+    front = sorted(points[i] for i in pareto_indices(points))  # by forgetting, for the step line
     ax.step([p[0] for p in front], [p[1] for p in front], where="post", ls="--", color="grey", label="Pareto front")
     ax.set_xscale("symlog", linthresh=0.01)  # most keepers sit near 0, plain near 5
     ax.set_xlabel("forgetting: facts' loss increase (mean over seeds)")

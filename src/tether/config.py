@@ -388,6 +388,9 @@ def _one_line(err: ValidationError) -> str:
     return f"{where}{e['msg'].removeprefix('Value error, ')} (got {got!r}): change it" if loc else e["msg"]
 
 
+BOOL_TYPES = {str(bool), "bool", str(bool | None), "bool | None", "Optional[bool]"}  # as TrainingArguments annotates
+
+
 def _check_training_keys(training: dict[str, Any]) -> None:
     from transformers import TrainingArguments
 
@@ -406,6 +409,9 @@ def _check_training_keys(training: dict[str, Any]) -> None:
             hint = difflib.get_close_matches(key, known, n=1)
             extra = f" (did you mean '{hint[0]}'?)" if hint else ""
             raise ConfigError(f"training.{key} is not a TrainingArguments field{extra}: remove or rename it")
+        if str(fields[key].type) in BOOL_TYPES and value is not None and not isinstance(value, bool):
+            # TrainingArguments does not check types: the string 'no' or 'off' would count as true
+            raise ConfigError(f"training.{key}: {value!r} is not a boolean: write true or false")
 
 
 def _check_files(cfg: RunConfig) -> None:

@@ -111,3 +111,12 @@ def forgetting(before: dict[str, float], after: dict[str, float]) -> dict[str, f
         out.update(recall_before=before["recall"], recall_after=after["recall"])
         out["recall_drop"] = before["recall"] - after["recall"]
     return out
+
+
+def pareto_indices(keys: list[tuple[float, ...]]) -> list[int]:
+    """Indices of the points no other point dominates (at least as low on every coordinate, lower on one)."""
+
+    def dominated(k: tuple[float, ...]) -> bool:
+        return any(all(a <= b for a, b in zip(o, k)) and o != k for o in keys)
+
+    return [i for i, k in enumerate(keys) if not dominated(k)]

@@ -135,7 +135,7 @@ def train(
     """Fine-tune as configured and write model/, config.yaml, history.jsonl, metrics.json and curves.png. With a
     console, the memory estimate and the progress of passes before training (the Fisher) are shown on it. With
     several processes only the main one writes, and the others return {}."""
-    from transformers import EarlyStoppingCallback, set_seed
+    from transformers import set_seed
 
     args = training_args(cfg, output_dir)
     resume_from = check_output_dir(output_dir, overwrite, resume)
@@ -143,9 +143,7 @@ def train(
     model, tokenizer = load_model(cfg.model, cfg.task)
     model.to(args.device)
     data = load_datasets(cfg.data, cfg.task, tokenizer)
-    if overwrite and not resume and is_main_process():
-        clear_checkpoints(output_dir)
-    barrier()  # the other processes go on once the main one has cleared or set aside what it had to
+    prepare_output_dir(output_dir, clear=overwrite and not resume, fresh=resume_from is None)
     collator = Collator(tokenizer.pad_token_id)
     main_measures = data.reference is not None and is_main_process()  # only the main process measures and writes
     with pass_progress(console) as progress:
@@ -153,32 +151,42 @@ def train(
     if cfg.lora is not None:
         model = apply_lora(model, cfg.lora, cfg.task)
     stack = RegularizerStack.from_configs(parse_entries(cfg.regularizers), cfg.skip_non_finite)
-    callbacks = list(callbacks or [])
-    if cfg.early_stopping is not None:
-        callbacks.append(EarlyStoppingCallback(cfg.early_stopping.patience, cfg.early_stopping.threshold))
-    reference_rows = data.reference.encoded if data.reference else None
-    train_rows = stack.train_data(data.train.encoded, reference_rows, args.seed, _reader(cfg, tokenizer))
-    mixed = replace(data, train=replace(data.train, encoded=train_rows))  # the Trainer's; metrics use data.train
-    trainer = _trainer(model, args, mixed, collator, stack, callbacks)
+    trainer = _trainer(cfg, model, tokenizer, args, data, collator, stack, list(callbacks or []))
     refs = reference_batches(data, collator, args.per_device_eval_batch_size, args.device)
     with pass_progress(console) as progress:
         stack.setup(SetupContext(trainer.model, refs, args.learning_rate, output_dir=output_dir, progress=progress))
     show_memory(memory_estimate(trainer.model, stack), console)
     started = time.perf_counter()
+    _fit(trainer, resume_from, output_dir)
+    runtime = time.perf_counter() - started
+    if not is_main_process():
+        return {}
+    with pass_progress(console) as progress:
+        return _finish(cfg, output_dir, trainer, tokenizer, data, collator, before, runtime, progress)
+
+
+def prepare_output_dir(output_dir: Path, clear: bool, fresh: bool) -> None:
+    """The main process clears what --overwrite replaces and, for a fresh start, the Fisher an unfinished attempt
+    left (a fresh run estimates its own); the others wait for it."""
+    if is_main_process():
+        if clear:
+            clear_checkpoints(output_dir)
+        if fresh:
+            (output_dir / RUN_FISHER).unlink(missing_ok=True)
+    barrier()
+
+
+def _fit(trainer: Any, resume_from: str | None, output_dir: Path) -> None:
+    """trainer.train, resumed with the regularizers' saved state; a non-finite loss names the step and checkpoint."""
     if resume_from is not None:
         log.warning("resuming from %s", resume_from)
-        stack.load_state_dict(load_stack_state(Path(resume_from)))
+        trainer.stack.load_state_dict(load_stack_state(Path(resume_from)))
     try:
         trainer.train(resume_from_checkpoint=resume_from)
     except NonFiniteError as e:
         last = last_complete_checkpoint(output_dir)
         kept = f"last good checkpoint: {last}" if last else "no checkpoint was written yet"
         raise NonFiniteError(f"step {trainer.state.global_step + 1}: {e} ({kept})") from None
-    runtime = time.perf_counter() - started
-    if not is_main_process():
-        return {}
-    with pass_progress(console) as progress:
-        return _finish(cfg, output_dir, trainer, tokenizer, data, collator, before, runtime, progress)
 
 
 def load_stack_state(checkpoint: Path) -> dict[str, torch.Tensor]:
@@ -211,11 +219,18 @@ def show_memory(estimate: dict[str, int], console: Console | None) -> None:
         log.info(text)
 
 
-def _trainer(model: nn.Module, args: Any, data: Datasets, collator: Collator, stack: Any, callbacks: list) -> Any:
-    from transformers import PrinterCallback
+def _trainer(cfg: RunConfig, model: nn.Module, tokenizer: Any, args: Any, data: Datasets, collator: Collator,
+             stack: RegularizerStack, callbacks: list) -> Any:  # fmt: skip
+    """The RegularizedTrainer over the training rows after the stack's train_data (replay) and early stopping."""
+    from transformers import EarlyStoppingCallback, PrinterCallback
 
     from tether.trainer import RegularizedTrainer
 
+    if cfg.early_stopping is not None:
+        callbacks.append(EarlyStoppingCallback(cfg.early_stopping.patience, cfg.early_stopping.threshold))
+    reference_rows = data.reference.encoded if data.reference else None
+    train_rows = stack.train_data(data.train.encoded, reference_rows, args.seed, _reader(cfg, tokenizer))
+    data = replace(data, train=replace(data.train, encoded=train_rows))  # the Trainer's; metrics use the original
     try:
         trainer = RegularizedTrainer(
             model=model, args=args, train_dataset=data.train.encoded, eval_dataset=data.validation.encoded,
@@ -225,13 +240,18 @@ def _trainer(model: nn.Module, args: Any, data: Datasets, collator: Collator, st
         raise ConfigError(f"training: {str(e).strip().splitlines()[0]}: change the training section") from None
     trainer.remove_callback(PrinterCallback)  # history.jsonl and the progress bar carry the logs
     if trainer.is_fsdp_enabled or trainer.is_deepspeed_enabled:
-        whole = [reg.name for reg, _ in stack.items if not reg.sharded_parameters]
-        if whole:
-            raise ConfigError(
-                f"{', '.join(whole)} keep whole-parameter copies, not yet sharded with FSDP / DeepSpeed: train with "
-                "DDP (accelerate launch --multi_gpu, torchrun) or LoRA, or drop them"
-            )
+        check_sharded(stack)
     return trainer
+
+
+def check_sharded(stack: RegularizerStack) -> None:
+    """FSDP / DeepSpeed shard the parameters: refuse what works on whole tensors rather than gather them."""
+    whole = [reg.name for reg, _ in stack.items if not reg.sharded_parameters]
+    if whole:
+        raise ConfigError(
+            f"{', '.join(whole)} keep whole-parameter copies, not yet sharded with FSDP / DeepSpeed: train with "
+            "DDP (accelerate launch --multi_gpu, torchrun) or LoRA, or drop them"
+        )
 
 
 def _finish(cfg: RunConfig, output_dir: Path, trainer: Any, tokenizer: Any, data: Datasets, collator: Collator,

@@ -39,6 +39,7 @@ from transformers import TrainerCallback
 
 from tether.config import SWEEP_METRICS, RunConfig, SweepConfig, SweepConstraint, with_values
 from tether.errors import ConfigError, NonFiniteError, TetherError
+from tether.evaluate import pareto_indices
 from tether.outputs import write_json, write_text_atomic
 
 log = logging.getLogger(__name__)
@@ -111,7 +112,7 @@ def run_sweep(
 
 def _run_processes(job: Job, workers: int) -> None:
     # Small models gain little from several threads, and K workers x all cores oversubscribe the machine.
-    threads = max(1, len(os.sched_getaffinity(0)) // workers)
+    threads = max(1, (os.cpu_count() or 1) // workers)
     # Plain interpreters, not multiprocessing: spawn would re-import the caller's main script in each worker.
     procs = []
     for index in range(workers):
@@ -204,7 +205,7 @@ def open_study(job: Job, check_new: bool = False) -> optuna.Study:
             heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=MAX_RETRY),
         )
         study = optuna.create_study(
-            storage=storage, study_name=job.study_name, directions=directions, sampler=_sampler(job.sweep),
+            storage=storage, study_name=job.study_name, directions=directions, sampler=_sampler(),
             pruner=optuna.pruners.MedianPruner() if prunable(job.sweep) else optuna.pruners.NopPruner(),
             load_if_exists=True,
         )  # fmt: skip
@@ -230,7 +231,7 @@ def _masked(url: str) -> str:
         return url.split("@")[-1]
 
 
-def _sampler(sweep: SweepConfig) -> optuna.samplers.BaseSampler:
+def _sampler() -> optuna.samplers.BaseSampler:
     # TPE handles several objectives and the constraints set on trials; constant_liar: parallel workers see running
     # trials as bad, so that they do not all sample the same point.
     return optuna.samplers.TPESampler(constant_liar=True)
@@ -395,12 +396,7 @@ def _key(values: dict[str, float], objectives: list[str]) -> tuple[float, ...]:
 
 def non_dominated(items: list[dict[str, Any]], objectives: list[str]) -> list[dict[str, Any]]:
     """The items no other item dominates (at least as good on every objective, better on one)."""
-    keys = [_key(i["values"], objectives) for i in items]
-
-    def dominated(k: tuple[float, ...]) -> bool:
-        return any(all(a <= b for a, b in zip(o, k)) and o != k for o in keys)
-
-    return [i for i, k in zip(items, keys) if not dominated(k)]
+    return [items[i] for i in pareto_indices([_key(i["values"], objectives) for i in items])]
 
 
 def choose(items: list[dict[str, Any]], sweep: SweepConfig) -> dict[str, Any] | None:
@@ -424,8 +420,8 @@ def summarize(study: optuna.Study, job: Job) -> dict[str, Any]:
         if t.state != TrialState.COMPLETE:
             continue
         for c in t.user_attrs.get("candidates", []):
-            if not all(m in c["metrics"] for m in sweep.objectives):
-                continue
+            if not all(m in c["metrics"] for m in [*sweep.objectives, *(k.metric for k in sweep.constraints)]):
+                continue  # e.g. a WiSE-FT interpolation has no train loss: it cannot be judged on it
             feasible = all(v <= 0 for v in constraint_values(c["metrics"], sweep.constraints).values())
             values = {m: c["metrics"][m] for m in sweep.objectives}
             model_dir = str(Path(t.user_attrs["run_dir"]) / c["model"])

@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 from torch import nn
-from transformers import Trainer
+from transformers import Trainer, TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from tether.outputs import save_safetensors_atomic
@@ -17,7 +17,8 @@ STACK_STATE = "tether_state.safetensors"  # the regularizers' training state in 
 
 
 class RegularizedMixin:
-    """Mix into transformers.Trainer (or TRL's SFTTrainer): `class T(RegularizedMixin, SFTTrainer)`."""
+    """Mix into transformers.Trainer (or TRL's SFTTrainer): `class T(RegularizedMixin, SFTTrainer)`, then add the
+    StepEnd(stack) callback, as RegularizedTrainer does."""
 
     stack: RegularizerStack
 
@@ -77,9 +78,20 @@ class RegularizedMixin:
         super().log(logs, start_time)
 
 
+class StepEnd(TrainerCallback):
+    """Tells the stack that an optimizer step is over, whether or not the optimizer ran (see discard_flags)."""
+
+    def __init__(self, stack: RegularizerStack) -> None:
+        self.stack = stack
+
+    def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self.stack.discard_flags()
+
+
 class RegularizedTrainer(RegularizedMixin, Trainer):
     """transformers.Trainer whose loss, optimizer and logs go through a RegularizerStack."""
 
     def __init__(self, *args: Any, stack: RegularizerStack, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.stack = stack
+        self.add_callback(StepEnd(stack))

@@ -135,7 +135,7 @@ class RegularizerStack:
                 self._record(reg.name, value, strength)
         # One check (one device sync) per step for all closed-form terms; the culprit is looked up only on failure.
         if self._last and not torch.isfinite(torch.stack(list(self._last.values())).sum()):
-            raise NonFiniteError(self.non_finite_term())
+            self.flag_non_finite(self.non_finite_term())
 
     def step_begin(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
         for reg, _ in self.items:
@@ -151,13 +151,13 @@ class RegularizerStack:
         """Run before_step + step_begin / step_end around every optimizer.step(), however the Trainer wraps it."""
 
         def pre_hook(opt: torch.optim.Optimizer, *_: Any) -> None:  # must return None: a value would replace args
+            self.before_step()
             self._skipping = self._skip_this_step()
             if self._skipping:
                 for group in opt.param_groups:
                     for p in group["params"]:
                         p.grad = None  # torch optimizers leave parameters without a gradient untouched
                 return
-            self.before_step()
             self.step_begin(model, opt)
 
         def post_hook(opt: torch.optim.Optimizer, *_: Any) -> None:
@@ -170,9 +170,14 @@ class RegularizerStack:
         optimizer.register_step_post_hook(post_hook)
 
     def flag_non_finite(self, message: str) -> None:
-        """A micro-batch's loss went NaN/inf: the coming optimizer step skips or stops, on every process alike."""
+        """A loss or penalty went NaN/inf: the coming optimizer step skips or stops, on every process alike."""
         if self._non_finite is None:
             self._non_finite = message
+
+    def discard_flags(self) -> None:
+        """After each optimizer step: a flag the step did not read (fp16's loss scaler skipped the step, as it
+        does for non-finite gradients) must not stop the next, healthy step."""
+        self._non_finite = None
 
     def _skip_this_step(self) -> bool:
         """Whether any process flagged this step; raises NonFiniteError when the skip budget is spent."""
