@@ -57,7 +57,7 @@ from rich.table import Table
 
 from tether.errors import ConfigError, TetherError
 from tether.evaluate import pareto_indices
-from tether.outputs import write_json, write_text_atomic
+from tether.outputs import save_png, write_json, write_text_atomic
 
 TARGET_COST = 0.05  # check 1 and the arithmetic best-strength rule: at most 5% more target loss than plain
 FORGET_CUT = 0.5  # checks 1-3: at least half the forgetting removed
@@ -554,10 +554,7 @@ def plot_pareto(rows: list[dict[str, Any]], path: Path) -> None:
     handles, labels = axes[0].get_legend_handles_labels()
     fig.legend(handles, labels, loc="center right", fontsize=9)
     fig.tight_layout(rect=(0, 0, 0.86, 1))
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    os.replace(tmp, path)
+    save_png(fig, path)
 
 
 def _pareto_axes(ax: Any, rows: list[dict[str, Any]], task: Task) -> None:
@@ -587,12 +584,12 @@ def write_html(result: dict[str, Any], path: Path) -> None:
     """bench.html: the checks, the plot and the tables as one self-contained page (tether.report.html)."""
     import html
 
-    from tether.report.html import page
+    from tether.report.html import page, png_tag
 
-    png = base64_png(path.with_name("pareto.png"))
+    png = png_tag(path.with_name("pareto.png"), "Pareto plot")
     checks_html = "<ul>" + "".join(f"<li>{html.escape(c['line'])}</li>" for c in result["checks"]) + "</ul>"
     sections = [("Checks", f"<p>{html.escape(result['command'])}: {html.escape(result['summary'])}</p>{checks_html}")]
-    sections.append(("Trade-off", f'<figure><img src="data:image/png;base64,{png}" alt="Pareto plot"></figure>'))
+    sections.append(("Trade-off", png))
     for task in TASKS:
         best = best_per_method(result["aggregates"], task)
         sections.append((f"{task.name}: {task.title}", _html_table(best)))
@@ -603,12 +600,6 @@ def _html_table(rows: list[dict[str, Any]]) -> str:
     from tether.report.html import table_tag
 
     return table_tag([dict(zip(COLUMNS, table_cells(r))) for r in rows], list(COLUMNS))
-
-
-def base64_png(path: Path) -> str:
-    import base64
-
-    return base64.b64encode(path.read_bytes()).decode("ascii")
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -94,7 +94,18 @@ def plot_curves(history: list[dict[str, Any]], best_step: int | None, path: Path
     ax.set_ylabel("loss")
     ax.legend()
     fig.tight_layout()
+    save_png(fig, path)
+
+
+def save_png(fig: Any, path: Path) -> None:
+    """A matplotlib figure as a PNG written under a temporary name and renamed; the figure is closed."""
+    import matplotlib.pyplot as plt
+
     tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    os.replace(tmp, path)
+    try:
+        fig.savefig(tmp, dpi=100)
+        os.chmod(tmp, FILE_MODE)
+        os.replace(tmp, path)
+    finally:
+        plt.close(fig)
+        Path(tmp).unlink(missing_ok=True)

@@ -40,7 +40,7 @@ from transformers import TrainerCallback
 from tether.config import SWEEP_METRICS, RunConfig, SweepConfig, SweepConstraint, with_values
 from tether.errors import ConfigError, NonFiniteError, TetherError
 from tether.evaluate import pareto_indices
-from tether.outputs import write_json, write_text_atomic
+from tether.outputs import save_png, write_json, write_text_atomic
 
 log = logging.getLogger(__name__)
 DONE = (TrialState.COMPLETE, TrialState.PRUNED)  # what counts toward the requested number of trials
@@ -484,7 +484,7 @@ def importances(study: optuna.Study, objectives: list[str]) -> dict[str, dict[st
 
 def write_outputs(study: optuna.Study, summary: dict[str, Any], out: Path) -> None:
     """sweep.json, sweep_pareto.png, sweep_importance.png and sweep.html (the plots inlined, and the tables)."""
-    from tether.report.html import figure_tag, page, table_tag
+    from tether.report.html import page, png_tag, table_tag
 
     write_json(out / "sweep.json", summary)
     objectives = [o["metric"] for o in summary["objectives"]]
@@ -493,16 +493,15 @@ def write_outputs(study: optuna.Study, summary: dict[str, Any], out: Path) -> No
         {"trial": c["trial"], "model": _label(c), **c["values"], "chosen": "chosen" if _same(c, chosen) else None}
         for c in summary["candidate_front"]
     ]
-    fig = pareto_figure(summary)
-    _save_png(fig, out / "sweep_pareto.png")
+    save_png(pareto_figure(summary), out / "sweep_pareto.png")
+    pareto = png_tag(out / "sweep_pareto.png", "Pareto plot")
     sections = [
         ("Summary", _summary_html(summary)),
-        ("Pareto front", figure_tag(fig, "Pareto plot") + table_tag(front, ["trial", "model", *objectives, "chosen"])),
+        ("Pareto front", pareto + table_tag(front, ["trial", "model", *objectives, "chosen"])),
     ]
     if summary["importance"]:
-        fig = importance_figure(summary["importance"])
-        _save_png(fig, out / "sweep_importance.png")
-        sections.append(("Parameter importance", figure_tag(fig, "parameter importance")))
+        save_png(importance_figure(summary["importance"]), out / "sweep_importance.png")
+        sections.append(("Parameter importance", png_tag(out / "sweep_importance.png", "parameter importance")))
     rows = [{**t, **t.get("values", {}), **t["params"]} for t in summary["trials"]]
     params = sorted({p for t in summary["trials"] for p in t["params"]})
     sections.append(("All trials", table_tag(rows, ["number", "state", *objectives, *params, "run_dir"])))
@@ -590,12 +589,6 @@ def importance_figure(importance: dict[str, dict[str, float]]) -> Any:
     ax.legend(fontsize=8)
     fig.tight_layout()
     return fig
-
-
-def _save_png(fig: Any, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=100)
-    os.replace(tmp, path)
 
 
 def summary_table(summary: dict[str, Any]) -> Any:

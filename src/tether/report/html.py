@@ -11,6 +11,7 @@ import html
 import io
 import math
 import numbers
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -42,7 +43,16 @@ def figure_tag(fig: Figure, alt: str) -> str:
         fig.savefig(buf, format="png", dpi=100, bbox_inches="tight")
     finally:
         plt.close(fig)
-    data = base64.b64encode(buf.getvalue()).decode("ascii")
+    return _img(buf.getvalue(), alt)
+
+
+def png_tag(path: Path, alt: str) -> str:
+    """A PNG file already written (a run's curves, the benchmark's plot) as an inline `<figure>`."""
+    return _img(path.read_bytes(), alt)
+
+
+def _img(png: bytes, alt: str) -> str:
+    data = base64.b64encode(png).decode("ascii")
     return f'<figure><img src="data:image/png;base64,{data}" alt="{html.escape(alt)}"></figure>'
 
 
