@@ -47,10 +47,17 @@ def batch_of(gen: torch.Generator, seq: int) -> dict[str, torch.Tensor]:
 
 
 class Run:
-    """One configuration: its model copy, stack and AdamW, and a timed training step."""
+    """One configuration: its own model (a copy of base, optionally changed by `prepare`: LoRA), stack and AdamW,
+    and a timed training step. benchmarks/reference_overhead.py uses it too."""
 
-    def __init__(self, base: torch.nn.Module, entries: list[dict[str, Any]], refs: Callable) -> None:
-        self.model = copy.deepcopy(base).train()
+    def __init__(
+        self,
+        base: torch.nn.Module,
+        entries: list[dict[str, Any]],
+        refs: Callable | None = None,
+        prepare: Callable[[torch.nn.Module], torch.nn.Module] = lambda m: m,
+    ) -> None:
+        self.model = prepare(copy.deepcopy(base)).train()
         self.stack = RegularizerStack.from_configs([REGISTRY[e["name"]].config(**e) for e in entries])
         self.stack.setup(SetupContext(self.model, refs, LR))
         self.opt = torch.optim.AdamW(self.stack.optimizer_groups(self.model, LR), lr=LR, weight_decay=0.0)

@@ -27,9 +27,9 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from overhead import Run
 
 from tether.data import IGNORE
-from tether.regularizers import REGISTRY, RegularizerStack, SetupContext
 from tether.synthetic import tiny_model
 
 LR, BATCH = 1e-4, 8
@@ -75,33 +75,14 @@ def batch_of(gen: torch.Generator, seq: int, vocab: int) -> dict[str, torch.Tens
     return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
 
 
-class Run:
-    """One configuration: its model, stack and AdamW, and a training step."""
-
-    def __init__(self, base: torch.nn.Module, lora: bool, entries: list[dict[str, Any]]) -> None:
-        self.model = copy.deepcopy(base)
-        if lora:
-            self.model = with_lora(self.model)
-        self.model.train()
-        self.stack = RegularizerStack.from_configs([REGISTRY[e["name"]].config(**e) for e in entries])
-        self.stack.setup(SetupContext(self.model, None, LR))
-        self.opt = torch.optim.AdamW(self.stack.optimizer_groups(self.model, LR), lr=LR, weight_decay=0.0)
-        self.stack.attach(self.model, self.opt)
-
-    def step(self, batch: dict[str, torch.Tensor]) -> float:
-        started = time.perf_counter()
-        out = self.model(**batch)
-        penalty = self.stack.penalty(self.model, batch, out)
-        (out.loss if penalty is None else out.loss + penalty).backward()
-        self.opt.step()
-        self.opt.zero_grad(set_to_none=True)
-        return time.perf_counter() - started
+def run_of(base: torch.nn.Module, lora: bool, entries: list[dict[str, Any]]) -> Run:
+    return Run(base, entries, prepare=with_lora if lora else lambda m: m)
 
 
 def step_ratios(reps: int, seq: int) -> dict[str, float]:
     base = small_model()
-    plain = {False: Run(base, False, []), True: Run(base, True, [])}
-    runs = {name: (Run(base, lora, entries), lora) for name, (lora, entries) in STEP_CONFIGS.items()}
+    plain = {False: run_of(base, False, []), True: run_of(base, True, [])}
+    runs = {name: (run_of(base, lora, entries), lora) for name, (lora, entries) in STEP_CONFIGS.items()}
     gen = torch.Generator().manual_seed(0)
     ratios: dict[str, list[float]] = {name: [] for name in runs}
     rng = random.Random(0)
@@ -141,7 +122,7 @@ def start_measuring() -> float:
 def child_memory(lora: bool, entries: list[dict[str, Any]], seq: int, steps: int) -> dict[str, Any]:
     """In a fresh process: footprint of `steps` training steps of one configuration."""
     start = start_measuring()
-    run = Run(small_model(), lora, entries)
+    run = run_of(small_model(), lora, entries)
     gen = torch.Generator().manual_seed(0)
     for _ in range(steps):
         run.step(batch_of(gen, seq, 1000))
