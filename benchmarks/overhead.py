@@ -65,6 +65,7 @@ class Run:
 
     def step(self, batch: dict[str, torch.Tensor]) -> float:
         start = time.perf_counter()
+        self.stack.prefetch(batch)  # as RegularizedTrainer.compute_loss does
         out = self.model(**batch)
         penalty = self.stack.penalty(self.model, batch, out)
         (out.loss if penalty is None else out.loss + penalty).backward()

@@ -163,6 +163,31 @@ def test_reference_options_are_checked_where_used():
         stack_of(model_of(), {"name": "kl", "reference": {"adapter": "clone"}})
 
 
+def test_trainer_runs_the_reference_before_the_student_once_per_micro_batch(tmp_path: Path):
+    """RegularizedTrainer prefetches the teacher's logits before the student's forward (the student's activations are
+    not alive during it) and distill + kl then read them: one reference forward per micro-batch, none repeated."""
+    from transformers import TrainingArguments
+
+    from tether.trainer import RegularizedTrainer
+
+    model = lora(model_of())
+    rng = random.Random(0)
+    ids = [[rng.randrange(4, VOCAB) for _ in range(rng.randint(5, 10))] for _ in range(8)]
+    rows = [{"input_ids": i, "attention_mask": [1] * len(i), "labels": [IGNORE] * 3 + i[3:]} for i in ids]
+    stack = RegularizerStack.from_configs([REGISTRY[n].config(name=n) for n in ("distill", "kl")])
+    args = TrainingArguments(
+        output_dir=str(tmp_path), use_cpu=True, report_to="none", max_steps=3, per_device_train_batch_size=2,
+        gradient_accumulation_steps=2, save_strategy="no", disable_tqdm=True, dataloader_pin_memory=False,
+    )  # fmt: skip
+    trainer = RegularizedTrainer(model=model, args=args, train_dataset=rows, data_collator=Collator(0), stack=stack)
+    stack.setup(SetupContext(trainer.model, None, args.learning_rate))
+    order = []
+    model.register_forward_pre_hook(lambda m, a: order.append("student" if torch.is_grad_enabled() else "reference"))
+    trainer.train()
+    assert stack.reference.forwards == 3 * 2  # steps x micro-batches
+    assert order == ["reference", "student"] * 6
+
+
 @pytest.mark.parametrize("use_lora", [False, True], ids=["full_copy", "lora"])
 def test_distill_and_kl_share_one_reference_forward_per_step(use_lora: bool):
     model = lora(model_of()) if use_lora else model_of()

@@ -29,6 +29,8 @@ class RegularizedMixin:
         return_outputs: bool = False,
         num_items_in_batch: torch.Tensor | int | None = None,
     ) -> torch.Tensor | tuple[torch.Tensor, Any]:
+        if model.training:
+            self.stack.prefetch(inputs)
         task_loss, outputs = super().compute_loss(model, inputs, True, num_items_in_batch)
         loss = task_loss
         if model.training:

@@ -115,6 +115,12 @@ class RegularizerStack:
             g["lr"] = lr * g.pop("lr_scale")
         return groups
 
+    def prefetch(self, inputs: dict[str, Any]) -> None:
+        """The reference's logits for this batch, computed before the model's own forward: its activations are
+        then not alive during the reference forward, which lowers the step's peak memory."""
+        if self.reference is not None:
+            self.reference.logits(inputs)
+
     def penalty(self, model: nn.Module, inputs: dict[str, Any], outputs: Any) -> torch.Tensor | None:
         """Weighted sum of the autograd penalties of this micro-batch; None when no regularizer has one."""
         total, self._last = None, {}
@@ -124,6 +130,8 @@ class RegularizerStack:
                 continue
             self._record(reg.name, value, strength)
             total = strength * value if total is None else total + strength * value
+        if self.reference is not None:
+            self.reference.clear()  # every user of this batch's teacher logits has run: free them before backward
         return total
 
     def before_step(self) -> None:
