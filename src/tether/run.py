@@ -159,10 +159,13 @@ def train(
     started = time.perf_counter()
     _fit(trainer, resume_from, output_dir)
     runtime = time.perf_counter() - started
-    if not is_main_process():
-        return {}
-    with pass_progress(console) as progress:
-        return _finish(cfg, output_dir, trainer, tokenizer, data, collator, before, runtime, progress)
+    try:
+        if not is_main_process():
+            return {}
+        with pass_progress(console) as progress:
+            return _finish(cfg, output_dir, trainer, tokenizer, data, collator, before, runtime, progress)
+    finally:
+        barrier()  # every process returns once the run is measured and written (and none exits under the others)
 
 
 def prepare_output_dir(output_dir: Path, clear: bool, fresh: bool) -> None:
