@@ -212,3 +212,31 @@ def test_a_flag_the_optimizer_never_read_does_not_stop_the_next_step():
     stack.flag_non_finite("the task loss became nan")
     with pytest.raises(TetherError, match="the task loss became nan"):
         stack._skip_this_step()
+
+
+def test_a_kill_during_a_save_leaves_no_checkpoint_to_resume_from(raw_config, tmp_path, monkeypatch):
+    """Checkpoints are written under .staging/ and renamed into place: an interruption in the middle of writing
+    checkpoint-8 leaves checkpoint-4 as the last one, and the restarted run ends as an uninterrupted one."""
+    from tether.trainer import RegularizedTrainer
+
+    cfg = validate_config(_config(raw_config))
+    straight = train(cfg, tmp_path / "straight")
+    save_rng = RegularizedTrainer._save_rng_state
+
+    def killed_at_step_8(self, output_dir):
+        if self.state.global_step == 8:
+            raise KeyboardInterrupt  # after the model and optimizer of checkpoint-8 are written, before the rest
+        save_rng(self, output_dir)
+
+    monkeypatch.setattr(RegularizedTrainer, "_save_rng_state", killed_at_step_8)
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg, tmp_path / "run")
+    assert sorted(p.name for p in (tmp_path / "run").glob("checkpoint-*")) == ["checkpoint-4"]
+    assert (tmp_path / "run" / ".staging" / "checkpoint-8" / "model.safetensors").is_file()  # the half-written one
+    monkeypatch.setattr(RegularizedTrainer, "_save_rng_state", save_rng)
+    resumed = train(cfg, tmp_path / "run")
+    assert not (tmp_path / "run" / ".staging").exists()
+    a, b = _weights(tmp_path / "straight"), _weights(tmp_path / "run")
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=0, atol=0, msg=name)
+    assert resumed["best_step"] == straight["best_step"]

@@ -2,18 +2,23 @@
 
 from __future__ import annotations
 
+import os
+import shutil
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 from transformers import Trainer, TrainerCallback
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+from transformers.trainer import TRAINER_STATE_NAME
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 
+from tether.distributed import barrier
 from tether.outputs import save_safetensors_atomic
 from tether.regularizers import RegularizerStack
 
 STACK_STATE = "tether_state.safetensors"  # the regularizers' training state in each checkpoint-N/
+STAGING = ".staging"  # checkpoints are written here, then renamed into the run directory
 
 
 class RegularizedMixin:
@@ -65,13 +70,36 @@ class RegularizedMixin:
         return self.optimizer
 
     def _save_checkpoint(self, model: nn.Module, trial: Any) -> None:
-        """The stack's state (EMA average, skipped steps) goes into the checkpoint first: the Trainer writes
-        trainer_state.json last, and a checkpoint without it is treated as torn on resume."""
+        """Everything (the stack's state too: EMA average, skipped steps) is written under RUN_DIR/.staging/ and the
+        finished checkpoint-N is renamed into place: a kill during a save leaves no checkpoint-N to resume from."""
+        run_dir = Path(self._get_output_dir(trial=trial))
+        name = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+        staged = run_dir / STAGING / name
         if self.args.should_save:
-            folder = Path(self._get_output_dir(trial=trial)) / f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
-            folder.mkdir(parents=True, exist_ok=True)
-            save_safetensors_atomic(self.stack.state_dict(), folder / STACK_STATE)
-        super()._save_checkpoint(model, trial)
+            shutil.rmtree(staged.parent, ignore_errors=True)  # what a save killed earlier left
+            save_safetensors_atomic(self.stack.state_dict(), staged / STACK_STATE)
+        barrier()  # the staging folder is there before any process writes its part (rng_state_<rank>.pth)
+        output_dir, self.args.output_dir = self.args.output_dir, str(run_dir / STAGING)
+        try:
+            super()._save_checkpoint(model, trial)
+        finally:
+            self.args.output_dir = output_dir
+        barrier()  # every process has written its part
+        if self.args.should_save:
+            self._commit_checkpoint(staged, run_dir / name)
+        barrier()
+
+    def _commit_checkpoint(self, staged: Path, final: Path) -> None:
+        """Rename a staged checkpoint into place, then rotate old ones as the Trainer would have."""
+        if self.state.best_model_checkpoint == str(staged):  # the Trainer saw the best step in the staging folder
+            self.state.best_model_checkpoint = str(final)
+            self.state.save_to_json(str(staged / TRAINER_STATE_NAME))
+        if final.exists():  # the same step saved again (a resumed run): replace it
+            shutil.rmtree(final)
+        os.replace(staged, final)
+        staged.parent.rmdir()
+        limit, best = self.args.save_total_limit, self.state.best_model_checkpoint
+        rotate_checkpoints(str(final.parent), save_total_limit=limit, best_model_checkpoint=best)
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         """Training logs get each unweighted `reg/<name>` term next to the loss."""
