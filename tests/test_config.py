@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import re
 from pathlib import Path
 from typing import Any
 
@@ -116,3 +117,21 @@ def test_load_config_reports_yaml_errors(tmp_path):
 def test_every_shipped_config_validates(path, monkeypatch):
     monkeypatch.chdir(path.parents[1])  # shipped configs use paths relative to the repository root
     load_config(path)
+
+
+@pytest.mark.parametrize(
+    ("entry", "expected"),
+    [
+        ({"name": "ewc"}, "regularizers[0]: ewc estimates its Fisher on the reference data: set data.reference"),
+        ({"name": "si"}, "regularizers[0]: si measures importance on the reference data: set data.reference"),
+        ({"name": "replay", "ratio": 0.1}, "regularizers[0]: replay needs rows to replay: set data.reference"),
+    ],
+)
+def test_regularizers_that_need_reference_data_are_checked_with_the_config(raw_config, entry, expected):
+    raw = copy.deepcopy(raw_config)
+    del raw["data"]["reference"]
+    raw["regularizers"] = [entry]
+    with pytest.raises(ConfigError, match=re.escape(expected)):
+        validate_config(raw)
+    raw["regularizers"] = [{"name": "ewc", "fisher_path": raw["data"]["train"]}]  # a Fisher file: no reference needed
+    validate_config(raw)

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from hypothesis import HealthCheck, Phase, given, settings
+from hypothesis import HealthCheck, Phase, example, given, settings
 from hypothesis import strategies as st
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -104,6 +104,14 @@ FUZZ = settings(
 
 @FUZZ
 @given(changes=st.lists(st.tuples(st.sampled_from(PATHS), VALUES), min_size=1, max_size=3))
+# Contradictions that random values seldom hit: importance or replay without reference data, early stopping
+# without evaluations, a LoRA-only option in full fine-tuning, a Fisher file that is not there.
+@example(changes=[("regularizers.0", {"name": "ewc"}), ("data.reference", None)])
+@example(changes=[("regularizers.0", {"name": "si"}), ("data.reference", None)])
+@example(changes=[("regularizers.0", {"name": "replay", "ratio": 0.1}), ("data.reference", None)])
+@example(changes=[("training.eval_strategy", "no")])
+@example(changes=[("regularizers.0", {"name": "kl", "reference": {"adapter": "clone"}})])
+@example(changes=[("regularizers.0", {"name": "ewc", "fisher_path": "/nonexistent/f.safetensors"})])
 def test_fuzzed_configs(monkeypatch, capsys, tmp_path_factory, changes):
     tmp_path = tmp_path_factory.mktemp("cfg")
     raw = copy.deepcopy(BASE)

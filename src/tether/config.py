@@ -306,7 +306,10 @@ def validate_config(raw: dict[str, Any]) -> RunConfig:
     _check_training_keys(cfg.training)
     from tether.regularizers import parse_entries  # late: the registry imports every regularizer module
 
-    parse_entries(cfg.regularizers)
+    for i, regularizer in enumerate(parse_entries(cfg.regularizers)):
+        message = regularizer.without_reference_data() if cfg.data.reference is None else None
+        if message is not None:
+            raise ConfigError(f"regularizers[{i}]: {message}")
     _check_files(cfg)
     if cfg.sweep is not None:
         _check_sweep(cfg, cfg.sweep)

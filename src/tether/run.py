@@ -9,6 +9,7 @@ import shutil
 import tempfile
 import time
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -140,22 +141,24 @@ def train(
     args = training_args(cfg, output_dir)
     resume_from = check_output_dir(output_dir, overwrite, resume)
     set_seed(args.seed)
-    model, tokenizer = load_model(cfg.model, cfg.task)
-    model.to(args.device)
-    data = load_datasets(cfg.data, cfg.task, tokenizer)
-    prepare_output_dir(output_dir, clear=overwrite and not resume, fresh=resume_from is None)
-    collator = Collator(tokenizer.pad_token_id)
-    main_measures = data.reference is not None and is_main_process()  # only the main process measures and writes
-    with pass_progress(console) as progress:
-        before = reference_metrics(model, tokenizer, data.reference, collator, progress) if main_measures else None
-    if cfg.lora is not None:
-        model = apply_lora(model, cfg.lora, cfg.task)
-    stack = RegularizerStack.from_configs(parse_entries(cfg.regularizers), cfg.skip_non_finite)
-    trainer = _trainer(cfg, model, tokenizer, args, data, collator, stack, list(callbacks or []))
-    refs = reference_batches(data, collator, args.per_device_eval_batch_size, args.device)
-    with pass_progress(console) as progress:
-        stack.setup(SetupContext(trainer.model, refs, args.learning_rate, output_dir=output_dir, progress=progress))
-    show_memory(memory_estimate(trainer.model, stack), console)
+    with nothing_left_on_error(output_dir):
+        model, tokenizer = load_model(cfg.model, cfg.task)
+        model.to(args.device)
+        data = load_datasets(cfg.data, cfg.task, tokenizer)
+        prepare_output_dir(output_dir, clear=overwrite and not resume, fresh=resume_from is None)
+        collator = Collator(tokenizer.pad_token_id)
+        main_measures = data.reference is not None and is_main_process()  # only the main process measures and writes
+        with pass_progress(console) as progress:
+            before = reference_metrics(model, tokenizer, data.reference, collator, progress) if main_measures else None
+        if cfg.lora is not None:
+            model = apply_lora(model, cfg.lora, cfg.task)
+        stack = RegularizerStack.from_configs(parse_entries(cfg.regularizers), cfg.skip_non_finite)
+        trainer = _trainer(cfg, model, tokenizer, args, data, collator, stack, list(callbacks or []))
+        refs = reference_batches(data, collator, args.per_device_eval_batch_size, args.device)
+        with pass_progress(console) as progress:
+            ctx = SetupContext(trainer.model, refs, args.learning_rate, output_dir=output_dir, progress=progress)
+            stack.setup(ctx)
+        show_memory(memory_estimate(trainer.model, stack), console)
     started = time.perf_counter()
     _fit(trainer, resume_from, output_dir)
     runtime = time.perf_counter() - started
@@ -166,6 +169,18 @@ def train(
             return _finish(cfg, output_dir, trainer, tokenizer, data, collator, before, runtime, progress)
     finally:
         barrier()  # every process returns once the run is measured and written (and none exits under the others)
+
+
+@contextmanager
+def nothing_left_on_error(output_dir: Path) -> Iterator[None]:
+    """A run rejected before training (a config contradiction found at setup) leaves no directory it created."""
+    created = not output_dir.exists()
+    try:
+        yield
+    except TetherError:
+        if created and is_main_process():
+            shutil.rmtree(output_dir, ignore_errors=True)
+        raise
 
 
 def prepare_output_dir(output_dir: Path, clear: bool, fresh: bool) -> None:

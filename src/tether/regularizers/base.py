@@ -50,6 +50,11 @@ class RegularizerConfig(Section):
     strength: float = Field(0.0, ge=0)
     """Multiplier of the penalty (lambda); for optimizer-level regularizers, its documented meaning."""
 
+    def without_reference_data(self) -> str | None:
+        """What to change when the run has no data.reference and this regularizer needs it (None: it does not);
+        checked with the config, before anything is loaded or written."""
+        return None
+
 
 @dataclass
 class SetupContext:

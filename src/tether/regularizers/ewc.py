@@ -71,6 +71,12 @@ class EWCConfig(RegularizerConfig):
     save_path: str | None = None
     """Write the Fisher used (before normalize) here as safetensors, for a later run's fisher_path."""
 
+    def without_reference_data(self) -> str | None:
+        if self.fisher_path is not None and not self.online:
+            return None
+        need = "for online ewc" if self.online else "or set ewc.fisher_path to a Fisher saved by an earlier run"
+        return f"ewc estimates its Fisher on the reference data: set data.reference {need}"
+
 
 @register("ewc", EWCConfig)
 class EWC(Regularizer):

@@ -37,6 +37,9 @@ class ReplayConfig(NoPenaltyConfig):
     source: str | None = None
     """Data to replay (JSONL file, save_to_disk directory or hub id); None: data.reference."""
 
+    def without_reference_data(self) -> str | None:
+        return "replay needs rows to replay: set data.reference or replay.source" if self.source is None else None
+
 
 @register("replay", ReplayConfig)
 class Replay(Regularizer):

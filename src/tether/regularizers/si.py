@@ -36,6 +36,9 @@ class SIConfig(RegularizerConfig):
     damping: float = Field(1e-3, gt=0)
     """xi in omega / ((theta_K - theta_0)^2 + xi): keeps Omega finite where a weight did not move."""
 
+    def without_reference_data(self) -> str | None:
+        return "si measures importance on the reference data: set data.reference"
+
 
 @register("si", SIConfig)
 class SI(Regularizer):
