@@ -9,16 +9,9 @@ report their alternative model (model_ema/, model_wise_ft/ at the chosen alpha).
 
 from __future__ import annotations
 
-import tempfile
-from pathlib import Path
 from typing import Any
 
-import torch
-
-from tether.config import validate_config
-from tether.demo import demo_config
-from tether.run import train
-from tether.synthetic import pretrained_base
+from strengths import row, sweep_runs  # the sibling script: run as python benchmarks/<script>.py
 
 SWEEP: list[tuple[str, list[dict[str, Any]]]] = [
     ("plain", []),
@@ -35,21 +28,8 @@ SWEEP: list[tuple[str, list[dict[str, Any]]]] = [
 ]
 
 
-def row(name: str, m: dict[str, Any]) -> str:
-    f = m["forgetting"]
-    recall = f"{f['recall_before']:.0%} -> {f['recall_after']:.0%}"
-    return f"| {name} | {m['target']['val_loss']:.3f} | {recall} | {f['delta_loss']:+.3f} |"
-
-
 def main() -> None:
-    torch.set_num_threads(1)  # tiny matrices: a second thread gains little and suffers most from other processes
-    base = pretrained_base()
-    out = Path(tempfile.mkdtemp(prefix="tether-reference-strengths-"))
-    print("| run | target val loss | fact recall | reference loss + |\n| --- | --- | --- | --- |")
-    for name, regularizers in SWEEP:
-        raw = demo_config(base, regularizers)
-        raw["training"].update(eval_strategy="no", save_strategy="no")
-        m = train(validate_config(raw), out / name.replace(" ", "_"), overwrite=True)
+    for name, m in sweep_runs(SWEEP, "tether-reference-strengths-"):
         if "ema" in m:
             print(row("ema 0.99: the average (model_ema/)", m["ema"]), flush=True)
         if "wise_ft" in m:

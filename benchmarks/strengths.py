@@ -10,6 +10,7 @@ the fact recall and reference loss change (what was forgotten). One thread, abou
 from __future__ import annotations
 
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -33,18 +34,28 @@ SWEEP: list[tuple[str, list[dict[str, Any]]]] = [
 ]
 
 
-def main() -> None:
+def row(name: str, m: dict[str, Any]) -> str:
+    f = m["forgetting"]
+    recall = f"{f['recall_before']:.0%} -> {f['recall_after']:.0%}"
+    return f"| {name} | {m['target']['val_loss']:.3f} | {recall} | {f['delta_loss']:+.3f} |"
+
+
+def sweep_runs(sweep: list[tuple[str, list[dict[str, Any]]]], prefix: str) -> Iterator[tuple[str, dict[str, Any]]]:
+    """(name, metrics) of one demo fine-tune per entry, after printing the table header (also for
+    benchmarks/reference_strengths.py)."""
     torch.set_num_threads(1)  # tiny matrices: a second thread gains little and suffers most from other processes
     base = pretrained_base()
-    out = Path(tempfile.mkdtemp(prefix="tether-strengths-"))
+    out = Path(tempfile.mkdtemp(prefix=prefix))
     print("| run | target val loss | fact recall | reference loss + |\n| --- | --- | --- | --- |")
-    for name, regularizers in SWEEP:
+    for name, regularizers in sweep:
         raw = demo_config(base, regularizers)
         raw["training"].update(eval_strategy="no", save_strategy="no")
-        m = train(validate_config(raw), out / name.replace(" ", "_"), overwrite=True)
-        f = m["forgetting"]
-        recall = f"{f['recall_before']:.0%} -> {f['recall_after']:.0%}"
-        print(f"| {name} | {m['target']['val_loss']:.3f} | {recall} | {f['delta_loss']:+.3f} |", flush=True)
+        yield name, train(validate_config(raw), out / name.replace(" ", "_"), overwrite=True)
+
+
+def main() -> None:
+    for name, m in sweep_runs(SWEEP, "tether-strengths-"):
+        print(row(name, m), flush=True)
 
 
 if __name__ == "__main__":

@@ -208,7 +208,6 @@ def test_html_blocks_escape_format_and_close_figures():
 
 def test_evaluation_passes_report_progress(runs, monkeypatch):
     """Each pass announces its row count and advances by exactly that; chunked recall counts the same hits."""
-    import tether.recall
     from tether.data import Collator, load_split
     from tether.evaluate import dataset_metrics, reference_metrics
     from tether.models import load_model
@@ -225,11 +224,13 @@ def test_evaluation_passes_report_progress(runs, monkeypatch):
         return lambda n: passes[description].__setitem__(1, passes[description][1] + n)
 
     # A stand-in recall that knows which prompts it got: hits are the prompts of items 0, 2, 4, ...
-    monkeypatch.setattr(
-        tether.recall, "exact_match_recall",
-        lambda m, t, prompts, completions: sum(int(p.split()[4]) % 2 == 0 for p in prompts) / len(prompts),
-    )  # fmt: skip
-    monkeypatch.setattr("tether.evaluate.RECALL_CHUNK", 5)  # 12 facts: chunks of 5, 5 and 2
+    def recall(m, t, prompts, completions, advance=None):
+        for start in range(0, len(prompts), 5):  # batches of 5: 12 facts advance by 5, 5 and 2
+            if advance is not None:
+                advance(len(prompts[start : start + 5]))
+        return sum(int(p.split()[4]) % 2 == 0 for p in prompts) / len(prompts)
+
+    monkeypatch.setattr("tether.evaluate.exact_match_recall", recall)
     with_progress = reference_metrics(model, tok, facts, collator, progress)
     assert with_progress == reference_metrics(model, tok, facts, collator)
     assert with_progress["recall"] == 6 / 12

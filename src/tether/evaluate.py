@@ -10,10 +10,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from tether.data import IGNORE, Collator, Split
+from tether.recall import exact_match_recall
 
 Progress = Callable[[str, int | None], Callable[[int], None]]
 """progress(description, total) starts one progress display and returns advance(n) (tether.progress.pass_progress)."""
-RECALL_CHUNK = 256  # prompts per recall call: a step of the progress display
 
 
 @torch.no_grad()
@@ -77,27 +77,14 @@ def reference_metrics(
     out = {"loss": dataset_metrics(model, split.encoded, collator, advance=advance)["loss"]}
     if split.format == "prompt_completion" and split.rows and "prompt" in split.rows[0]:
         advance = start_pass(progress, "reference data: recall", len(split.rows))
-        out["recall"] = _recall(model, tokenizer, split.rows, advance)
+        prompts, completions = [r["prompt"] for r in split.rows], [r["completion"] for r in split.rows]
+        out["recall"] = exact_match_recall(model, tokenizer, prompts, completions, advance=advance)
     return out
 
 
 def start_pass(progress: Progress | None, description: str, total: int) -> Callable[[int], None] | None:
     """advance(n) of a new progress display, or None without one."""
     return progress(description, total) if progress is not None else None
-
-
-def _recall(model: nn.Module, tokenizer: Any, rows: list[dict], advance: Callable[[int], None] | None) -> float:
-    """exact_match_recall over all rows, called per chunk so that a progress display can follow it."""
-    from tether.recall import exact_match_recall
-
-    hits = 0
-    for start in range(0, len(rows), RECALL_CHUNK):
-        chunk = rows[start : start + RECALL_CHUNK]
-        share = exact_match_recall(model, tokenizer, [r["prompt"] for r in chunk], [r["completion"] for r in chunk])
-        hits += round(share * len(chunk))  # the share is hits / len(chunk): back to the exact count
-        if advance is not None:
-            advance(len(chunk))
-    return hits / len(rows)
 
 
 def forgetting(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
@@ -12,12 +14,14 @@ def exact_match_recall(
     prompts: list[str],
     completions: list[str],
     batch_size: int = 64,
+    advance: Callable[[int], None] | None = None,
 ) -> float:
     """Fraction of prompts whose greedy continuation starts with the tokens of its completion.
 
     The completion is tokenized on its own (no special tokens), so it should carry its leading space when the
     tokenizer marks word starts (" Pessa." rather than "Pessa."). Prompts are left-padded in batches so every row's
-    continuation starts at the same column. The model's train/eval mode is restored afterwards.
+    continuation starts at the same column. The model's train/eval mode is restored afterwards. `advance(n)` is
+    called after each batch of n prompts (a progress display).
     """
     if len(prompts) != len(completions):
         raise ValueError(f"got {len(prompts)} prompts but {len(completions)} completions: pass one completion each")
@@ -35,6 +39,8 @@ def exact_match_recall(
             chunk = targets[start : start + batch_size]
             generated = _greedy(model, tokenizer, prompts[start : start + batch_size], max(len(t) for t in chunk))
             hits += sum(row[: len(t)] == t for row, t in zip(generated, chunk))
+            if advance is not None:
+                advance(len(chunk))
     finally:
         model.train(was_training)
     return hits / len(prompts)

@@ -84,11 +84,11 @@ def check_output_dir(output_dir: Path, overwrite: bool, resume: bool) -> str | N
 
 
 def clear_checkpoints(output_dir: Path) -> None:
-    """--overwrite: a fresh run must not resume from, or rotate, the old run's checkpoints, nor reuse its Fisher."""
+    """--overwrite: a fresh run must not resume from, or rotate, the old run's checkpoints (its Fisher goes with
+    every fresh start: prepare_output_dir)."""
     for old in output_dir.glob("checkpoint-*"):
         shutil.rmtree(old)
     (output_dir / "metrics.json").unlink(missing_ok=True)
-    (output_dir / RUN_FISHER).unlink(missing_ok=True)
 
 
 def last_complete_checkpoint(output_dir: Path) -> str | None:

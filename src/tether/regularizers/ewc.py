@@ -126,8 +126,7 @@ class EWC(Regularizer):
         if loaded is not None and not cfg.online:
             return loaded
         if ctx.reference_batches is None:
-            need = "for online ewc" if cfg.online else "or set ewc.fisher_path to a Fisher saved by an earlier run"
-            raise ConfigError(f"ewc estimates its Fisher on the reference data: set data.reference {need}")
+            raise ConfigError(cfg.without_reference_data())
         advance = ctx.progress(f"ewc: {cfg.estimator} Fisher on the reference data", None) if ctx.progress else None
         new = estimate_fisher(ctx.model, named, ctx.reference_batches(), cfg.estimator, advance)
         return new if loaded is None else torch._foreach_add(torch._foreach_mul(loaded, cfg.decay), new)

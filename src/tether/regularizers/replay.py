@@ -56,7 +56,7 @@ class Replay(Regularizer):
     ) -> list[dict]:
         source = reference if self.config.source is None else _load(self.config.source, load)
         if not source:
-            raise ConfigError("replay needs rows to replay: set data.reference or replay.source")
+            raise ConfigError("replay needs rows to replay: set data.reference or a replay.source with rows")
         picked = mix(train, source, self.config.ratio, self.config.by, seed)
         self.counts = {
             "examples": len(picked),

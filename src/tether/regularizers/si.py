@@ -53,7 +53,7 @@ class SI(Regularizer):
 
     def setup(self, ctx: SetupContext) -> None:
         if ctx.reference_batches is None:
-            raise ConfigError("si measures importance on the reference data: set data.reference")
+            raise ConfigError(self.config.without_reference_data())
         if not ctx.learning_rate > 0:
             raise ConfigError("si takes its setup steps at the training learning rate: set training.learning_rate > 0")
         self.params = [p for _, p in trainable(ctx.model)]

@@ -1,6 +1,7 @@
-"""1 vs 2 processes (torchrun, gloo on CPU): time per optimizer step at the same global batch.
+"""1 vs 2 processes (torchrun, gloo on CPU): time per optimizer step at the same global batch. (Not named
+multiprocess.py: run as a script, that name would shadow the `multiprocess` package that `datasets` imports.)
 
-    .venv/bin/python benchmarks/multiprocess.py [--steps 60] [--hidden 128]
+    .venv/bin/python benchmarks/processes.py [--steps 60] [--hidden 128]
 
 Both runs train the same tiny Llama on the bundled arithmetic data with the same global batch (16 = 1 x 16 = 2 x 8),
 one torch thread per process, no evaluation or checkpoint during training; the time is the Trainer's train_runtime
