@@ -128,7 +128,7 @@ class Reference:
         return {}
 
     def clear(self) -> None:
-        """Drop the cached logits (after each optimizer step: they are a batch x tokens x vocab tensor)."""
+        """Drop the cached logits once every regularizer has read them (a batch x tokens x vocab tensor)."""
         self._inputs = self._logits = None
 
     def _forward(self, inputs: dict[str, Any]) -> torch.Tensor:

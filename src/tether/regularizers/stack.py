@@ -152,8 +152,6 @@ class RegularizerStack:
     def step_end(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
         for reg, _ in self.items:
             reg.step_end(model, optimizer)
-        if self.reference is not None:
-            self.reference.clear()
 
     def attach(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
         """Run before_step + step_begin / step_end around every optimizer.step(), however the Trainer wraps it."""
@@ -171,8 +169,6 @@ class RegularizerStack:
         def post_hook(opt: torch.optim.Optimizer, *_: Any) -> None:
             if not self._skipping:
                 self.step_end(model, opt)
-            elif self.reference is not None:
-                self.reference.clear()
 
         optimizer.register_step_pre_hook(pre_hook)
         optimizer.register_step_post_hook(post_hook)
