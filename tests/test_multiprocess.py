@@ -20,8 +20,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from tests import fsdp_runs
 from tests.conftest import write_data_files
 from tether.config import validate_config
+from tether.regularizers.ewc import RUN_FISHER
 from tether.run import train
 
 pytestmark = pytest.mark.multiprocess
@@ -107,15 +109,77 @@ def test_only_the_main_process_measures_and_writes(runs: Path) -> None:
     assert not [n for n in names if n.startswith(".")]  # no temporary or set-aside files left by a race
 
 
-def test_whole_parameter_regularizers_are_refused_when_sharded() -> None:
+def test_what_cannot_run_sharded_is_refused_before_training() -> None:
     from tether.config import RegularizerEntry
     from tether.errors import ConfigError
     from tether.regularizers import RegularizerStack, parse_entries
-    from tether.run import check_sharded
+    from tether.run import check_deepspeed, check_fsdp
 
     def stack(*names: str) -> RegularizerStack:
         return RegularizerStack.from_configs(parse_entries([RegularizerEntry(name=n) for n in names]))
 
-    check_sharded(stack("kl", "distill", "replay", "llrd", "weight_decay", "dropout", "neftune", "label_smoothing"))
-    with pytest.raises(ConfigError, match="l2_sp, ewc keep whole-parameter copies"):
-        check_sharded(stack("kl", "l2_sp", "ewc"))
+    others = ("replay", "llrd", "weight_decay", "dropout", "neftune", "label_smoothing")
+    check_deepspeed(stack("kl", "distill", *others))
+    with pytest.raises(ConfigError, match="l2_sp, ewc work on the parameters and gradients"):
+        check_deepspeed(stack("kl", "l2_sp", "ewc"))
+    check_fsdp(stack("l1", "l2", "l2_sp", "ewc", "si", *others), fsdp_version=2, lora=False)
+    check_fsdp(stack("kl", "distill", "l2_sp"), fsdp_version=2, lora=True)
+    with pytest.raises(ConfigError, match="set fsdp_version: 2"):
+        check_fsdp(stack("l2_sp"), fsdp_version=1, lora=False)
+    with pytest.raises(ConfigError, match="ema, wise_ft keep whole-model copies"):
+        check_fsdp(stack("l2_sp", "ema", "wise_ft"), fsdp_version=2, lora=False)
+    with pytest.raises(ConfigError, match="kl on FSDP need LoRA"):
+        check_fsdp(stack("kl", "ewc"), fsdp_version=2, lora=False)
+
+
+@pytest.fixture(scope="module")
+def fsdp(tmp_path_factory) -> Path:
+    """tests/fsdp_runs.py: each kind sharded over two processes (one torchrun launch) and unsharded in this one."""
+    if not _can_spawn():
+        pytest.skip("torchrun is not installed next to this Python")
+    root = tmp_path_factory.mktemp("fsdp")
+    torchrun = Path(sys.executable).parent / "torchrun"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [str(torchrun), "--standalone", "--nproc_per_node", "2", str(ROOT / "tests" / "fsdp_runs.py"), str(root)]
+    proc = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for name, kind in fsdp_runs.KINDS.items():
+        fsdp_runs.train(kind, root / f"one-{name}", shard=False)
+    return root
+
+
+@pytest.mark.parametrize("kind", fsdp_runs.KINDS)
+def test_fsdp_sharded_regularizers_match_one_process(fsdp: Path, kind: str) -> None:
+    """Weights after 6 steps (measured: <= 3.5e-6), every closed-form penalty as logged (summed over the shards)
+    and the Fisher file gathered from the shards equal the unsharded run's."""
+    one, two = fsdp / f"one-{kind}", fsdp / f"fsdp-{kind}"
+    w1, w2 = load_file(str(one / "weights.safetensors")), load_file(str(two / "weights.safetensors"))
+    assert w1.keys() == w2.keys()
+    for name in w1:
+        torch.testing.assert_close(w2[name], w1[name], **TOLERANCE, msg=name)
+    logs1, logs2 = json.loads((one / "logs.json").read_text()), json.loads((two / "logs.json").read_text())
+    closed_form = {"reg/l2", "reg/l1", "reg/l2_sp", "reg/ewc", "reg/si"}
+    assert len(logs1) == len(logs2) == fsdp_runs.STEPS
+    for step1, step2 in zip(logs1, logs2):
+        assert step1.keys() == step2.keys()
+        for key in closed_form & step1.keys():
+            assert step2[key] == pytest.approx(step1[key], rel=1e-5, abs=1e-7), key
+    if (one / RUN_FISHER).exists():
+        f1, f2 = load_file(str(one / RUN_FISHER)), load_file(str(two / RUN_FISHER))
+        for name in f1:
+            torch.testing.assert_close(f2[name], f1[name], rtol=1e-5, atol=0)
+
+
+@pytest.mark.parametrize("kind", ["penalties", "penalty_forms"])
+def test_fsdp_state_is_sharded_with_the_parameters(fsdp: Path, kind: str) -> None:
+    """Each process holds about half of the anchor and Fisher that one process holds: no whole copy per rank."""
+    one = json.loads((fsdp / f"one-{kind}" / "memory.rank0.json").read_text())
+    for rank in (0, 1):
+        part = json.loads((fsdp / f"fsdp-{kind}" / f"memory.rank{rank}.json").read_text())
+        assert part.keys() == one.keys()
+        for what, nbytes in one.items():
+            assert 0.35 * nbytes <= part[what] <= 0.65 * nbytes, what
+
+
+def test_fsdp_refuses_whole_model_state(fsdp: Path) -> None:
+    assert "ema do not run on FSDP-sharded parameters" in (fsdp / "fsdp-refused.txt").read_text()

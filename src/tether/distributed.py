@@ -1,10 +1,22 @@
 """What tether needs to know about several processes (accelerate launch / torchrun): the Trainer and Accelerate do
-the rest. Every function is a no-op answer in a single process."""
+the rest. Every function is a no-op answer in a single process.
+
+Under FSDP2 (`fully_shard`) every parameter is a DTensor of which each process holds one shard. The regularizers that
+keep per-parameter state (anchors, Fisher, importance) work on these local shards: their element-wise arithmetic is
+exact shard by shard, their state is sharded with the parameters, and only scalars (the logged penalty values) are
+summed across processes.
+"""
 
 from __future__ import annotations
 
 import torch
 import torch.distributed as dist
+from torch import nn
+
+try:
+    from torch.distributed.tensor import DTensor, distribute_tensor
+except ImportError:  # torch without DTensor: nothing can be sharded
+    DTensor, distribute_tensor = None, None
 
 
 def world_size() -> int:
@@ -31,3 +43,37 @@ def sum_across_processes(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
 def barrier() -> None:
     if world_size() > 1:
         dist.barrier()
+
+
+def is_sharded(t: torch.Tensor) -> bool:
+    return DTensor is not None and isinstance(t, DTensor)
+
+
+def has_sharded_parameters(model: nn.Module) -> bool:
+    """Whether FSDP2 has sharded the model's parameters (each process holds a shard of every one)."""
+    return any(is_sharded(p) for p in model.parameters())
+
+
+def local(t: torch.Tensor) -> torch.Tensor:
+    """This process's shard of a DTensor, as a view (in-place changes reach the DTensor); any other tensor as is."""
+    return t.to_local() if is_sharded(t) else t
+
+
+def full(t: torch.Tensor) -> torch.Tensor:
+    """The whole tensor of a DTensor, gathered from every process (a collective); any other tensor as is."""
+    return t.full_tensor() if is_sharded(t) else t
+
+
+def shard_like(whole: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """This process's shard of `whole`, cut the way the DTensor `like` is sharded (no communication)."""
+    if not is_sharded(like):
+        return whole
+    return distribute_tensor(whole, like.device_mesh, like.placements, src_data_rank=None).to_local()
+
+
+def gather_like(shard: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """The whole tensor whose shards, cut like the DTensor `like`, the processes hold (a collective)."""
+    if not is_sharded(like):
+        return shard
+    mesh, placements = like.device_mesh, like.placements
+    return DTensor.from_local(shard, mesh, placements, shape=like.shape, stride=like.stride()).full_tensor()

@@ -20,7 +20,7 @@ from torch import nn
 
 from tether.config import RunConfig, dump_config
 from tether.data import Collator, Datasets, load_datasets, load_split
-from tether.distributed import barrier, is_main_process, rank, world_size
+from tether.distributed import barrier, is_main_process, local, rank, world_size
 from tether.errors import ConfigError, NonFiniteError, TetherError
 from tether.evaluate import Progress, dataset_metrics, forgetting, reference_metrics, start_pass
 from tether.models import apply_lora, load_model
@@ -155,20 +155,45 @@ def train(
         stack = RegularizerStack.from_configs(parse_entries(cfg.regularizers), cfg.skip_non_finite)
         trainer = _trainer(cfg, model, tokenizer, args, data, collator, stack, list(callbacks or []))
         refs = reference_batches(data, collator, args.per_device_eval_batch_size, args.device)
-        with pass_progress(console) as progress:
-            ctx = SetupContext(trainer.model, refs, args.learning_rate, output_dir=output_dir, progress=progress)
-            stack.setup(ctx)
-        show_memory(memory_estimate(trainer.model, stack), console)
+        ctx = SetupContext(trainer.model, refs, args.learning_rate, output_dir=output_dir)
+        if trainer.is_fsdp_enabled:  # FSDP shards the model inside trainer.train: set up on the shards there
+            trainer.pending_setup = lambda: setup_stack(stack, replace(ctx, model=trainer.model), console)
+        else:
+            setup_stack(stack, ctx, console)
     started = time.perf_counter()
     _fit(trainer, resume_from, output_dir)
     runtime = time.perf_counter() - started
     try:
+        model = gathered_model(cfg, trainer) if trainer.is_fsdp_enabled else trainer.model
         if not is_main_process():
             return {}
         with pass_progress(console) as progress:
-            return _finish(cfg, output_dir, trainer, tokenizer, data, collator, before, runtime, progress)
+            return _finish(cfg, output_dir, trainer, model, tokenizer, data, collator, before, runtime, progress)
     finally:
         barrier()  # every process returns once the run is measured and written (and none exits under the others)
+
+
+def setup_stack(stack: RegularizerStack, ctx: SetupContext, console: Console | None) -> None:
+    """The regularizers' setup (anchors, Fisher, reference) with its progress, then the memory estimate."""
+    with pass_progress(console) as progress:
+        stack.setup(replace(ctx, progress=progress))
+    show_memory(memory_estimate(ctx.model, stack), console)
+
+
+def gathered_model(cfg: RunConfig, trainer: Any) -> nn.Module | None:
+    """FSDP: the trained weights gathered whole into a fresh unsharded model on the main process (None on the
+    others; every process takes part in the gathering), so that measuring and saving run there as without FSDP."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    state = get_model_state_dict(trainer.model, options=options)
+    if not is_main_process():
+        return None
+    model, _ = load_model(cfg.model, cfg.task)
+    if cfg.lora is not None:
+        model = apply_lora(model, cfg.lora, cfg.task)
+    model.load_state_dict(state)
+    return model.to(trainer.args.device)
 
 
 @contextmanager
@@ -218,7 +243,7 @@ def load_stack_state(checkpoint: Path) -> dict[str, torch.Tensor]:
 def memory_estimate(model: nn.Module, stack: RegularizerStack) -> dict[str, int]:
     """Bytes the run holds before activations: weights, gradients and Adam-style optimizer state (two fp32 moments)
     of the trainable ones, and what the regularizers and the frozen reference hold."""
-    params = {id(p): p for p in model.parameters()}.values()
+    params = {id(p): local(p) for p in model.parameters()}.values()  # this process's shards under FSDP
     trainable = [p for p in params if p.requires_grad]
     est = {
         "model weights": sum(p.numel() * p.element_size() for p in params),
@@ -257,24 +282,43 @@ def _trainer(cfg: RunConfig, model: nn.Module, tokenizer: Any, args: Any, data: 
     except ValueError as e:  # the Trainer checks the arguments against the launch (e.g. fsdp needs processes)
         raise ConfigError(f"training: {str(e).strip().splitlines()[0]}: change the training section") from None
     trainer.remove_callback(PrinterCallback)  # history.jsonl and the progress bar carry the logs
-    if trainer.is_fsdp_enabled or trainer.is_deepspeed_enabled:
-        check_sharded(stack)
+    if trainer.is_deepspeed_enabled:
+        check_deepspeed(stack)
+    if trainer.is_fsdp_enabled:
+        check_fsdp(stack, getattr(trainer.accelerator.state.fsdp_plugin, "fsdp_version", 1), cfg.lora is not None)
     return trainer
 
 
-def check_sharded(stack: RegularizerStack) -> None:
-    """FSDP / DeepSpeed shard the parameters: refuse what works on whole tensors rather than gather them."""
-    whole = [reg.name for reg, _ in stack.items if not reg.sharded_parameters]
-    if whole:
+def check_deepspeed(stack: RegularizerStack) -> None:
+    """DeepSpeed ZeRO keeps parameters and gradients in its own flattened partitions: refuse what works on them."""
+    direct = [reg.name for reg, _ in stack.items if reg.touches_parameters]
+    if direct:
         raise ConfigError(
-            f"{', '.join(whole)} keep whole-parameter copies, not yet sharded with FSDP / DeepSpeed: train with "
-            "DDP (accelerate launch --multi_gpu, torchrun) or LoRA, or drop them"
+            f"{', '.join(direct)} work on the parameters and gradients, which DeepSpeed ZeRO partitions out of "
+            "reach: train with FSDP2 (configs/accelerate/fsdp.yaml) or DDP, or drop them"
         )
 
 
-def _finish(cfg: RunConfig, output_dir: Path, trainer: Any, tokenizer: Any, data: Datasets, collator: Collator,
-            before: dict | None, runtime: float, progress: Progress | None = None) -> dict[str, Any]:  # fmt: skip
-    model, state = trainer.model, trainer.state
+def check_fsdp(stack: RegularizerStack, fsdp_version: int, lora: bool) -> None:
+    """What tether runs on FSDP: version 2 (DTensor shards, which the regularizers work on), no whole-model state,
+    and a reference that is the sharded model itself (LoRA with the adapters off), not a whole frozen copy."""
+    if fsdp_version != 2:
+        raise ConfigError("training.fsdp_config: tether needs FSDP2: set fsdp_version: 2 (in accelerate configs too)")
+    whole = [reg.name for reg, _ in stack.items if not reg.sharded_parameters]
+    if whole:
+        raise ConfigError(f"{', '.join(whole)} keep whole-model copies and do not run on FSDP: use DDP or drop them")
+    referenced = [reg.name for reg, _ in stack.items if reg.reference_options() is not None]
+    if referenced and not lora:
+        raise ConfigError(
+            f"{', '.join(referenced)} on FSDP need LoRA (a `lora:` section): the reference is then the sharded model "
+            "with its adapters off; a frozen full copy would not be sharded"
+        )
+
+
+def _finish(cfg: RunConfig, output_dir: Path, trainer: Any, model: nn.Module, tokenizer: Any, data: Datasets,
+            collator: Collator, before: dict | None, runtime: float, progress: Progress | None = None,
+            ) -> dict[str, Any]:  # fmt: skip
+    state = trainer.state
     metrics_extra = {"skipped_steps": trainer.stack.skipped} if trainer.stack.skip_budget else {}
     write_dir_atomic(output_dir / "model", lambda tmp: _save_model(model, tokenizer, tmp))
     metrics = measure(model, tokenizer, data, collator, before, progress)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +14,8 @@ from transformers import Trainer, TrainerCallback
 from transformers.trainer import TRAINER_STATE_NAME
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 
-from tether.distributed import barrier
+from tether.distributed import barrier, has_sharded_parameters
+from tether.errors import TetherError
 from tether.outputs import save_safetensors_atomic
 from tether.regularizers import RegularizerStack
 
@@ -26,6 +28,8 @@ class RegularizedMixin:
     StepEnd(stack) callback, as RegularizedTrainer does."""
 
     stack: RegularizerStack
+    pending_setup: Callable[[], None] | None = None
+    """The stack's setup, when it must wait until FSDP has sharded the model (tether.run sets it)."""
 
     def compute_loss(
         self,
@@ -68,6 +72,16 @@ class RegularizedMixin:
             self.optimizer = cls(groups, **kwargs)
             self.stack.attach(model, self.optimizer)
         return self.optimizer
+
+    def create_scheduler(self, num_training_steps: int, optimizer: torch.optim.Optimizer | None = None) -> Any:
+        """The Trainer calls this after Accelerate has sharded the model (FSDP2 shards it in place) and before it
+        loads a checkpoint: the pending setup takes its anchors from the pre-trained weights, on the shards."""
+        if self.pending_setup is not None:
+            setup, self.pending_setup = self.pending_setup, None
+            if not has_sharded_parameters(self.model):
+                raise TetherError("FSDP did not shard the model's parameters in place: tether needs FSDP2")
+            setup()
+        return super().create_scheduler(num_training_steps, optimizer)
 
     def _save_checkpoint(self, model: nn.Module, trial: Any) -> None:
         """Everything (the stack's state too: EMA average, skipped steps) is written under RUN_DIR/.staging/ and the

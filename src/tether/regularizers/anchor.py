@@ -2,6 +2,8 @@
 
 The anchor theta_0 is a list of detached copies of the trainable tensors taken at setup, not a copy of the model.
 Differences and sums are taken in fp32 so that bf16/fp16 weights do not lose the penalty to rounding.
+Under FSDP2 every list here holds this process's shards (see tether.distributed): the anchor, the Fisher and the
+importance are sharded with the parameters, and the values returned are this process's part of the sum.
 """
 
 from __future__ import annotations
@@ -9,6 +11,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from tether.distributed import has_sharded_parameters, is_sharded, local, sum_across_processes
 from tether.regularizers.base import named_params_with_module
 
 
@@ -17,9 +20,41 @@ def trainable(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
     return [(n, p) for n, p, _ in named_params_with_module(model) if p.requires_grad]
 
 
+def shards(params: list[torch.Tensor]) -> list[torch.Tensor]:
+    """The tensors this process holds of the parameters (views of the local shards under FSDP2)."""
+    return [local(p) for p in params]
+
+
+def grad_shards(params: list[torch.Tensor]) -> list[torch.Tensor]:
+    """The parameters' gradients as this process holds them (views: adding to them adds to p.grad)."""
+    return [local(p.grad) for p in params]
+
+
 def snapshot(params: list[torch.Tensor], dtype: torch.dtype | None = None) -> list[torch.Tensor]:
-    """theta_0: detached copies of the parameters, in their own dtype unless `dtype` is given."""
-    return [p.detach().to(dtype=dtype or p.dtype, copy=True) for p in params]
+    """theta_0: detached copies of the parameters (of the local shards under FSDP2), in their own dtype unless
+    `dtype` is given."""
+    return [p.detach().to(dtype=dtype or p.dtype, copy=True) for p in shards(params)]
+
+
+def loss_gradients(model: nn.Module, loss: torch.Tensor, params: list[torch.Tensor]) -> list[torch.Tensor]:
+    """d loss / d params in fp32 (zeros where unused), without touching p.grad. Under FSDP2 the gradients only
+    arrive in p.grad, reduced across processes: they are taken from there (this process's shards), so every
+    process must have run the same batch, and p.grad is cleared again."""
+    if not has_sharded_parameters(model):
+        grads = torch.autograd.grad(loss, params, allow_unused=True, materialize_grads=True)
+        return [g.float() for g in grads]
+    loss.backward()
+    grads = [torch.zeros_like(local(p), torch.float32) if p.grad is None else local(p.grad).float() for p in params]
+    model.zero_grad(set_to_none=True)
+    return grads
+
+
+def global_sums(tensors: list[torch.Tensor], params: list[torch.Tensor]) -> torch.Tensor:
+    """Each tensor's sum (fp32, stacked), over all of its shards when `params` are sharded: one all-reduce."""
+    sums = torch.stack([t.sum(dtype=torch.float32) for t in tensors])
+    if any(is_sharded(p) for p in params):
+        sum_across_processes([sums])
+    return sums
 
 
 def work_buffers(params: list[torch.Tensor]) -> list[torch.Tensor] | None:
@@ -31,7 +66,7 @@ def work_buffers(params: list[torch.Tensor]) -> list[torch.Tensor] | None:
     """
     if not params or any(p.device.type != "cpu" for p in params):
         return None
-    return [torch.empty_like(p, dtype=torch.float32) for p in params]
+    return [torch.empty_like(p, dtype=torch.float32) for p in shards(params)]
 
 
 def with_grads(params: list[torch.Tensor], *aligned: list[torch.Tensor] | None) -> tuple[list[torch.Tensor], ...]:
@@ -78,9 +113,9 @@ def quadratic_pull(
     if not params:
         return None
     with torch.no_grad():
-        scaled = differences(params, anchors, buffers)
+        scaled = differences(shards(params), anchors, buffers)
         torch._foreach_mul_(scaled, roots)
         value = 0.5 * sum_of_squares(scaled)
         if scale:
-            torch._foreach_addcmul_([p.grad for p in params], scaled, roots, value=scale)
+            torch._foreach_addcmul_(grad_shards(params), scaled, roots, value=scale)
     return value

@@ -103,7 +103,10 @@ class Regularizer(Protocol):
 
     name: ClassVar[str]
     sharded_parameters: ClassVar[bool] = True
-    """False: works on whole parameter tensors (anchors, Fisher, averages), not on FSDP / ZeRO-3 shards."""
+    """False: needs whole parameter tensors (a whole-model average), so it cannot run on FSDP2's shards."""
+    touches_parameters: ClassVar[bool] = False
+    """True: reads or writes the parameters or their gradients directly (anchors, closed-form pulls), which
+    DeepSpeed ZeRO hides in its own flattened partitions."""
 
     def setup(self, ctx: SetupContext) -> None:
         return None

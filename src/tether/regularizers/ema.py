@@ -35,7 +35,8 @@ class EMAConfig(NoPenaltyConfig):
 
 @register("ema", EMAConfig)
 class EMA(Regularizer):
-    sharded_parameters = False  # holds or walks full per-parameter tensors
+    sharded_parameters = False  # averages or interpolates whole parameter tensors
+    touches_parameters = True
 
     def __init__(self, config: EMAConfig) -> None:
         self.config = config

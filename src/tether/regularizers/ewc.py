@@ -27,6 +27,10 @@ estimating, and `online` adds a new estimate to it: F <- decay * F_loaded + F_ne
 With several processes each estimates on its own share of the reference batches and the sums are all-reduced; the
 sampled labels of a batch come from a generator seeded by the batch's tokens, so the Fisher is the single-process
 one (up to float summation order) however the batches are spread. Only the main process writes the file.
+
+Under FSDP2 the anchor and the Fisher are sharded like the parameters. The gradients only exist reduced across
+processes there, so every process runs every reference batch and squares its shard of the batch's gradient (the
+same Fisher as one process; the pass is not split). The file is gathered one tensor at a time onto the main process.
 """
 
 from __future__ import annotations
@@ -43,10 +47,18 @@ from pydantic import Field
 from torch import nn
 
 from tether.data import IGNORE
-from tether.distributed import is_main_process, sum_across_processes
+from tether.distributed import gather_like, has_sharded_parameters, is_main_process, shard_like, sum_across_processes
 from tether.errors import ConfigError
 from tether.outputs import save_safetensors_atomic
-from tether.regularizers.anchor import quadratic_pull, snapshot, trainable, work_buffers
+from tether.regularizers.anchor import (
+    global_sums,
+    loss_gradients,
+    quadratic_pull,
+    shards,
+    snapshot,
+    trainable,
+    work_buffers,
+)
 from tether.regularizers.base import Regularizer, RegularizerConfig, SetupContext, nbytes, register
 
 Batch = dict[str, torch.Tensor]
@@ -80,7 +92,7 @@ class EWCConfig(RegularizerConfig):
 
 @register("ewc", EWCConfig)
 class EWC(Regularizer):
-    sharded_parameters = False  # holds or walks full per-parameter tensors
+    touches_parameters = True
 
     def __init__(self, config: EWCConfig) -> None:
         self.config = config
@@ -99,9 +111,9 @@ class EWC(Regularizer):
         kept = ctx.output_dir / RUN_FISHER if ctx.output_dir is not None else None
         fisher = load_fisher(kept, named) if kept is not None and kept.is_file() else self._fisher(ctx, named)
         for path in (kept, self.config.save_path):
-            if path is not None and is_main_process():
-                save_fisher(path, dict(zip(self.names, fisher)), self.config.estimator)
-        self.scale = mean_of(fisher) if self.config.normalize else 1.0
+            if path is not None:
+                save_fisher(path, dict(zip(self.names, fisher)), self.config.estimator, self.params)
+        self.scale = mean_of(fisher, self.params) if self.config.normalize else 1.0
         torch._foreach_div_(fisher, self.scale)
         torch._foreach_sqrt_(fisher)  # in place: a full-size fp32 Fisher is the largest thing ewc holds
         self.roots = fisher
@@ -127,21 +139,25 @@ class EWC(Regularizer):
             return loaded
         if ctx.reference_batches is None:
             raise ConfigError(cfg.without_reference_data())
+        sharded = has_sharded_parameters(ctx.model)
+        if sharded and cfg.estimator == "exact":
+            raise ConfigError("ewc.estimator: exact (per-row torch.func) cannot run on FSDP: use sampled or empirical")
         advance = ctx.progress(f"ewc: {cfg.estimator} Fisher on the reference data", None) if ctx.progress else None
-        new = estimate_fisher(ctx.model, named, ctx.reference_batches(), cfg.estimator, advance)
+        batches = ctx.reference_batches(shard=not sharded)  # FSDP: every process runs every batch (module docstring)
+        new = estimate_fisher(ctx.model, named, batches, cfg.estimator, advance)
         return new if loaded is None else torch._foreach_add(torch._foreach_mul(loaded, cfg.decay), new)
 
     def save(self, path: str | Path) -> None:
         """Write the raw Fisher as safetensors, keyed by parameter name."""
-        save_fisher(path, dict(zip(self.names, self.fisher)), self.config.estimator)
+        save_fisher(path, dict(zip(self.names, self.fisher)), self.config.estimator, self.params)
 
     def penalty_grad(self, scale: float) -> torch.Tensor | None:
         return quadratic_pull(self.params, self.anchors, self.roots, scale, self.buffers)
 
 
-def mean_of(fisher: list[torch.Tensor]) -> float:
-    """mean(F) over every entry of every tensor."""
-    mean = torch.stack([f.sum() for f in fisher]).sum().item() / sum(f.numel() for f in fisher)
+def mean_of(fisher: list[torch.Tensor], params: list[torch.Tensor]) -> float:
+    """mean(F) over every entry of every tensor (of every shard: the parameters give the whole sizes)."""
+    mean = global_sums(fisher, params).sum().item() / sum(p.numel() for p in params)
     if not mean > 0:
         raise ConfigError("ewc.normalize: the Fisher is zero everywhere (no gradient on the reference data)")
     return mean
@@ -179,7 +195,8 @@ def estimate_fisher(
     """The diagonal Fisher of the named parameters on `batches` (see the module docstring), fp32; with several
     processes, over every process's batches."""
     params = [p for _, p in named]
-    sums = [torch.zeros_like(p, dtype=torch.float32) for p in params]
+    sharded = has_sharded_parameters(model)
+    sums = [torch.zeros_like(p, dtype=torch.float32) for p in shards(params)]
     rows, was_training = torch.zeros((), device=params[0].device), model.training
     model.eval()
     try:
@@ -195,7 +212,8 @@ def estimate_fisher(
                 advance(1)
     finally:
         model.train(was_training)
-    sum_across_processes([*sums, rows])
+    if not sharded:  # sharded: every process ran every batch on its shard
+        sum_across_processes([*sums, rows])
     if rows.item() == 0:
         raise ConfigError("ewc: the reference data yielded no batch: check data.reference")
     return torch._foreach_div(sums, rows.item())
@@ -218,9 +236,7 @@ def batch_gradient(
     """d/dtheta of the batch's summed per-row loss, labels sampled when a generator is given, in fp32."""
     logits = model(**model_inputs(batch)).logits
     labels = batch["labels"] if generator is None else sample_labels(logits, batch["labels"], generator)
-    loss = per_example_nll(logits, labels).sum()
-    grads = torch.autograd.grad(loss, params, allow_unused=True, materialize_grads=True)
-    return [g.float() for g in grads]
+    return loss_gradients(model, per_example_nll(logits, labels).sum(), params)
 
 
 def per_row_squares(model: nn.Module, named: list[tuple[str, nn.Parameter]], batch: Batch) -> list[torch.Tensor]:
@@ -250,10 +266,16 @@ def per_row_squares(model: nn.Module, named: list[tuple[str, nn.Parameter]], bat
     return out
 
 
-def save_fisher(path: str | Path, fisher: dict[str, torch.Tensor], estimator: str) -> None:
-    """Write {parameter name: Fisher} as safetensors, atomically (a reader sees the old file or the new one)."""
-    tensors = {n: f.float() for n, f in fisher.items()}
-    save_safetensors_atomic(tensors, Path(path), {"format": "tether-fisher", "estimator": estimator})
+def save_fisher(path: str | Path, fisher: dict[str, torch.Tensor], estimator: str, params: list[torch.Tensor]) -> None:
+    """Write {parameter name: Fisher} as safetensors from the main process, atomically (a reader sees the old file or
+    the new one). Shards are gathered one tensor at a time, every process taking part; only the main one keeps them."""
+    tensors = {}
+    for (name, f), p in zip(fisher.items(), params):
+        whole = gather_like(f, p)
+        if is_main_process():
+            tensors[name] = whole.float().cpu()
+    if is_main_process():
+        save_safetensors_atomic(tensors, Path(path), {"format": "tether-fisher", "estimator": estimator})
 
 
 def load_fisher(path: str | Path, named: list[tuple[str, nn.Parameter]]) -> list[torch.Tensor]:
@@ -283,4 +305,4 @@ def load_fisher(path: str | Path, named: list[tuple[str, nn.Parameter]]) -> list
                 f"{where}: {n} has shape {tuple(loaded[n].shape)} in the file but {tuple(p.shape)} in the model: "
                 "it was saved for another model; estimate a new one by removing fisher_path"
             )
-    return [loaded[n].to(device=p.device, dtype=torch.float32) for n, p in named]
+    return [shard_like(loaded[n].to(device=p.device, dtype=torch.float32), p) for n, p in named]

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from pydantic import Field
 
-from tether.regularizers.anchor import with_grads, work_buffers
+from tether.regularizers.anchor import grad_shards, shards, with_grads, work_buffers
 from tether.regularizers.base import (
     Regularizer,
     RegularizerConfig,
@@ -29,7 +29,7 @@ class L1Config(RegularizerConfig):
 
 @register("l1", L1Config)
 class L1(Regularizer):
-    sharded_parameters = False  # holds or walks full per-parameter tensors
+    touches_parameters = True
 
     def __init__(self, config: L1Config) -> None:
         self.params: list[torch.Tensor] = []
@@ -47,13 +47,14 @@ class L1(Regularizer):
         if not params:
             return None
         with torch.no_grad():
-            value = torch.stack(torch._foreach_norm(params, 1, dtype=torch.float32)).sum()
+            weights = shards(params)
+            value = torch.stack(torch._foreach_norm(weights, 1, dtype=torch.float32)).sum()
             if scale:
                 if buffers is None:
-                    signs = torch._foreach_sign(params)
+                    signs = torch._foreach_sign(weights)
                 else:  # reuse CPU memory (see anchor.work_buffers)
-                    torch._foreach_copy_(buffers, params)
+                    torch._foreach_copy_(buffers, weights)
                     torch._foreach_sign_(buffers)
                     signs = buffers
-                torch._foreach_add_([p.grad for p in params], signs, alpha=scale)
+                torch._foreach_add_(grad_shards(params), signs, alpha=scale)
         return value

@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 from pydantic import Field
 
+from tether.regularizers.anchor import grad_shards, shards
 from tether.regularizers.base import Regularizer, RegularizerConfig, SetupContext, register, trainable_weights
 
 
@@ -20,7 +21,7 @@ class L2Config(RegularizerConfig):
 
 @register("l2", L2Config)
 class L2(Regularizer):
-    sharded_parameters = False  # holds or walks full per-parameter tensors
+    touches_parameters = True
 
     def __init__(self, config: L2Config) -> None:
         self.params: list[torch.Tensor] = []
@@ -34,8 +35,9 @@ class L2(Regularizer):
             return None
         with torch.no_grad():
             # Sum of squares in fp32 so that bf16/fp16 weights do not lose the penalty to rounding.
-            norms = torch._foreach_norm(with_grad, 2, dtype=torch.float32)
+            weights = shards(with_grad)
+            norms = torch._foreach_norm(weights, 2, dtype=torch.float32)
             value = 0.5 * torch.stack(norms).square().sum()
             if scale:
-                torch._foreach_add_([p.grad for p in with_grad], with_grad, alpha=scale)
+                torch._foreach_add_(grad_shards(with_grad), weights, alpha=scale)
         return value

@@ -16,6 +16,9 @@ computed from r x r products only: ||B A||^2 = trace((B^T B)(A A^T)), and so are
 s^2 (B A - B_0 A_0) A^T for B and s^2 B^T (B A - B_0 A_0) for A; the d x d matrix is never formed. Each active
 adapter of a layer is pulled on its own. Other trainable tensors (a classifier head, modules_to_save, embedding or
 conv adapters, DoRA magnitudes) are pulled elementwise toward their values at setup.
+
+Under FSDP2 the elementwise pull runs on each process's shards. A and B are small (r rows or columns): each pair's
+pull gathers them whole (one all-gather of each per pull), and each process applies its shard of the result.
 """
 
 from __future__ import annotations
@@ -28,8 +31,18 @@ import torch
 from pydantic import Field, model_validator
 from torch import nn
 
+from tether.distributed import full, is_main_process, is_sharded, local, shard_like
 from tether.errors import ConfigError
-from tether.regularizers.anchor import differences, snapshot, sum_of_squares, trainable, with_grads, work_buffers
+from tether.regularizers.anchor import (
+    differences,
+    grad_shards,
+    shards,
+    snapshot,
+    sum_of_squares,
+    trainable,
+    with_grads,
+    work_buffers,
+)
 from tether.regularizers.base import Regularizer, RegularizerConfig, SetupContext, nbytes, register
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -65,13 +78,14 @@ class LoraPair:
     b0: torch.Tensor
 
     def pull(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(1/2 s^2 ||B A - B_0 A_0||^2, its gradient for A, for B), in fp32 from r x r products."""
-        a, b, a0, b0, s2 = self.a.float(), self.b.float(), self.a0, self.b0, self.scaling**2
+        """(1/2 s^2 ||B A - B_0 A_0||^2, its gradient for A, for B), in fp32 from r x r products; the gradients
+        are this process's shards of them."""
+        a, b, a0, b0, s2 = full(self.a).float(), full(self.b).float(), self.a0, self.b0, self.scaling**2
         aat, a0at, btb, btb0 = a @ a.T, a0 @ a.T, b.T @ b, b.T @ b0
         sq = (btb * aat).sum() - 2 * (btb0 * a0at.T).sum() + ((b0.T @ b0) * (a0 @ a0.T)).sum()
         grad_a = s2 * (btb @ a - btb0 @ a0)
         grad_b = s2 * (b @ aat - b0 @ a0at)
-        return 0.5 * s2 * sq.clamp(min=0), grad_a, grad_b
+        return 0.5 * s2 * sq.clamp(min=0), shard_like(grad_a, self.a), shard_like(grad_b, self.b)
 
 
 def lora_pairs(model: nn.Module) -> list[LoraPair]:
@@ -94,14 +108,14 @@ def lora_pairs(model: nn.Module) -> list[LoraPair]:
                 and a.weight.requires_grad
                 and b.weight.requires_grad
             ):
-                a0, b0 = a.weight.detach().float().clone(), b.weight.detach().float().clone()
+                a0, b0 = full(a.weight).detach().float().clone(), full(b.weight).detach().float().clone()
                 pairs.append(LoraPair(a.weight, b.weight, float(module.scaling[name]), a0, b0))
     return pairs
 
 
 @register("l2_sp", L2SPConfig)
 class L2SP(Regularizer):
-    sharded_parameters = False  # holds or walks full per-parameter tensors
+    touches_parameters = True
 
     def __init__(self, config: L2SPConfig) -> None:
         self.config = config
@@ -138,18 +152,19 @@ class L2SP(Regularizer):
         value = torch.zeros((), device=(params or [pairs[0].a])[0].device)
         with torch.no_grad():
             if params and self.decoupled:
-                value = 0.5 * squared_distance(params, anchors)
+                value = 0.5 * squared_distance(shards(params), anchors)
             elif params:
-                diffs = differences(params, anchors, buffers)
+                diffs = differences(shards(params), anchors, buffers)
                 value = 0.5 * sum_of_squares(diffs)
                 if scale:
-                    torch._foreach_add_([p.grad for p in params], diffs, alpha=scale)
+                    torch._foreach_add_(grad_shards(params), diffs, alpha=scale)
             for pair in pairs:
                 pair_value, grad_a, grad_b = pair.pull()
-                value = value + pair_value
+                if not is_sharded(pair.a) or is_main_process():  # pulled whole: counted on one process
+                    value = value + pair_value
                 if scale and not self.decoupled:
-                    pair.a.grad.add_(grad_a, alpha=scale)
-                    pair.b.grad.add_(grad_b, alpha=scale)
+                    local(pair.a.grad).add_(grad_a, alpha=scale)
+                    local(pair.b.grad).add_(grad_b, alpha=scale)
         return value
 
     def step_begin(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
@@ -160,7 +175,7 @@ class L2SP(Regularizer):
             grouped, group_of = self._grouped(optimizer)
             for group, indices in grouped:
                 keep = [i for i in indices if self.params[i].grad is not None]  # as AdamW skips them, so does this
-                params, anchors = [self.params[i] for i in keep], [self.anchors[i] for i in keep]
+                params, anchors = [local(self.params[i]) for i in keep], [self.anchors[i] for i in keep]
                 weight = group["lr"] * self._scale
                 if params and params[0].dtype == anchors[0].dtype:
                     torch._foreach_lerp_(params, anchors, weight)  # theta + w * (theta_0 - theta): one fused pass
@@ -170,8 +185,8 @@ class L2SP(Regularizer):
                 group = group_of.get(id(pair.a))
                 if group is not None and pair.a.grad is not None and pair.b.grad is not None:
                     _, grad_a, grad_b = pair.pull()
-                    pair.a.add_(grad_a, alpha=-group["lr"] * self._scale)
-                    pair.b.add_(grad_b, alpha=-group["lr"] * self._scale)
+                    local(pair.a).add_(grad_a, alpha=-group["lr"] * self._scale)
+                    local(pair.b).add_(grad_b, alpha=-group["lr"] * self._scale)
 
     def _grouped(self, optimizer: torch.optim.Optimizer) -> tuple[list[tuple[dict, list[int]]], dict[int, dict]]:
         """([(param group, indices into self.params of its tensors)], {id(tensor): its group}), cached per

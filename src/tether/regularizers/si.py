@@ -10,7 +10,9 @@ from a few batches (compare ewc, which passes over all the reference data).
 Layer-wise (the hierarchy of arXiv 2501.13669): Omega is divided by its mean within each parameter tensor, so every
 tensor is held equally hard on average (lambda means the same for every layer and model, and the embeddings or the
 head, whose gradients are largest, do not take over), and within a tensor the important entries are held harder.
-Only trainable tensors take part (the adapters and head under LoRA).
+Only trainable tensors take part (the adapters and head under LoRA). Under FSDP2 the anchor and Omega are sharded
+like the parameters (the setup steps' gradients are identical on every process, which runs the same batches) and
+each tensor's mean is taken over all of its shards.
 """
 
 from __future__ import annotations
@@ -23,7 +25,16 @@ from pydantic import Field
 from torch import nn
 
 from tether.errors import ConfigError
-from tether.regularizers.anchor import differences, quadratic_pull, snapshot, trainable, work_buffers
+from tether.regularizers.anchor import (
+    differences,
+    global_sums,
+    loss_gradients,
+    quadratic_pull,
+    shards,
+    snapshot,
+    trainable,
+    work_buffers,
+)
 from tether.regularizers.base import Regularizer, RegularizerConfig, SetupContext, nbytes, register
 from tether.regularizers.ewc import Batch, model_inputs
 
@@ -42,7 +53,7 @@ class SIConfig(RegularizerConfig):
 
 @register("si", SIConfig)
 class SI(Regularizer):
-    sharded_parameters = False  # holds or walks full per-parameter tensors
+    touches_parameters = True
 
     def __init__(self, config: SIConfig) -> None:
         self.config = config
@@ -65,13 +76,15 @@ class SI(Regularizer):
         try:
             omega = path_integral(ctx.model, self.params, islice(cycle(batches), self.config.steps), ctx.learning_rate)
             with torch.no_grad():
-                moved = differences(self.params, self.anchors, None)
+                moved = differences(shards(self.params), self.anchors, None)
         finally:
             with torch.no_grad():
-                torch._foreach_copy_(self.params, self.anchors)  # leave the model as it came in, whatever happens
+                torch._foreach_copy_(shards(self.params), self.anchors)  # leave the model as it came in
         importance = importance_from_path(omega, moved, self.config.damping)
         self.buffers = work_buffers(self.params)
-        self.roots = torch._foreach_sqrt([w / w.mean() if w.mean() > 0 else w for w in importance])
+        sums = global_sums(importance, self.params)  # each tensor's mean, over all of its shards
+        means = (sums / sums.new_tensor([p.numel() for p in self.params])).tolist()
+        self.roots = torch._foreach_sqrt([w / m if m > 0 else w for w, m in zip(importance, means)])
 
     def memory(self) -> dict[str, int]:
         held = nbytes(self.anchors), nbytes(self.roots), nbytes(self.buffers)
@@ -90,16 +103,15 @@ def path_integral(
     model: nn.Module, params: list[torch.Tensor], batches: Iterable[Batch], lr: float
 ) -> list[torch.Tensor]:
     """sum_k -g_k * dtheta_k over plain SGD steps (theta <- theta - lr * g) on `batches`, in fp32; moves the model."""
-    omega = [torch.zeros_like(p, dtype=torch.float32) for p in params]
+    omega = [torch.zeros_like(p, dtype=torch.float32) for p in shards(params)]
     was_training = model.training
     model.eval()
     try:
         for batch in batches:
             loss = model(**model_inputs(batch), labels=batch["labels"]).loss
-            grads = torch.autograd.grad(loss, params, allow_unused=True, materialize_grads=True)
+            grads = loss_gradients(model, loss, params)
             with torch.no_grad():
-                torch._foreach_add_(params, grads, alpha=-lr)
-                grads = [g.float() for g in grads]
+                torch._foreach_add_(shards(params), grads, alpha=-lr)
                 torch._foreach_addcmul_(omega, grads, grads, value=lr)  # -g * dtheta = lr * g^2
     finally:
         model.train(was_training)

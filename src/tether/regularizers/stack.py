@@ -12,7 +12,7 @@ from pydantic import ValidationError
 from torch import nn
 
 from tether.config import RegularizerEntry
-from tether.distributed import sum_across_processes, world_size
+from tether.distributed import has_sharded_parameters, sum_across_processes, world_size
 from tether.errors import NonFiniteError, TetherError
 from tether.reference import Reference, merge_options
 from tether.regularizers.base import (
@@ -64,6 +64,8 @@ class RegularizerStack:
         self._sums: dict[str, torch.Tensor] = {}
         self._last: dict[str, torch.Tensor] = {}  # weighted terms of the current micro-batch / step
         self._counts: dict[str, int] = {}
+        self.sharded = False  # FSDP2: each process holds a shard of every parameter
+        self._partial: set[str] = set()  # closed-form terms summed over shards: each process holds a part
         self.reference: Reference | None = None
 
     @classmethod
@@ -76,6 +78,12 @@ class RegularizerStack:
 
     def setup(self, ctx: SetupContext) -> None:
         """Builds the one frozen Reference first, when one is asked for: before any setup changes the model."""
+        if has_sharded_parameters(ctx.model):
+            whole = [reg.name for reg, _ in self.items if not reg.sharded_parameters]
+            if whole:
+                names = ", ".join(whole)
+                raise TetherError(f"{names} do not run on FSDP-sharded parameters: train with DDP or drop them")
+            self.sharded = True
         wanted = [opts for reg, _ in self.items if (opts := reg.reference_options()) is not None]
         if wanted and ctx.reference is None:
             ctx = dataclasses.replace(ctx, reference=Reference.build(ctx.model, merge_options(wanted)))
@@ -141,6 +149,8 @@ class RegularizerStack:
             value = reg.penalty_grad(strength)
             if value is not None:
                 self._record(reg.name, value, strength)
+                if self.sharded:
+                    self._partial.add(reg.name)
         # One check (one device sync) per step for all closed-form terms; the culprit is looked up only on failure.
         if self._last and not torch.isfinite(torch.stack(list(self._last.values())).sum()):
             self.flag_non_finite(self.non_finite_term())
@@ -234,7 +244,13 @@ class RegularizerStack:
         self._counts[name] = self._counts.get(name, 0) + 1
 
     def pop_logs(self) -> dict[str, float]:
-        """Mean of each unweighted term since the last call, as `reg/<name>`."""
+        """Mean of each unweighted term since the last call, as `reg/<name>`. Under FSDP2 every process calls this
+        at the same step: the closed-form terms' parts are summed across processes (one all-reduce)."""
+        partial = sorted(self._partial & self._sums.keys())
+        if partial and world_size() > 1:
+            sums = torch.stack([self._sums[n] for n in partial])
+            sum_across_processes([sums])
+            self._sums.update(zip(partial, sums))
         logs = {f"reg/{n}": (s / self._counts[n]).item() for n, s in self._sums.items()}
         self._sums, self._counts = {}, {}
         return logs

@@ -54,7 +54,8 @@ class WiseFTConfig(NoPenaltyConfig):
 
 @register("wise_ft", WiseFTConfig)
 class WiseFT(Regularizer):
-    sharded_parameters = False  # holds or walks full per-parameter tensors
+    sharded_parameters = False  # averages or interpolates whole parameter tensors
+    touches_parameters = True
 
     def __init__(self, config: WiseFTConfig) -> None:
         self.config = config

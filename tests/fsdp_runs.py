@@ -1,0 +1,128 @@
+"""The regularizers on FSDP2-sharded parameters: a tiny Llama trained a few steps with `fully_shard` in every process
+of a `torchrun` launch (gloo on CPU), or unsharded in one process, by the same code. tests/test_multiprocess.py
+compares the two. The Trainer only runs FSDP on GPUs; this loop is the Trainer's step as tether sees it.
+
+    torchrun --standalone --nproc_per_node 2 tests/fsdp_runs.py OUT_DIR
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from tether.distributed import full, is_main_process, world_size
+from tether.errors import TetherError
+from tether.regularizers import REGISTRY, RegularizerStack, SetupContext
+from tether.synthetic import tiny_model
+
+KINDS: dict[str, dict[str, Any]] = {
+    "penalties": {
+        "regularizers": [
+            {"name": "l2", "strength": 1e-3},
+            {"name": "l1", "strength": 1e-4},
+            {"name": "l2_sp", "strength": 5.0},
+            {"name": "ewc", "strength": 0.5},
+            {"name": "si", "strength": 0.3},
+            {"name": "weight_decay", "strength": 0.1},
+            {"name": "llrd", "decay": 0.8},
+        ],
+    },
+    "penalty_forms": {
+        "regularizers": [
+            {"name": "l2_sp", "strength": 0.05, "form": "penalty"},
+            {"name": "ewc", "strength": 10.0, "estimator": "empirical", "normalize": False},
+        ],
+    },
+    "lora": {
+        "lora": True,
+        "regularizers": [{"name": "l2_sp", "strength": 5.0}, {"name": "kl", "strength": 0.5}],
+    },
+}
+STEPS, LR, ROWS, SEQ, VOCAB = 6, 3e-3, 8, 16, 64
+
+
+def batches(seed: int, count: int) -> list[dict[str, torch.Tensor]]:
+    gen = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(count):
+        ids = torch.randint(4, VOCAB, (ROWS, SEQ), generator=gen)
+        out.append({"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()})
+    return out
+
+
+def build(kind: dict[str, Any], shard: bool) -> torch.nn.Module:
+    torch.manual_seed(0)
+    model = tiny_model("llama", "causal_lm", VOCAB, hidden_size=32, num_layers=2, num_heads=4)
+    if kind.get("lora"):
+        from peft import LoraConfig, get_peft_model
+
+        torch.manual_seed(1)
+        model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
+    if shard:
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import fully_shard
+
+        mesh = init_device_mesh("cpu", (world_size(),))
+        for module in model.modules():
+            if type(module).__name__.endswith("DecoderLayer"):
+                fully_shard(module, mesh=mesh)
+        fully_shard(model, mesh=mesh)
+    return model
+
+
+def refused(root: Path) -> None:
+    """What cannot run on sharded parameters (ema's whole-model average) is refused at setup, on every process."""
+    stack = RegularizerStack.from_configs([REGISTRY["ema"].config(name="ema")])
+    try:
+        stack.setup(SetupContext(build({}, shard=True), None, LR))
+        message = "accepted"
+    except TetherError as e:
+        message = str(e)
+    if is_main_process():
+        (root / "fsdp-refused.txt").write_text(message)
+
+
+def train(kind: dict[str, Any], out: Path, shard: bool) -> None:
+    """STEPS AdamW steps on the global batches (each process takes its rows); writes the gathered weights, the
+    logged penalties and the Fisher file under `out` (main process)."""
+    model = build(kind, shard)
+    configs = [REGISTRY[r["name"]].config(**r) for r in kind["regularizers"]]
+    stack = RegularizerStack.from_configs(configs)
+    reference = batches(1, 3)
+    refs = lambda shard=True: iter(reference)  # noqa: E731 (every process gets them all unless asked to shard)
+    out.mkdir(parents=True, exist_ok=True)
+    stack.setup(SetupContext(model, refs, LR, output_dir=out))
+    optimizer = torch.optim.AdamW(stack.optimizer_groups(model, LR), lr=LR, weight_decay=0.0)
+    stack.attach(model, optimizer)
+    rank, world = (torch.distributed.get_rank(), world_size()) if shard else (0, 1)
+    logs = []
+    for batch in batches(2, STEPS):
+        mine = {k: v[rank::world] for k, v in batch.items()}  # equal rows and tokens: the mean of means is the mean
+        stack.prefetch(mine)
+        outputs = model(**mine)
+        penalty = stack.penalty(model, mine, outputs)
+        (outputs.loss if penalty is None else outputs.loss + penalty).backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        logs.append(stack.pop_logs())
+    weights = {n: full(p).detach().clone() for n, p in model.named_parameters()}
+    (out / f"memory.rank{rank}.json").write_text(json.dumps(stack.memory()))
+    if is_main_process():
+        from safetensors.torch import save_file
+
+        save_file(weights, str(out / "weights.safetensors"))
+        (out / "logs.json").write_text(json.dumps(logs))
+
+
+if __name__ == "__main__":
+    torch.set_num_threads(1)  # two processes on two cores
+    torch.distributed.init_process_group("gloo")
+    root = Path(sys.argv[1])
+    for name, kind in KINDS.items():
+        train(kind, root / f"fsdp-{name}", shard=True)
+    refused(root)
+    torch.distributed.destroy_process_group()
