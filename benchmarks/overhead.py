@@ -56,11 +56,13 @@ class Run:
         entries: list[dict[str, Any]],
         refs: Callable | None = None,
         prepare: Callable[[torch.nn.Module], torch.nn.Module] = lambda m: m,
+        fused: bool = False,
     ) -> None:
         self.model = prepare(copy.deepcopy(base)).train()
         self.stack = RegularizerStack.from_configs([REGISTRY[e["name"]].config(**e) for e in entries])
         self.stack.setup(SetupContext(self.model, refs, LR))
-        self.opt = torch.optim.AdamW(self.stack.optimizer_groups(self.model, LR), lr=LR, weight_decay=0.0)
+        groups = self.stack.optimizer_groups(self.model, LR)
+        self.opt = torch.optim.AdamW(groups, lr=LR, weight_decay=0.0, fused=fused or None)
         self.stack.attach(self.model, self.opt)
 
     def step(self, batch: dict[str, torch.Tensor]) -> float:

@@ -124,7 +124,7 @@ def test_what_cannot_run_sharded_is_refused_before_training() -> None:
         check_deepspeed(stack("kl", "l2_sp", "ewc"))
     check_fsdp(stack("l1", "l2", "l2_sp", "ewc", "si", *others), fsdp_version=2, lora=False)
     check_fsdp(stack("kl", "distill", "l2_sp"), fsdp_version=2, lora=True)
-    with pytest.raises(ConfigError, match="set fsdp_version: 2"):
+    with pytest.raises(ConfigError, match="tether needs FSDP2"):
         check_fsdp(stack("l2_sp"), fsdp_version=1, lora=False)
     with pytest.raises(ConfigError, match="ema, wise_ft keep whole-model copies"):
         check_fsdp(stack("l2_sp", "ema", "wise_ft"), fsdp_version=2, lora=False)

@@ -68,33 +68,46 @@ class L2SPConfig(RegularizerConfig):
 
 
 @dataclass
-class LoraPair:
-    """One adapter of one LoRA layer: A (r x in), B (out x r), its scaling s and their values at setup."""
+class LoraGroup:
+    """The LoRA adapters of one shape (A: r x in, B: out x r), stacked so that a pull is a few batched products
+    whatever the number of layers (one product per layer would be thousands of small kernel launches a step)."""
 
-    a: nn.Parameter
-    b: nn.Parameter
-    scaling: float
-    a0: torch.Tensor
-    b0: torch.Tensor
+    a: list[nn.Parameter]
+    b: list[nn.Parameter]
+    s2: torch.Tensor  # [n]: each adapter's scaling s, squared
+    a0: torch.Tensor  # [n, r, in], fp32, as at setup
+    b0: torch.Tensor  # [n, out, r]
+    c0: torch.Tensor  # [n]: ||B_0 A_0||^2
 
-    def pull(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(1/2 s^2 ||B A - B_0 A_0||^2, its gradient for A, for B), in fp32 from r x r products; the gradients
-        are this process's shards of them."""
-        a, b, a0, b0, s2 = full(self.a).float(), full(self.b).float(), self.a0, self.b0, self.scaling**2
-        aat, a0at, btb, btb0 = a @ a.T, a0 @ a.T, b.T @ b, b.T @ b0
-        sq = (btb * aat).sum() - 2 * (btb0 * a0at.T).sum() + ((b0.T @ b0) * (a0 @ a0.T)).sum()
-        grad_a = s2 * (btb @ a - btb0 @ a0)
-        grad_b = s2 * (b @ aat - b0 @ a0at)
-        return 0.5 * s2 * sq.clamp(min=0), shard_like(grad_a, self.a), shard_like(grad_b, self.b)
+    @classmethod
+    def of(cls, a: list[nn.Parameter], b: list[nn.Parameter], scalings: list[float]) -> LoraGroup:
+        a0 = torch.stack([full(p).detach().float() for p in a])
+        b0 = torch.stack([full(p).detach().float() for p in b])
+        c0 = ((b0.mT @ b0) * (a0 @ a0.mT)).sum((1, 2))
+        return cls(a, b, torch.tensor(scalings, device=a0.device).square(), a0, b0, c0)
+
+    def pull(self) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
+        """(1/2 sum s^2 ||B A - B_0 A_0||^2, its gradient for each A, for each B), in fp32 from r x r products; the
+        gradients are this process's shards of them."""
+        a = torch.stack([full(p) for p in self.a]).float()
+        b = torch.stack([full(p) for p in self.b]).float()
+        aat, a0at, btb, btb0 = a @ a.mT, self.a0 @ a.mT, b.mT @ b, b.mT @ self.b0
+        sq = (btb * aat).sum((1, 2)) - 2 * (btb0 * a0at.mT).sum((1, 2)) + self.c0
+        s2 = self.s2[:, None, None]
+        grad_a = s2 * (btb @ a - btb0 @ self.a0)
+        grad_b = s2 * (b @ aat - self.b0 @ a0at)
+        grads_a = [shard_like(g, p) for g, p in zip(grad_a.unbind(0), self.a)]
+        grads_b = [shard_like(g, p) for g, p in zip(grad_b.unbind(0), self.b)]
+        return 0.5 * (self.s2 * sq.clamp(min=0)).sum(), grads_a, grads_b
 
 
-def lora_pairs(model: nn.Module) -> list[LoraPair]:
-    """The trainable (A, B) pairs of the model's LoRA Linear layers, with their values now."""
+def lora_groups(model: nn.Module) -> list[LoraGroup]:
+    """The trainable (A, B) pairs of the model's LoRA Linear layers, grouped by shape, with their values now."""
     if "peft" not in sys.modules:  # no PEFT imported, so no LoRA layer can exist: skip its slow import
         return []
     from peft.tuners.lora import LoraLayer
 
-    pairs = []
+    by_shape: dict[tuple, tuple[list, list, list]] = {}
     for module in model.modules():
         if not isinstance(module, LoraLayer):
             continue
@@ -108,9 +121,12 @@ def lora_pairs(model: nn.Module) -> list[LoraPair]:
                 and a.weight.requires_grad
                 and b.weight.requires_grad
             ):
-                a0, b0 = full(a.weight).detach().float().clone(), full(b.weight).detach().float().clone()
-                pairs.append(LoraPair(a.weight, b.weight, float(module.scaling[name]), a0, b0))
-    return pairs
+                key = (tuple(a.weight.shape), tuple(b.weight.shape), a.weight.dtype, a.weight.device)
+                members = by_shape.setdefault(key, ([], [], []))
+                members[0].append(a.weight)
+                members[1].append(b.weight)
+                members[2].append(float(module.scaling[name]))
+    return [LoraGroup.of(*members) for members in by_shape.values()]
 
 
 @register("l2_sp", L2SPConfig)
@@ -123,7 +139,8 @@ class L2SP(Regularizer):
         self.params: list[torch.Tensor] = []
         self.anchors: list[torch.Tensor] = []
         self.buffers: list[torch.Tensor] | None = None
-        self.lora: list[LoraPair] = []
+        self.lora: list[LoraGroup] = []
+        self._pulled: list[tuple[LoraGroup, list[torch.Tensor], list[torch.Tensor]]] = []  # for step_begin
         self._scale = 0.0  # lambda, as the stack hands it to penalty_grad; the decoupled pull uses it in step_begin
         self._groups: tuple[torch.optim.Optimizer, list[tuple[dict, list[int]]], dict[int, dict]] | None = None
 
@@ -136,8 +153,8 @@ class L2SP(Regularizer):
             raise ConfigError(
                 f"l2_sp.strength: lr * strength = {lr_lambda:g} >= 1 overshoots theta_0 every step: lower strength"
             )
-        self.lora = lora_pairs(ctx.model)
-        in_pairs = {id(p) for pair in self.lora for p in (pair.a, pair.b)}
+        self.lora = lora_groups(ctx.model)
+        in_pairs = {id(p) for group in self.lora for p in (*group.a, *group.b)}
         self.params = [p for _, p in trainable(ctx.model) if id(p) not in in_pairs]
         self.anchors = snapshot(self.params, DTYPES.get(self.config.anchor_dtype or ""))
         self.buffers = None if self.decoupled else work_buffers(self.params)
@@ -145,11 +162,11 @@ class L2SP(Regularizer):
     def penalty_grad(self, scale: float) -> torch.Tensor | None:
         """The value; the penalty form also adds scale * its gradient (the decoupled form pulls in step_begin)."""
         params, anchors, buffers = with_grads(self.params, self.anchors, self.buffers)
-        pairs = [pair for pair in self.lora if pair.a.grad is not None and pair.b.grad is not None]
-        if not params and not pairs:
+        groups = [g for g in self.lora if g.a[0].grad is not None and g.b[0].grad is not None]
+        if not params and not groups:
             return None
         self._scale = scale
-        value = torch.zeros((), device=(params or [pairs[0].a])[0].device)
+        value = torch.zeros((), device=(params or [groups[0].a[0]])[0].device)
         with torch.no_grad():
             if params and self.decoupled:
                 value = 0.5 * squared_distance(shards(params), anchors)
@@ -158,13 +175,16 @@ class L2SP(Regularizer):
                 value = 0.5 * sum_of_squares(diffs)
                 if scale:
                     torch._foreach_add_(grad_shards(params), diffs, alpha=scale)
-            for pair in pairs:
-                pair_value, grad_a, grad_b = pair.pull()
-                if not is_sharded(pair.a) or is_main_process():  # pulled whole: counted on one process
-                    value = value + pair_value
-                if scale and not self.decoupled:
-                    local(pair.a.grad).add_(grad_a, alpha=scale)
-                    local(pair.b.grad).add_(grad_b, alpha=scale)
+            self._pulled = []
+            for group in groups:
+                group_value, grads_a, grads_b = group.pull()
+                if not is_sharded(group.a[0]) or is_main_process():  # pulled whole: counted on one process
+                    value = value + group_value
+                if self.decoupled:  # applied in step_begin, from the same theta_t
+                    self._pulled.append((group, grads_a, grads_b))
+                elif scale:
+                    torch._foreach_add_(grad_shards(group.a), grads_a, alpha=scale)
+                    torch._foreach_add_(grad_shards(group.b), grads_b, alpha=scale)
         return value
 
     def step_begin(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
@@ -181,12 +201,13 @@ class L2SP(Regularizer):
                     torch._foreach_lerp_(params, anchors, weight)  # theta + w * (theta_0 - theta): one fused pass
                 elif params:  # a lower-precision anchor: lerp_ wants one dtype
                     torch._foreach_add_(params, torch._foreach_sub(params, anchors), alpha=-weight)
-            for pair in self.lora:
-                group = group_of.get(id(pair.a))
-                if group is not None and pair.a.grad is not None and pair.b.grad is not None:
-                    _, grad_a, grad_b = pair.pull()
-                    local(pair.a).add_(grad_a, alpha=-group["lr"] * self._scale)
-                    local(pair.b).add_(grad_b, alpha=-group["lr"] * self._scale)
+            pulled, self._pulled = self._pulled, []
+            for lora, grads_a, grads_b in pulled:  # each adapter with the lr of its optimizer group (LLRD)
+                held = [i for i, a in enumerate(lora.a) if id(a) in group_of]
+                steps = [-group_of[id(lora.a[i])]["lr"] * self._scale for i in held]
+                for params, grads in ((lora.a, grads_a), (lora.b, grads_b)):
+                    moves = torch._foreach_mul([grads[i] for i in held], steps)
+                    torch._foreach_add_([local(params[i]) for i in held], moves)
 
     def _grouped(self, optimizer: torch.optim.Optimizer) -> tuple[list[tuple[dict, list[int]]], dict[int, dict]]:
         """([(param group, indices into self.params of its tensors)], {id(tensor): its group}), cached per
@@ -201,5 +222,9 @@ class L2SP(Regularizer):
 
 
 def squared_distance(params: list[torch.Tensor], anchors: list[torch.Tensor]) -> torch.Tensor:
-    """sum ||theta - theta_0||^2 in fp32, one tensor at a time (torch.dist needs no full-size temporary list)."""
+    """sum ||theta - theta_0||^2 in fp32. On CPU one tensor at a time (torch.dist makes no full-size temporary list,
+    whose fresh pages cost more than the arithmetic there); on accelerators two fused ops (a loop of small kernels
+    would be launch-bound, and the caching allocator reuses the temporary)."""
+    if params[0].device.type != "cpu" and all(p.dtype == a.dtype == torch.float32 for p, a in zip(params, anchors)):
+        return sum_of_squares(list(torch._foreach_sub(params, anchors)))
     return torch.stack([torch.dist(p.float(), a.float()) for p, a in zip(params, anchors)]).square().sum()
