@@ -170,7 +170,7 @@ def measure_kind(base: torch.nn.Module, kind: str, prepare: Prepare, args: argpa
         plain_ms = 1e3 * statistics.median(p for p, _ in pairs)
         rows.append((kind, name, ratio, plain_ms, max(peaks) / 2**30, plain_peak / 2**30))
         print(f"{kind:28s} {name:40s} {ratio:.3f}x  plain {plain_ms:.1f} ms", flush=True)
-        del run
+        del run, first, second  # the loop's names hold the run too
         gc.collect()  # the stack's optimizer hooks make a reference cycle: free the run's tensors now
         if device == "cuda":
             torch.cuda.empty_cache()

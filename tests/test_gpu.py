@@ -84,8 +84,8 @@ def test_fsdp_trainer_run_matches_plain(tmp_path: Path, kind: str) -> None:
 def test_fsdp_refuses_whole_model_state_in_one_line(tmp_path: Path) -> None:
     data = write_data_files(tmp_path)
     proc = _train(_config(data, [{"name": "ema"}], None, tmp_path / "ema", fsdp=True))
-    assert proc.returncode == 2
-    assert "ema keep whole-model copies and do not run on FSDP" in proc.stderr
+    assert proc.returncode != 0  # tether exits 2; torchrun reports a failed child as 1
+    assert "ema keep whole-model copies and do not run on FSDP" in proc.stderr, proc.stderr[-3000:]
     assert not (tmp_path / "ema").exists()
 
 
