@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 
 from tether.config import validate_config
+from tether.distributed import shutdown
 from tether.run import train
 
 if __name__ == "__main__":
@@ -19,3 +20,4 @@ if __name__ == "__main__":
     for raw, out in json.loads(Path(sys.argv[1]).read_text()):
         returned = train(validate_config(raw), Path(out))
         Path(f"{out}.rank{rank}.json").write_text(json.dumps(returned))  # beside the run: what each process got
+    shutdown()

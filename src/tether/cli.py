@@ -47,6 +47,7 @@ def train(
 ) -> None:
     """Fine-tune as configured; writes model/, metrics.json, history.jsonl, curves.png and checkpoints."""
     from tether.config import load_config
+    from tether.distributed import shutdown
     from tether.run import train as run_train
 
     cfg = load_config(config, set_)
@@ -55,6 +56,7 @@ def train(
 
     progress = [RichProgress("training", console)]
     metrics = run_train(cfg, out, resume=resume, overwrite=overwrite, callbacks=progress, console=console)
+    shutdown()
     if metrics:  # with several processes, only the main one measures and reports
         console.print_json(json.dumps(metrics))
         console.print(f"[green]done[/]: {out}")

@@ -77,3 +77,12 @@ def gather_like(shard: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
         return shard
     mesh, placements = like.device_mesh, like.placements
     return DTensor.from_local(shard, mesh, placements, shape=like.shape, stride=like.stride()).full_tensor()
+
+
+def shutdown() -> None:
+    """At the end of a launched process: every process leaves the group together, so that no communication
+    thread is still running when the interpreter exits (that aborts the process: "terminate called without an
+    active exception")."""
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
