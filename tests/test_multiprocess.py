@@ -182,4 +182,4 @@ def test_fsdp_state_is_sharded_with_the_parameters(fsdp: Path, kind: str) -> Non
 
 
 def test_fsdp_refuses_whole_model_state(fsdp: Path) -> None:
-    assert "ema do not run on FSDP-sharded parameters" in (fsdp / "fsdp-refused.txt").read_text()
+    assert "ema keep whole-model copies and do not run on FSDP" in (fsdp / "fsdp-refused.txt").read_text()

@@ -304,9 +304,7 @@ def check_fsdp(stack: RegularizerStack, fsdp_version: int, lora: bool) -> None:
     and a reference that is the sharded model itself (LoRA with the adapters off), not a whole frozen copy."""
     if fsdp_version != 2:
         raise ConfigError("training.fsdp_config: tether needs FSDP2: set version: 2 (fsdp_version: 2 for accelerate)")
-    whole = [reg.name for reg, _ in stack.items if not reg.sharded_parameters]
-    if whole:
-        raise ConfigError(f"{', '.join(whole)} keep whole-model copies and do not run on FSDP: use DDP or drop them")
+    stack.check_shardable()
     referenced = [reg.name for reg, _ in stack.items if reg.reference_options() is not None]
     if referenced and not lora:
         raise ConfigError(

@@ -13,7 +13,7 @@ from torch import nn
 
 from tether.config import RegularizerEntry
 from tether.distributed import has_sharded_parameters, sum_across_processes, world_size
-from tether.errors import NonFiniteError, TetherError
+from tether.errors import ConfigError, NonFiniteError, TetherError
 from tether.reference import Reference, merge_options
 from tether.regularizers.base import (
     REGISTRY,
@@ -79,10 +79,7 @@ class RegularizerStack:
     def setup(self, ctx: SetupContext) -> None:
         """Builds the one frozen Reference first, when one is asked for: before any setup changes the model."""
         if has_sharded_parameters(ctx.model):
-            whole = [reg.name for reg, _ in self.items if not reg.sharded_parameters]
-            if whole:
-                names = ", ".join(whole)
-                raise TetherError(f"{names} do not run on FSDP-sharded parameters: train with DDP or drop them")
+            self.check_shardable()
             self.sharded = True
         wanted = [opts for reg, _ in self.items if (opts := reg.reference_options()) is not None]
         if wanted and ctx.reference is None:
@@ -90,6 +87,13 @@ class RegularizerStack:
         self.reference = ctx.reference
         for reg, _ in self.items:
             reg.setup(ctx)
+
+    def check_shardable(self) -> None:
+        """Refuse the regularizers that need whole parameter tensors, which FSDP2 splits over the processes."""
+        whole = [reg.name for reg, _ in self.items if not reg.sharded_parameters]
+        if whole:
+            names = ", ".join(whole)
+            raise ConfigError(f"{names} keep whole-model copies and do not run on FSDP: use DDP or drop them")
 
     def train_data(
         self,
