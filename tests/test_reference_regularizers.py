@@ -17,7 +17,7 @@ from torch import nn
 from tether.config import RegularizerEntry, validate_config
 from tether.data import IGNORE, Collator
 from tether.errors import ConfigError
-from tether.reference import Reference, ReferenceOptions
+from tether.reference import Reference, ReferenceOptions, at_positions, loss_positions, row_keys
 from tether.regularizers import REGISTRY, FinishContext, RegularizerStack, SetupContext, parse_entries
 from tether.regularizers.distill import divergence
 from tether.regularizers.dropout import KNOBS
@@ -56,7 +56,8 @@ def lora(model: nn.Module, trained: bool = False) -> nn.Module:
     """A PEFT LoRA model; `trained`: its adapter is away from init, as one trained before this run is."""
     from peft import LoraConfig, TaskType, get_peft_model
 
-    peft = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, task_type=TaskType.CAUSAL_LM))
+    task = TaskType.CAUSAL_LM if model.get_output_embeddings() is not None else TaskType.SEQ_CLS
+    peft = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, task_type=task))
     if trained:
         move_adapter(peft, seed=1)
     return peft
@@ -77,6 +78,11 @@ def logits(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
     model.train(was)
     return out
+
+
+def at_loss(values: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """values at the batch's loss positions, as Reference.logits gives them."""
+    return at_positions(values, *loss_positions(batch["labels"]))
 
 
 def storages(*modules: nn.Module) -> set[int]:
@@ -111,7 +117,7 @@ def test_lora_reference_disables_the_adapter_and_copies_no_weight():
     assert storages(model) == before  # nothing copied, nothing new in the model
     move_adapter(model, seed=2)  # training moves the adapter
     assert not torch.allclose(logits(model, batch), original, atol=1e-4)
-    torch.testing.assert_close(ref.logits(batch), original)
+    torch.testing.assert_close(ref.logits(batch), at_loss(original, batch))
     assert model.training and all(m.training for m in model.modules())  # each module's mode put back
 
 
@@ -129,8 +135,10 @@ def test_an_adapter_trained_before_the_run_gets_a_cloned_frozen_reference():
     assert storages(model).isdisjoint(t.untyped_storage().data_ptr() for t in ref.adapter.values())
     move_adapter(model, seed=3)
     got = ref.logits(batch)
-    torch.testing.assert_close(got, at_setup)
-    assert not torch.allclose(got, base, atol=1e-3), "disabling the adapter would have been the wrong reference"
+    torch.testing.assert_close(got, at_loss(at_setup, batch))
+    assert not torch.allclose(got, at_loss(base, batch), atol=1e-3), (
+        "disabling the adapter would have been the wrong reference"
+    )
     assert all(p.requires_grad for p in trainable.values())
     assert Reference.build(model, ReferenceOptions(adapter="disable")).mode == "disable"  # forced by config
 
@@ -144,10 +152,103 @@ def test_full_fine_tuning_reference_is_a_frozen_copy_optionally_in_bf16():
     with torch.no_grad():
         for p in model.parameters():
             p.add_(0.1)
-    torch.testing.assert_close(ref.logits(batch), original)
+    torch.testing.assert_close(ref.logits(batch), at_loss(original, batch))
     assert all(not p.requires_grad for p in ref.frozen.parameters()) and not ref.frozen.training
     assert all(p.dtype == torch.bfloat16 and p.device.type == "cpu" for p in half.frozen.parameters())
-    torch.testing.assert_close(half.logits(batch).float(), original, atol=0.05, rtol=0.05)
+    torch.testing.assert_close(half.logits(batch).float(), at_loss(original, batch), atol=0.05, rtol=0.05)
+
+
+def rows_of(n: int, seed: int, task: str) -> list[dict]:
+    """Rows of lengths 5..5+n-1 in shuffled order, a 3-token prompt without loss on each (causal LM)."""
+    rng = random.Random(seed)
+    lengths = rng.sample(range(5, 5 + n), n)
+    rows = []
+    for length in lengths:
+        ids = [rng.randrange(4, VOCAB) for _ in range(length)]
+        labels = rng.randrange(2) if task != "causal_lm" else [IGNORE] * 3 + ids[3:]
+        rows.append({"input_ids": ids, "attention_mask": [1] * length, "labels": labels})
+    return rows
+
+
+def one_by_one(model: nn.Module, rows: list[dict]) -> list[torch.Tensor]:
+    """Each row's logits at its loss positions, from the model run on that row alone (no padding)."""
+    return [at_loss(logits(model, batch), batch) for batch in (Collator(0)([row]) for row in rows)]
+
+
+@pytest.mark.parametrize(
+    "arch,task,kind",
+    [("llama", "causal_lm", "lora"), ("qwen2", "causal_lm", "trained_lora"), ("gpt2", "causal_lm", "copy"),
+     ("gpt_neox", "causal_lm", "offload"), ("bert", "sequence_classification", "copy"),
+     ("llama", "sequence_classification", "lora")],
+)  # fmt: skip
+def test_the_row_cache_and_the_split_output_layer_give_the_original_logits(arch: str, task: str, kind: str):
+    """Parity with the original model run row by row, for rows first met in one batch and met again in others
+    (another order, another padding width); only rows not met before run through the model."""
+    base = model_of(arch, task)
+    model = lora(base, trained=kind == "trained_lora") if "lora" in kind else base
+    rows = rows_of(6, seed=1, task=task)
+    expected = one_by_one(model, rows)
+    ref = Reference.build(model, ReferenceOptions(offload=kind == "offload"))
+    assert ref.split == (task == "causal_lm")  # a classification head pools: the whole model runs
+    body = (ref.frozen if ref.mode == "copy" else model.get_base_model() if "lora" in kind else model).base_model
+    ran = []
+    body.register_forward_pre_hook(lambda m, a, kw: ran.append(len(a[0] if a else kw["input_ids"])), with_kwargs=True)
+    if "lora" in kind:
+        move_adapter(model, seed=5)  # training moves the adapter...
+    else:
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(0.05)  # ...or the weights
+    for order in ([0, 1, 2, 3], [5, 2, 4, 0], [3, 1, 0, 5]):
+        got = ref.logits(Collator(0)([rows[i] for i in order]))
+        torch.testing.assert_close(got, torch.cat([expected[i] for i in order]), rtol=1e-4, atol=1e-5)
+    assert ran == [4, 2]  # rows 0-3, then 5 and 4; the third batch came from the cache
+
+
+def test_soft_capped_logits_come_from_the_whole_model():
+    from transformers import Gemma2Config, Gemma2ForCausalLM
+
+    torch.manual_seed(0)
+    sizes = {"hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 2, "head_dim": 8}
+    heads = {"num_attention_heads": 2, "num_key_value_heads": 1}
+    config = Gemma2Config(vocab_size=VOCAB, **sizes, **heads, final_logit_softcapping=30.0)
+    model = Gemma2ForCausalLM(config)
+    rows = rows_of(3, seed=4, task="causal_lm")
+    ref = Reference.build(model, ReferenceOptions())
+    assert not ref.split  # the output embeddings alone would leave the capping out
+    got = ref.logits(Collator(0)(rows))
+    torch.testing.assert_close(got, torch.cat(one_by_one(model, rows)), rtol=1e-4, atol=1e-5)
+
+
+def test_without_room_in_the_row_cache_rows_run_every_time():
+    model = lora(model_of())
+    batch = Collator(0)(rows_of(4, seed=2, task="causal_lm"))
+    expected = Reference.build(model, ReferenceOptions(cache_mb=0)).logits(batch)
+    off = Reference.build(model, ReferenceOptions(cache_mb=0))
+    for _ in range(3):
+        torch.testing.assert_close(off.logits({**batch}), expected)
+        off.clear()
+    assert off.forwards == 3 and not off.cache.rows
+    room = Reference.build(model, ReferenceOptions())
+    room.logits(batch)
+    sizes = [t.numel() * t.element_size() for t in room.cache.rows.values()]
+    two = Reference.build(model, ReferenceOptions())
+    two.cache = type(two.cache)(sizes[0] + sizes[1])  # room for the first two rows only
+    two.logits(batch)
+    two.clear()
+    torch.testing.assert_close(two.logits({**batch}), expected)
+    assert two.forwards == 2 and len(two.cache.rows) == 2
+
+
+def test_row_keys_see_content_and_labels_not_trailing_padding():
+    rows = rows_of(3, seed=3, task="causal_lm")
+    keys = row_keys(Collator(0)(rows))
+    assert len(set(keys)) == 3
+    wider = row_keys(Collator(0)([*rows, {"input_ids": [5] * 20, "attention_mask": [1] * 20, "labels": [5] * 20}]))
+    assert wider[:3] == keys  # padded to 20 tokens instead of the longest row's
+    relabelled = [{**rows[0], "labels": [IGNORE] * 4 + rows[0]["input_ids"][4:]}, *rows[1:]]
+    assert row_keys(Collator(0)(relabelled))[0] != keys[0]  # other loss positions: another entry
+    assert row_keys({**Collator(0)(rows), "extra": 1}) == [None] * 3  # not all per row: no caching
 
 
 def test_reference_options_are_checked_where_used():
@@ -163,9 +264,11 @@ def test_reference_options_are_checked_where_used():
         stack_of(model_of(), {"name": "kl", "reference": {"adapter": "clone"}})
 
 
-def test_trainer_runs_the_reference_before_the_student_once_per_micro_batch(tmp_path: Path):
+@pytest.mark.parametrize("cache_mb", [0, 1])
+def test_trainer_runs_the_reference_before_the_student_once_per_new_micro_batch(tmp_path: Path, cache_mb: int):
     """RegularizedTrainer prefetches the teacher's logits before the student's forward (the student's activations are
-    not alive during it) and distill + kl then read them: one reference forward per micro-batch, none repeated."""
+    not alive during it) and distill + kl then read them: one reference forward per micro-batch, none repeated; with
+    the row cache, none at all in the second epoch (3 steps x 2 micro-batches x 2 rows = 1.5 epochs of 8 rows)."""
     from transformers import TrainingArguments
 
     from tether.trainer import RegularizedTrainer
@@ -174,7 +277,8 @@ def test_trainer_runs_the_reference_before_the_student_once_per_micro_batch(tmp_
     rng = random.Random(0)
     ids = [[rng.randrange(4, VOCAB) for _ in range(rng.randint(5, 10))] for _ in range(8)]
     rows = [{"input_ids": i, "attention_mask": [1] * len(i), "labels": [IGNORE] * 3 + i[3:]} for i in ids]
-    stack = RegularizerStack.from_configs([REGISTRY[n].config(name=n) for n in ("distill", "kl")])
+    options = {"reference": {"cache_mb": cache_mb}}
+    stack = RegularizerStack.from_configs([REGISTRY[n].config(name=n, **options) for n in ("distill", "kl")])
     args = TrainingArguments(
         output_dir=str(tmp_path), use_cpu=True, report_to="none", max_steps=3, per_device_train_batch_size=2,
         gradient_accumulation_steps=2, save_strategy="no", disable_tqdm=True, dataloader_pin_memory=False,
@@ -182,17 +286,19 @@ def test_trainer_runs_the_reference_before_the_student_once_per_micro_batch(tmp_
     trainer = RegularizedTrainer(model=model, args=args, train_dataset=rows, data_collator=Collator(0), stack=stack)
     stack.setup(SetupContext(trainer.model, None, args.learning_rate))
     order = []
-    model.register_forward_pre_hook(lambda m, a: order.append("student" if torch.is_grad_enabled() else "reference"))
+    body = model.get_base_model().base_model  # what both forwards run (the reference's output layer runs apart)
+    body.register_forward_pre_hook(lambda m, a: order.append("student" if torch.is_grad_enabled() else "reference"))
     trainer.train()
-    assert stack.reference.forwards == 3 * 2  # steps x micro-batches
-    assert order == ["reference", "student"] * 6
+    new_batches = 6 if cache_mb == 0 else 4  # the cache holds every row after the first epoch's 4 micro-batches
+    assert stack.reference.forwards == new_batches
+    assert order == ["reference", "student"] * new_batches + ["student"] * (6 - new_batches)
 
 
 @pytest.mark.parametrize("use_lora", [False, True], ids=["full_copy", "lora"])
 def test_distill_and_kl_share_one_reference_forward_per_step(use_lora: bool):
     model = lora(model_of()) if use_lora else model_of()
     stack = stack_of(model, {"name": "distill"}, {"name": "kl"})
-    reference_net = model if use_lora else stack.reference.frozen
+    reference_net = model.get_base_model().base_model if use_lora else stack.reference.frozen.base_model  # the body
     calls = []
     reference_net.register_forward_hook(lambda *_: calls.append(1))
     steps = 3

@@ -1,4 +1,5 @@
-"""The frozen reference: the original model's logits for a batch, for the regularizers that compare with it.
+"""The frozen reference: the original model's logits at a batch's loss positions, for the regularizers that compare
+with it.
 
 One Reference serves every regularizer of a run (distill and kl together). It is built by the stack at setup, before
 any optimizer step, in the cheapest form that is still the original model:
@@ -17,26 +18,43 @@ Under LoRA, `adapter: auto` picks disable when disabling the adapters leaves the
 unchanged at setup (a fresh adapter adds exactly zero), and clone otherwise.
 
 The reference forward runs under torch.no_grad() in eval mode (no dropout, no NEFTune noise: the original model's
-own predictions), and its logits are cached for the batch: a second regularizer asking about the same input_ids
-tensor gets the cached logits. The stack clears the cache after every optimizer step.
+own predictions) and is shared: a second regularizer asking about the same input_ids tensor in the same step gets
+the same logits (the stack clears them after the penalties). Two savings on top:
+  - split: the model's body runs over the batch and its output layer only at the loss positions, when the body's
+    last hidden states through the output embeddings give the model's own logits on a probe at setup (not so for
+    soft-capped logits or classification heads: there the whole model runs and its logits are gathered);
+  - the row cache (`cache_mb`): the original model is frozen and deterministic, so what it gives on a row is fixed.
+    Its output at a row's loss positions (the last hidden states with the split, else the logits) is kept in host
+    memory, keyed by the row's content: tokens, mask and labels up to the row's last real token (trailing padding
+    changes no earlier output of a causal model, nor any output of a masked encoder). A row met again, in a later
+    epoch and in any batch, costs no forward: only rows not seen before run through the model. Small data trained
+    for several epochs then pays one reference forward per row, not one per row and epoch. Rows are added until
+    the cache is full; those that do not fit run every time.
+Under FSDP2 neither applies: every process must run each forward of the whole model together (its shards are
+gathered by the root module's hooks), so the reference runs the whole model on every batch.
 """
 
 from __future__ import annotations
 
 import copy
+import hashlib
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any, Literal
 
 import torch
+from pydantic import Field
 from torch import nn
 
 from tether.config import Section
+from tether.data import IGNORE
+from tether.distributed import has_sharded_parameters
 from tether.errors import ConfigError
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
 PROBE_TOKENS = 8  # length of the probe sequence that tells a fresh adapter from a trained one
+MB = 2**20
 
 
 class ReferenceOptions(Section):
@@ -52,6 +70,9 @@ class ReferenceOptions(Section):
     offload: bool = False
     """Full fine-tuning only: keep the frozen copy on the CPU and move it to the model's device for each reference
     forward (saves accelerator memory, costs one transfer of the weights per batch)."""
+    cache_mb: int = Field(1024, ge=0)
+    """Host memory (MB) for the reference's outputs on rows already seen: a row met again costs no forward. A loss
+    token takes hidden_size values (vocabulary size for classification heads and soft-capped logits). 0: off."""
 
 
 def merge_options(options: list[ReferenceOptions]) -> ReferenceOptions:
@@ -66,7 +87,7 @@ def merge_options(options: list[ReferenceOptions]) -> ReferenceOptions:
 
 
 class Reference:
-    """The original model's logits for a batch, computed once per batch under no_grad and shared."""
+    """The original model's logits at a batch's loss positions, computed once per batch under no_grad and shared."""
 
     def __init__(self, model: nn.Module, mode: str, frozen: nn.Module | None = None,
                  adapter: dict[str, torch.Tensor] | None = None, offload: bool = False) -> None:  # fmt: skip
@@ -76,14 +97,26 @@ class Reference:
         self.frozen = frozen
         self.adapter = adapter
         self.offload = offload
+        self.split = False
+        """Whether the output layer runs apart from the body, at the loss positions only."""
+        self.cache = RowCache(0)
         self.forwards = 0
-        """Reference forwards run so far (the cache saves the others)."""
+        """Reference forwards run so far (the cache and the sharing between regularizers save the others)."""
         self._inputs: tuple[torch.Tensor, int] | None = None
         self._logits: torch.Tensor | None = None
+        self._prefixes: dict[int, str] = {}
 
     @classmethod
     def build(cls, model: nn.Module, options: ReferenceOptions) -> Reference:
         """A reference to `model` as it is now; call it before training changes the model."""
+        ref = cls._of(model, options)
+        if not has_sharded_parameters(model):  # FSDP2: only the whole model's forward gathers the shards
+            ref.cache = RowCache(options.cache_mb * MB)
+            ref.split = ref.splits_exactly()
+        return ref
+
+    @classmethod
+    def _of(cls, model: nn.Module, options: ReferenceOptions) -> Reference:
         peft = is_peft(model)
         if peft and (options.dtype is not None or options.offload):
             raise ConfigError(
@@ -105,15 +138,14 @@ class Reference:
         return cls(model, "clone", adapter=adapter)
 
     def logits(self, inputs: dict[str, Any]) -> torch.Tensor:
-        """The reference's logits for this batch (no grad), from the cache when the batch was seen this step."""
+        """The reference's logits at the batch's loss positions, [positions, vocab] in `loss_positions` order, without
+        grad. A second call with the same input_ids tensor (before clear()) returns the same tensor."""
         ids = inputs["input_ids"]
-        # The cache keeps the tensor itself: while it is alive its id cannot be reused by a later batch.
+        # Kept with the tensor itself: while it is alive its id cannot be reused by a later batch.
         if self._inputs is not None and self._inputs[0] is ids and self._inputs[1] == ids._version:
             return self._logits
-        model_inputs = {k: v for k, v in inputs.items() if k != "labels"}  # no loss to compute
         with torch.no_grad():
-            logits = self._forward(model_inputs)
-        self.forwards += 1
+            logits = self._head(self._at_loss_positions(inputs))
         self._inputs, self._logits = (ids, ids._version), logits
         return logits
 
@@ -128,24 +160,175 @@ class Reference:
         return {}
 
     def clear(self) -> None:
-        """Drop the cached logits once every regularizer has read them (a batch x tokens x vocab tensor)."""
+        """Drop this batch's logits once every regularizer has read them."""
         self._inputs = self._logits = None
 
-    def _forward(self, inputs: dict[str, Any]) -> torch.Tensor:
+    def splits_exactly(self) -> bool:
+        """Whether the body's last hidden states through the output embeddings give the model's own logits, on a
+        short probe (False for classification heads, soft-capped or scaled logits: the whole model runs then)."""
+        net = hf_model(self.frozen if self.mode == "copy" else self.model)
+        if net.get_output_embeddings() is None or net.base_model is net:
+            return False
+        if getattr(net.config, "final_logit_softcapping", None):  # tanh capping is near identity on a probe's logits
+            return False
+        probe = {"input_ids": probe_ids(self.model)}
+        with torch.no_grad():
+            whole, hidden = self._forward(probe, split=False), self._forward(probe, split=True)
+            if hidden is None or hidden.shape[:-1] != whole.shape[:-1]:
+                return False
+            return torch.allclose(self._output_layer(hidden).float(), whole.float(), rtol=1e-4, atol=1e-5)
+
+    def _at_loss_positions(self, inputs: dict[str, Any]) -> torch.Tensor:
+        """What the body (or the whole model) gives at the batch's loss positions: from the row cache for rows seen
+        before, from one forward over the other rows."""
+        keys = row_keys(inputs) if self.cache.capacity else [None] * len(inputs["labels"])
+        todo = [i for i, key in enumerate(keys) if key not in self.cache]
+        fresh = dict(zip(todo, self._rows(take_rows(inputs, todo)))) if todo else {}
+        for i in todo:
+            self.cache.add(keys[i], fresh[i])
+        device = inputs["input_ids"].device
+        return torch.cat([fresh[i] if i in fresh else self.cache.rows[key].to(device) for i, key in enumerate(keys)])
+
+    def _rows(self, inputs: dict[str, Any]) -> list[torch.Tensor]:
+        """One forward over these rows; per row, its output at its loss positions."""
+        labels = inputs["labels"]
+        self.forwards += 1
+        out = self._forward({k: v for k, v in inputs.items() if k != "labels"}, self.split)
+        rows, cols = loss_positions(labels)
+        per_row = torch.bincount(rows, minlength=len(labels)).tolist()
+        return list(at_positions(out, rows, cols).split(per_row))
+
+    def _forward(self, inputs: dict[str, Any], split: bool) -> torch.Tensor | None:
+        """The whole model's logits, or with `split` the body's last hidden states (None if it gives none)."""
+        with self._original(inputs["input_ids"].device) as net:
+            if not split:
+                return self._call(net, **inputs).logits
+            out = self._call(hf_model(net).base_model, **inputs)
+            return out.get("last_hidden_state") if isinstance(out, dict) else None
+
+    def _head(self, features: torch.Tensor) -> torch.Tensor:
+        """Logits from what _forward gave (the output embeddings applied with the split)."""
+        return self._output_layer(features) if self.split else features
+
+    def _output_layer(self, hidden: torch.Tensor) -> torch.Tensor:
+        with self._original(hidden.device, head_only=True) as net:
+            return self._call(hf_model(net).get_output_embeddings(), hidden)
+
+    @contextmanager
+    def _original(self, device: torch.device, head_only: bool = False) -> Iterator[nn.Module]:
+        """The original model, ready to call in eval mode: the frozen copy (with offload, the part about to run moved
+        to `device` for the call), or the model with its adapters disabled (clone swaps tensors in _call)."""
         if self.mode == "copy":
-            device = inputs["input_ids"].device
-            if self.offload:
-                self.frozen.to(device)
-            try:
-                return self.frozen(**inputs).logits
-            finally:
-                if self.offload:
-                    self.frozen.to("cpu")
+            moving = hf_model(self.frozen).get_output_embeddings() if head_only else self.frozen
+            with moved(moving if self.offload else None, device):
+                yield self.frozen
+            return
         with evaluating(self.model):
             if self.mode == "disable":
                 with self.model.disable_adapter():
-                    return self.model(**inputs).logits
-            return torch.func.functional_call(self.model, self.adapter, args=(), kwargs=inputs).logits
+                    yield self.model
+            else:
+                yield self.model
+
+    def _call(self, module: nn.Module, *args: Any, **kwargs: Any) -> Any:
+        """module(*args, **kwargs); for clone, with the frozen adapter tensors under `module` swapped in."""
+        if self.mode != "clone":
+            return module(*args, **kwargs)
+        if id(module) not in self._prefixes:
+            name = next(n for n, m in self.model.named_modules() if m is module)
+            self._prefixes[id(module)] = f"{name}." if name else ""
+        prefix = self._prefixes[id(module)]
+        own = {n.removeprefix(prefix): t for n, t in self.adapter.items() if n.startswith(prefix)}
+        return torch.func.functional_call(module, own, args, kwargs)
+
+
+class RowCache:
+    """The reference's output at each cached row's loss positions, in host memory, by row_keys' digest; rows are
+    added until `capacity` bytes are held."""
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self.used = 0
+        self.rows: dict[bytes, torch.Tensor] = {}
+
+    def __contains__(self, key: bytes | None) -> bool:
+        return key is not None and key in self.rows
+
+    def add(self, key: bytes | None, values: torch.Tensor) -> None:
+        size = values.numel() * values.element_size()
+        if key is not None and self.used + size <= self.capacity:
+            self.rows[key] = values.to("cpu", copy=True)  # a copy: not a view that keeps the whole batch alive
+            self.used += size
+
+
+def row_keys(inputs: dict[str, Any]) -> list[bytes | None]:
+    """A digest per row of all that the reference's output at its loss positions depends on: every input of the row
+    up to its last real token (attention_mask), labels included (they say which positions carry loss). None for
+    every row when the batch holds anything that is not one tensor row per row."""
+    n = len(inputs["labels"])
+    if any(not isinstance(v, torch.Tensor) or v.ndim == 0 or len(v) != n for v in inputs.values()):
+        return [None] * n
+    cpu = {name: inputs[name].cpu() for name in sorted(inputs)}
+    width = cpu["input_ids"].shape[1]
+    mask = cpu.get("attention_mask")
+    ends = [width] * n if mask is None else (width - mask.flip(1).int().argmax(1)).tolist()
+    keys = []
+    for i, end in enumerate(ends):
+        digest = hashlib.blake2b(digest_size=16)
+        for name, values in cpu.items():
+            row = values[i][:end] if values.ndim > 1 and values.shape[1] == width else values[i]
+            digest.update(f"{name}{tuple(row.shape)}{row.dtype}".encode())
+            digest.update(row.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+        keys.append(digest.digest())
+    return keys
+
+
+def take_rows(inputs: dict[str, Any], rows: list[int]) -> dict[str, Any]:
+    """The batch restricted to `rows` (the batch itself when that is all of them)."""
+    if len(rows) == len(inputs["labels"]):
+        return inputs
+    index = torch.tensor(rows, device=inputs["input_ids"].device)
+    return {name: values[index] for name, values in inputs.items()}
+
+
+def loss_positions(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(rows, columns) of the logits that carry loss: logits[:, t] predicts labels[:, t + 1] for causal LM; every row
+    with a label (column 0) for class labels [batch]."""
+    if labels.ndim == 1:
+        rows = (labels != IGNORE).nonzero().squeeze(1)
+        return rows, torch.zeros_like(rows)
+    rows, cols = (labels[:, 1:] != IGNORE).nonzero(as_tuple=True)
+    return rows, cols
+
+
+def at_positions(values: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+    """values[rows, cols] for per-token values [batch, tokens, ...]; values[rows] for per-row ones [batch, classes]."""
+    return values[rows] if values.ndim == 2 else values[rows, cols]
+
+
+def hf_model(model: nn.Module) -> nn.Module:
+    """The transformers model inside a PEFT wrapper (the model itself otherwise)."""
+    return model.get_base_model() if is_peft(model) else model
+
+
+@contextmanager
+def moved(module: nn.Module | None, device: torch.device) -> Iterator[None]:
+    """`module` on `device` inside, back on the CPU after (nothing moves for None)."""
+    if module is None:
+        yield
+        return
+    module.to(device)
+    try:
+        yield
+    finally:
+        module.to("cpu")
+
+
+def probe_ids(model: nn.Module) -> torch.Tensor:
+    """A short fixed token sequence [1, PROBE_TOKENS] on the model's device."""
+    device = next(model.parameters()).device
+    vocab = model.get_input_embeddings().num_embeddings
+    return torch.arange(1, PROBE_TOKENS + 1, device=device).remainder(vocab)[None]
 
 
 def frozen_copy(model: nn.Module, dtype: torch.dtype | None, device: str | None) -> nn.Module:
@@ -182,9 +365,7 @@ def is_peft(model: nn.Module) -> bool:
 
 def adapter_changes_outputs(model: nn.Module) -> bool:
     """Whether the model's adapters change its logits now, on a short probe sequence (a fresh LoRA adds zero)."""
-    device = next(model.parameters()).device
-    vocab = model.get_input_embeddings().num_embeddings
-    probe = torch.arange(1, PROBE_TOKENS + 1, device=device).remainder(vocab)[None]
+    probe = probe_ids(model)
     with torch.no_grad(), evaluating(model):
         adapted = model(input_ids=probe).logits.float()
         with model.disable_adapter():

@@ -35,9 +35,8 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import nn
 
-from tether.data import IGNORE
 from tether.errors import ConfigError
-from tether.reference import Reference, ReferenceOptions
+from tether.reference import Reference, ReferenceOptions, at_positions, loss_positions
 from tether.regularizers.base import Regularizer, RegularizerConfig, SetupContext, register
 
 Divergence = Literal["forward", "reverse", "jsd"]
@@ -80,38 +79,34 @@ class Distill(Regularizer):
 
 def divergence(student: torch.Tensor, teacher: torch.Tensor, labels: torch.Tensor, kind: Divergence = "forward",
                temperature: float = 1.0, beta: float = 0.5, chunk_size: int = 128) -> torch.Tensor:  # fmt: skip
-    """Mean over loss positions of T^2 * D(student, teacher) (module docstring), differentiable in the student."""
-    if labels.ndim == 1:  # class logits [batch, classes]: one position per row
-        student, teacher = student[:, None], teacher[:, None]
+    """Mean over loss positions of T^2 * D(student, teacher) (module docstring), differentiable in the student.
+
+    teacher: logits shaped like the student's, or already at the loss positions ([positions, vocab] in
+    `loss_positions` order, as Reference.logits gives them)."""
     rows, cols = loss_positions(labels)
+    if teacher.shape == student.shape:
+        teacher = at_positions(teacher, rows, cols)
+    if labels.ndim == 1:  # class logits [batch, classes]: one position per row
+        student = student[:, None]
     if rows.numel() == 0:
         return student.sum() * 0.0  # nothing to compare: a zero that still belongs to the graph
     fn = per_chunk(kind, temperature, beta)
     return _ChunkedDivergence.apply(student, teacher.to(student.device), rows, cols, fn, chunk_size)
 
 
-def loss_positions(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(rows, columns) of the logits that carry loss: logits[:, t] predicts labels[:, t + 1] for causal LM; every row
-    (column 0 of a [batch, 1, classes] view) for class labels."""
-    if labels.ndim == 1:
-        rows = (labels != IGNORE).nonzero().squeeze(1)
-        return rows, torch.zeros_like(rows)
-    rows, cols = (labels[:, 1:] != IGNORE).nonzero(as_tuple=True)
-    return rows, cols
-
-
 def per_chunk(kind: Divergence, temperature: float, beta: float) -> Callable[..., tuple[torch.Tensor, Any]]:
     """fn(student, teacher, rows, cols, need_grad) -> (sum over the chunk's positions of T^2 * D, its gradient with
-    respect to the student's logits at those positions or None), in fp32. The chunk is gathered here, so that only
-    its log-softmaxes outlive the first lines. The KLs have closed-form gradients (1.5x faster than autograd and fewer
-    temporaries), with p = softmax(z / T) and d = log p_s - log p_t:
+    respect to the student's logits at those positions or None), in fp32; teacher holds the chunk's positions only.
+    The student's chunk is gathered here, so that only its log-softmaxes outlive the first lines. The KLs have
+    closed-form gradients (1.5x faster than autograd and fewer temporaries), with p = softmax(z / T) and
+    d = log p_s - log p_t:
         d/dz_s T^2 KL(t || s) = T (p_s - p_t),    d/dz_s T^2 KL(s || t) = T p_s (d - KL(s || t));
     jsd goes through autograd on the chunk."""
     T = temperature
 
     def fn(student: torch.Tensor, teacher: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor,
            need_grad: bool) -> tuple[torch.Tensor, Any]:  # fmt: skip
-        t = F.log_softmax(teacher[rows, cols].float().div_(T), dim=-1)  # indexing copies: dividing in place is safe
+        t = F.log_softmax(teacher.float() / T, dim=-1)  # not in place: the chunk is a view of the shared logits
         if kind == "jsd":
             return jsd(student[rows, cols].float().requires_grad_(need_grad), t, T, beta)
         s = F.log_softmax(student[rows, cols].float().div_(T), dim=-1)
@@ -155,8 +150,9 @@ class _ChunkedDivergence(torch.autograd.Function):
         ctx.grad = student.new_zeros(student.shape) if need_grad else None
         total = torch.zeros((), dtype=torch.float32, device=student.device)
         for start in range(0, n, chunk_size):
-            r, c = rows[start : start + chunk_size], cols[start : start + chunk_size]
-            value, chunk_grad = fn(student, teacher, r, c, need_grad)
+            chunk = slice(start, start + chunk_size)
+            r, c = rows[chunk], cols[chunk]
+            value, chunk_grad = fn(student, teacher[chunk], r, c, need_grad)
             if need_grad:
                 ctx.grad[r, c] = chunk_grad.to(student.dtype)
             total += value
