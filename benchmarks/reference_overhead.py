@@ -1,12 +1,18 @@
 """Overhead of the regularizers around the frozen reference (distill, kl) and of neftune, dropout, label_smoothing,
 ema on a training step; peak memory with each reference; memory of chunked vs whole-tensor KL on a 32k vocabulary.
 
-    .venv/bin/python benchmarks/reference_overhead.py [--reps 20] [--seq 64] [--threads 1]
+    .venv/bin/python benchmarks/reference_overhead.py [--reps 20] [--seq 64] [--threads 1] [--run-reps 2]
 
 Step time: a tiny Llama (hidden 128, 4 layers, vocab 1000) trains on CPU on batches of 8 x seq tokens through the
 trainer's path (forward, stack.penalty, backward, AdamW step with the stack's hooks). Every configuration has its own
 model copy; each repetition times every configuration's step next to a plain step of the same kind (LoRA or full),
 in random order, and the table gives the median ratio over repetitions (load from other processes cancels out).
+Each repetition brings new rows, so the reference runs on every batch (a first epoch); the "rows seen before"
+configurations have had their rows through the reference once before the timed step, as in later epochs, where the
+row cache answers without a forward.
+Whole runs: `tether train` on the demo's world (its pre-trained base, 500 arithmetic rows, 200 steps of 16 rows:
+6.4 epochs), LoRA and full fine-tuning, plain and with kl (row cache on and off), no evaluation or checkpoints during
+training; the Trainer's train_runtime, median over --run-reps interleaved repetitions.
 Memory: each configuration runs in a fresh subprocess with a fixed glibc mmap threshold (so freed tensors go back
 to the OS and RSS follows live memory); after the imports the peak RSS is reset (/proc/self/clear_refs), and the
 footprint is the new peak minus the RSS then: weights, optimizer state, activations and the reference.
@@ -30,6 +36,7 @@ import torch.nn.functional as F
 from overhead import Run
 
 from tether.data import IGNORE
+from tether.reference import Reference, ReferenceOptions
 from tether.synthetic import tiny_model
 
 LR, BATCH = 1e-4, 8
@@ -45,7 +52,11 @@ STEP_CONFIGS: dict[str, tuple[bool, list[dict[str, Any]]]] = {  # name: (LoRA?, 
     "dropout (attention 0.1)": (False, [{"name": "dropout", "attention": 0.1}]),
     "label_smoothing": (False, [{"name": "label_smoothing", "strength": 0.1}]),
     "ema": (False, [{"name": "ema"}]),
+    "kl (LoRA), rows seen before": (True, [{"name": "kl"}]),
+    "distill + kl (LoRA), rows seen before": (True, [{"name": "distill"}, {"name": "kl"}]),
+    "kl (full), rows seen before": (False, [{"name": "kl"}]),
 }
+SEEN = " rows seen before"
 MEMORY_CONFIGS = {
     "LoRA plain": (True, []),
     "LoRA + distill + kl": (True, [{"name": "distill"}, {"name": "kl"}]),
@@ -90,6 +101,9 @@ def step_ratios(reps: int, seq: int) -> dict[str, float]:
         batch = batch_of(gen, seq, 1000)
         for name in rng.sample(list(runs), len(runs)):
             run, lora = runs[name]
+            if name.endswith(SEEN):  # the rows went through the reference once already: a later epoch
+                run.stack.prefetch(batch)
+                run.stack.reference.clear()
             if rng.random() < 0.5:  # which of the pair goes first, at random
                 regularized, baseline = run.step(batch), plain[lora].step(batch)
             else:
@@ -101,6 +115,40 @@ def step_ratios(reps: int, seq: int) -> dict[str, float]:
     }
     print(f"plain step: full {plain_ms[False]:.0f} ms, LoRA {plain_ms[True]:.0f} ms")
     return {name: statistics.median(r) for name, r in ratios.items()}
+
+
+WHOLE_RUNS = {  # name: (LoRA?, regularizers)
+    "LoRA plain": (True, []),
+    "LoRA + kl": (True, [{"name": "kl"}]),
+    "LoRA + kl, no row cache": (True, [{"name": "kl", "reference": {"cache_mb": 0}}]),
+    "full plain": (False, []),
+    "full + kl": (False, [{"name": "kl"}]),
+    "full + kl, no row cache": (False, [{"name": "kl", "reference": {"cache_mb": 0}}]),
+}
+
+
+def whole_runs(reps: int) -> dict[str, float]:
+    """{name: median train_runtime in seconds} of `tether train` runs on the demo's world (module docstring)."""
+    import tempfile
+    from pathlib import Path
+
+    from tether.config import validate_config
+    from tether.demo import demo_config
+    from tether.run import train
+    from tether.synthetic import pretrained_base
+
+    base = pretrained_base()
+    seconds: dict[str, list[float]] = {name: [] for name in WHOLE_RUNS}
+    with tempfile.TemporaryDirectory() as tmp:
+        for rep in range(reps):
+            for name, (lora, regularizers) in WHOLE_RUNS.items():
+                cfg = demo_config(base, regularizers)
+                cfg["training"].update(eval_strategy="no", save_strategy="no")
+                if lora:
+                    cfg["lora"] = {"r": 16, "alpha": 32}
+                out = train(validate_config(cfg), Path(tmp) / f"{rep}", overwrite=True)
+                seconds[name].append(out["train_runtime_s"])
+    return {name: statistics.median(s) for name, s in seconds.items()}
 
 
 def status_mb(key: str) -> float:
@@ -151,14 +199,21 @@ def child_kl_memory(mode: str, seq: int, vocab: int, chunk: int) -> dict[str, An
 
     start = start_measuring()
     model = small_model(vocab=vocab, hidden=64, layers=2)
-    frozen = copy.deepcopy(model).requires_grad_(False).eval()
+    reference = Reference.build(model, ReferenceOptions(cache_mb=0)) if mode == "reference" else None
+    frozen = copy.deepcopy(model).requires_grad_(False).eval() if mode in ("whole", "chunked") else None
     gen = torch.Generator().manual_seed(0)
     started = time.perf_counter()
     for _ in range(2):
         batch = batch_of(gen, seq, vocab)
+        if mode == "reference":  # tether's path: the reference first, its logits made per chunk from hidden states
+            teacher = reference.logits(batch)
         out = model(**batch)
         loss = out.loss
-        if mode != "none":
+        if mode == "reference":
+            loss = loss + divergence(out.logits, teacher, batch["labels"], "reverse", 1.0, 0.5, chunk)
+            reference.clear()
+            del teacher
+        elif mode != "none":
             with torch.no_grad():
                 teacher = frozen(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
             if mode == "whole":
@@ -201,6 +256,7 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=20)
     parser.add_argument("--seq", type=int, default=64)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--run-reps", type=int, default=2, help="repetitions of the whole runs (0: skip them)")
     parser.add_argument("--child", choices=["memory", "kl", "loss"])
     parser.add_argument("--arg", default="")
     args = parser.parse_args()
@@ -221,6 +277,13 @@ def main() -> None:
     print("| configuration | step time / plain step |\n| --- | --- |")
     for name, ratio in step_ratios(args.reps, args.seq).items():
         print(f"| {name} | {ratio:.3f}x |")
+    if args.run_reps:
+        print(f"\n## whole runs on the demo's world (train_runtime, median of {args.run_reps})\n")
+        print("| run | seconds | / plain of its kind |\n| --- | --- | --- |")
+        runs = whole_runs(args.run_reps)
+        for name, seconds in runs.items():
+            plain = runs["LoRA plain" if name.startswith("LoRA") else "full plain"]
+            print(f"| {name} | {seconds:.1f} | {seconds / plain:.2f}x |")
     print("\n## peak memory (fresh process per configuration, 3 steps)\n")
     print("| configuration | footprint MB | / plain | reference mode | weights copied by the reference MB |")
     print("| --- | --- | --- | --- | --- |")
@@ -232,7 +295,8 @@ def main() -> None:
     print("\n## reverse KL on a 32k-vocabulary tiny model (4 x 128 tokens, hidden 64; one [4, 128, 32k] fp32 "
           "tensor is 62.5 MB)\n")  # fmt: skip
     print("| KL | footprint MB | extra over no KL MB | step s |\n| --- | --- | --- | --- |")
-    kl = {mode: in_child("--child", "kl", "--arg", mode, *common) for mode in ("none", "whole", "chunked")}
+    modes = ("none", "whole", "chunked", "reference")
+    kl = {mode: in_child("--child", "kl", "--arg", mode, *common) for mode in modes}
     for mode, m in kl.items():
         extra = m["footprint_mb"] - kl["none"]["footprint_mb"]
         print(f"| {mode} | {m['footprint_mb']:.0f} | {extra:.0f} | {m['step_s']:.2f} |")

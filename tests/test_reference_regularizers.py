@@ -17,7 +17,7 @@ from torch import nn
 from tether.config import RegularizerEntry, validate_config
 from tether.data import IGNORE, Collator
 from tether.errors import ConfigError
-from tether.reference import Reference, ReferenceOptions, at_positions, loss_positions, row_keys
+from tether.reference import Reference, ReferenceOptions, TeacherLogits, at_positions, loss_positions, row_keys
 from tether.regularizers import REGISTRY, FinishContext, RegularizerStack, SetupContext, parse_entries
 from tether.regularizers.distill import divergence
 from tether.regularizers.dropout import KNOBS
@@ -117,7 +117,7 @@ def test_lora_reference_disables_the_adapter_and_copies_no_weight():
     assert storages(model) == before  # nothing copied, nothing new in the model
     move_adapter(model, seed=2)  # training moves the adapter
     assert not torch.allclose(logits(model, batch), original, atol=1e-4)
-    torch.testing.assert_close(ref.logits(batch), at_loss(original, batch))
+    torch.testing.assert_close(ref.logits(batch)[:], at_loss(original, batch))
     assert model.training and all(m.training for m in model.modules())  # each module's mode put back
 
 
@@ -134,7 +134,7 @@ def test_an_adapter_trained_before_the_run_gets_a_cloned_frozen_reference():
     assert all(not t.requires_grad for t in ref.adapter.values())
     assert storages(model).isdisjoint(t.untyped_storage().data_ptr() for t in ref.adapter.values())
     move_adapter(model, seed=3)
-    got = ref.logits(batch)
+    got = ref.logits(batch)[:]
     torch.testing.assert_close(got, at_loss(at_setup, batch))
     assert not torch.allclose(got, at_loss(base, batch), atol=1e-3), (
         "disabling the adapter would have been the wrong reference"
@@ -152,10 +152,10 @@ def test_full_fine_tuning_reference_is_a_frozen_copy_optionally_in_bf16():
     with torch.no_grad():
         for p in model.parameters():
             p.add_(0.1)
-    torch.testing.assert_close(ref.logits(batch), at_loss(original, batch))
+    torch.testing.assert_close(ref.logits(batch)[:], at_loss(original, batch))
     assert all(not p.requires_grad for p in ref.frozen.parameters()) and not ref.frozen.training
     assert all(p.dtype == torch.bfloat16 and p.device.type == "cpu" for p in half.frozen.parameters())
-    torch.testing.assert_close(half.logits(batch).float(), at_loss(original, batch), atol=0.05, rtol=0.05)
+    torch.testing.assert_close(half.logits(batch)[:].float(), at_loss(original, batch), atol=0.05, rtol=0.05)
 
 
 def rows_of(n: int, seed: int, task: str) -> list[dict]:
@@ -200,7 +200,7 @@ def test_the_row_cache_and_the_split_output_layer_give_the_original_logits(arch:
             for p in model.parameters():
                 p.add_(0.05)  # ...or the weights
     for order in ([0, 1, 2, 3], [5, 2, 4, 0], [3, 1, 0, 5]):
-        got = ref.logits(Collator(0)([rows[i] for i in order]))
+        got = ref.logits(Collator(0)([rows[i] for i in order]))[:]
         torch.testing.assert_close(got, torch.cat([expected[i] for i in order]), rtol=1e-4, atol=1e-5)
     assert ran == [4, 2]  # rows 0-3, then 5 and 4; the third batch came from the cache
 
@@ -216,17 +216,17 @@ def test_soft_capped_logits_come_from_the_whole_model():
     rows = rows_of(3, seed=4, task="causal_lm")
     ref = Reference.build(model, ReferenceOptions())
     assert not ref.split  # the output embeddings alone would leave the capping out
-    got = ref.logits(Collator(0)(rows))
+    got = ref.logits(Collator(0)(rows))[:]
     torch.testing.assert_close(got, torch.cat(one_by_one(model, rows)), rtol=1e-4, atol=1e-5)
 
 
 def test_without_room_in_the_row_cache_rows_run_every_time():
     model = lora(model_of())
     batch = Collator(0)(rows_of(4, seed=2, task="causal_lm"))
-    expected = Reference.build(model, ReferenceOptions(cache_mb=0)).logits(batch)
+    expected = Reference.build(model, ReferenceOptions(cache_mb=0)).logits(batch)[:]
     off = Reference.build(model, ReferenceOptions(cache_mb=0))
     for _ in range(3):
-        torch.testing.assert_close(off.logits({**batch}), expected)
+        torch.testing.assert_close(off.logits({**batch})[:], expected)
         off.clear()
     assert off.forwards == 3 and not off.cache.rows
     room = Reference.build(model, ReferenceOptions())
@@ -236,7 +236,7 @@ def test_without_room_in_the_row_cache_rows_run_every_time():
     two.cache = type(two.cache)(sizes[0] + sizes[1])  # room for the first two rows only
     two.logits(batch)
     two.clear()
-    torch.testing.assert_close(two.logits({**batch}), expected)
+    torch.testing.assert_close(two.logits({**batch})[:], expected)
     assert two.forwards == 2 and len(two.cache.rows) == 2
 
 
@@ -348,14 +348,18 @@ def test_chunked_divergence_matches_naive_value_and_gradient(kind: str, temperat
         labels = torch.tensor([0, 1, 1, IGNORE, 0])
         shape = (5, 7)
     student = torch.randn(shape, generator=gen, dtype=torch.float64).float().requires_grad_(True)
-    teacher = torch.randn(shape, generator=gen)
+    hidden, head = torch.randn((*shape[:-1], 4), generator=gen), torch.randn(shape[-1], 4, generator=gen)
+    teacher = hidden @ head.T
     naive = naive_divergence(student, teacher, labels, kind, temperature, 0.3)
     (want,) = torch.autograd.grad(naive, student)
-    for chunk in (3, 10_000):  # chunks of 3 positions vs all positions at once
-        value = divergence(student, teacher, labels, kind, temperature, 0.3, chunk)
+    heads = []  # the output layer's calls when the teacher's logits are made per chunk (Reference.logits)
+    on_demand = TeacherLogits(at_positions(hidden, *loss_positions(labels)), lambda h: heads.append(h) or h @ head.T)
+    for chunk, given in [(3, teacher), (10_000, teacher), (3, on_demand)]:  # chunks of 3 vs all positions at once
+        value = divergence(student, given, labels, kind, temperature, 0.3, chunk)
         (grad,) = torch.autograd.grad(value, student)
         torch.testing.assert_close(value.double(), naive, rtol=1e-5, atol=1e-7)
         torch.testing.assert_close(grad, want, rtol=1e-4, atol=1e-7)
+    assert [len(h) for h in heads[:-1]] == [3] * (len(heads) - 1) and len(on_demand) > 3
 
 
 def test_divergence_is_zero_at_the_teacher_and_ignores_masked_positions():

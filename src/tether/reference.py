@@ -39,7 +39,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any, Literal
 
@@ -103,7 +103,7 @@ class Reference:
         self.forwards = 0
         """Reference forwards run so far (the cache and the sharing between regularizers save the others)."""
         self._inputs: tuple[torch.Tensor, int] | None = None
-        self._logits: torch.Tensor | None = None
+        self._logits: TeacherLogits | None = None
         self._prefixes: dict[int, str] = {}
 
     @classmethod
@@ -137,17 +137,20 @@ class Reference:
         adapter = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
         return cls(model, "clone", adapter=adapter)
 
-    def logits(self, inputs: dict[str, Any]) -> torch.Tensor:
-        """The reference's logits at the batch's loss positions, [positions, vocab] in `loss_positions` order, without
-        grad. A second call with the same input_ids tensor (before clear()) returns the same tensor."""
+    def logits(self, inputs: dict[str, Any]) -> TeacherLogits:
+        """The reference's logits at the batch's loss positions, without grad (see TeacherLogits). A second call with
+        the same input_ids tensor (before clear()) returns the same object."""
         ids = inputs["input_ids"]
         # Kept with the tensor itself: while it is alive its id cannot be reused by a later batch.
         if self._inputs is not None and self._inputs[0] is ids and self._inputs[1] == ids._version:
             return self._logits
         with torch.no_grad():
-            logits = self._head(self._at_loss_positions(inputs))
-        self._inputs, self._logits = (ids, ids._version), logits
-        return logits
+            features = self._at_loss_positions(inputs)
+        if self.split and self.offload:  # the output layer moves to the device once for all positions
+            features = self._output_layer(features)
+        head = self._output_layer if self.split and not self.offload else None
+        self._inputs, self._logits = (ids, ids._version), TeacherLogits(features, head)
+        return self._logits
 
     def memory(self) -> dict[str, int]:
         """Bytes this reference holds beyond the model: the frozen copy (on CPU with offload) or the cloned adapter."""
@@ -206,11 +209,11 @@ class Reference:
             out = self._call(hf_model(net).base_model, **inputs)
             return out.get("last_hidden_state") if isinstance(out, dict) else None
 
-    def _head(self, features: torch.Tensor) -> torch.Tensor:
-        """Logits from what _forward gave (the output embeddings applied with the split)."""
-        return self._output_layer(features) if self.split else features
-
+    @torch.no_grad()
     def _output_layer(self, hidden: torch.Tensor) -> torch.Tensor:
+        head = hf_model(self.frozen if self.mode == "copy" else self.model).get_output_embeddings()
+        if self.mode != "copy" and not any(p.requires_grad for p in head.parameters()):
+            return head(hidden)  # not adapted, so the original's own (switching PEFT's adapters off walks the model)
         with self._original(hidden.device, head_only=True) as net:
             return self._call(hf_model(net).get_output_embeddings(), hidden)
 
@@ -240,6 +243,24 @@ class Reference:
         prefix = self._prefixes[id(module)]
         own = {n.removeprefix(prefix): t for n, t in self.adapter.items() if n.startswith(prefix)}
         return torch.func.functional_call(module, own, args, kwargs)
+
+
+class TeacherLogits:
+    """The reference's logits at a batch's loss positions, [positions, vocab] in `loss_positions` order, made on
+    demand: teacher[a:b] runs the output layer on those positions only (with the split), so that a regularizer
+    working chunk by chunk never holds all positions' logits. Holds the body's last hidden states (or the logits)."""
+
+    def __init__(self, features: torch.Tensor, head: Callable[[torch.Tensor], torch.Tensor] | None) -> None:
+        self.features = features
+        self.head = head
+
+    def __len__(self) -> int:
+        return len(self.features)
+
+    def __getitem__(self, positions: slice) -> torch.Tensor:
+        """A new tensor (the caller may change it in place)."""
+        part = self.features[positions]
+        return part.clone() if self.head is None else self.head(part)
 
 
 class RowCache:

@@ -21,7 +21,9 @@ Large vocabularies: the loss positions are taken in chunks of `chunk_size`; each
 value and its gradient with respect to the student's logits are computed at once (closed form for the KLs) and the
 gradient is written into one zero tensor shaped like the logits, which becomes their gradient in the backward pass.
 So fp32 [positions, vocab] temporaries exist for one chunk at a time, never as full [batch, tokens, vocab] tensors
-for student and teacher (on [4, 128, 32k] logits: 85 MB beyond the gradient instead of 253 MB, and 2x faster).
+for student and teacher (on [4, 128, 32k] logits: 85 MB beyond the gradient instead of 253 MB, and 2x faster). The
+teacher's logits are made per chunk too: the reference hands over its last hidden states at the loss positions and
+runs its output layer on one chunk at a time (tether.reference.TeacherLogits).
 """
 
 from __future__ import annotations
@@ -36,7 +38,7 @@ from pydantic import Field
 from torch import nn
 
 from tether.errors import ConfigError
-from tether.reference import Reference, ReferenceOptions, at_positions, loss_positions
+from tether.reference import Reference, ReferenceOptions, TeacherLogits, at_positions, loss_positions
 from tether.regularizers.base import Regularizer, RegularizerConfig, SetupContext, register
 
 Divergence = Literal["forward", "reverse", "jsd"]
@@ -77,21 +79,34 @@ class Distill(Regularizer):
         return divergence(outputs.logits, teacher, inputs["labels"], c.divergence, c.temperature, c.beta, c.chunk_size)
 
 
-def divergence(student: torch.Tensor, teacher: torch.Tensor, labels: torch.Tensor, kind: Divergence = "forward",
-               temperature: float = 1.0, beta: float = 0.5, chunk_size: int = 128) -> torch.Tensor:  # fmt: skip
+def divergence(student: torch.Tensor, teacher: torch.Tensor | TeacherLogits, labels: torch.Tensor,
+               kind: Divergence = "forward", temperature: float = 1.0, beta: float = 0.5,
+               chunk_size: int = 128) -> torch.Tensor:  # fmt: skip
     """Mean over loss positions of T^2 * D(student, teacher) (module docstring), differentiable in the student.
 
-    teacher: logits shaped like the student's, or already at the loss positions ([positions, vocab] in
-    `loss_positions` order, as Reference.logits gives them)."""
+    teacher: logits shaped like the student's, or at the loss positions only ([positions, vocab] in
+    `loss_positions` order, or the TeacherLogits of Reference.logits, which make each chunk's on demand)."""
     rows, cols = loss_positions(labels)
-    if teacher.shape == student.shape:
-        teacher = at_positions(teacher, rows, cols)
+    if isinstance(teacher, torch.Tensor) and teacher.shape == student.shape:
+        teacher = AtPositions(teacher, rows, cols)
     if labels.ndim == 1:  # class logits [batch, classes]: one position per row
         student = student[:, None]
     if rows.numel() == 0:
         return student.sum() * 0.0  # nothing to compare: a zero that still belongs to the graph
     fn = per_chunk(kind, temperature, beta)
-    return _ChunkedDivergence.apply(student, teacher.to(student.device), rows, cols, fn, chunk_size)
+    return _ChunkedDivergence.apply(student, teacher, rows, cols, fn, chunk_size)
+
+
+class AtPositions:
+    """Logits of every position read at the loss positions one chunk at a time: [a:b] gathers those positions only
+    (gathering all at once would hold a [positions, vocab] copy) into a new tensor, which the caller may change, as
+    it may TeacherLogits' chunks."""
+
+    def __init__(self, logits: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> None:
+        self.logits, self.rows, self.cols = logits, rows, cols
+
+    def __getitem__(self, positions: slice) -> torch.Tensor:
+        return at_positions(self.logits, self.rows[positions], self.cols[positions])
 
 
 def per_chunk(kind: Divergence, temperature: float, beta: float) -> Callable[..., tuple[torch.Tensor, Any]]:
@@ -106,7 +121,8 @@ def per_chunk(kind: Divergence, temperature: float, beta: float) -> Callable[...
 
     def fn(student: torch.Tensor, teacher: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor,
            need_grad: bool) -> tuple[torch.Tensor, Any]:  # fmt: skip
-        t = F.log_softmax(teacher.float() / T, dim=-1)  # not in place: the chunk is a view of the shared logits
+        t = F.log_softmax(teacher.float().div_(T), dim=-1)  # the chunk is a fresh tensor (see AtPositions)
+        del teacher  # its [chunk, vocab] logits are not needed beside their log-softmax
         if kind == "jsd":
             return jsd(student[rows, cols].float().requires_grad_(need_grad), t, T, beta)
         s = F.log_softmax(student[rows, cols].float().div_(T), dim=-1)
@@ -143,8 +159,8 @@ class _ChunkedDivergence(torch.autograd.Function):
     and returns: the only full-size tensor, and one the logits' gradient needs anyway."""
 
     @staticmethod
-    def forward(ctx: Any, student: torch.Tensor, teacher: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor,
-                fn: Callable, chunk_size: int) -> torch.Tensor:  # fmt: skip
+    def forward(ctx: Any, student: torch.Tensor, teacher: AtPositions | TeacherLogits, rows: torch.Tensor,
+                cols: torch.Tensor, fn: Callable, chunk_size: int) -> torch.Tensor:  # fmt: skip
         n = rows.numel()
         need_grad = ctx.needs_input_grad[0]
         ctx.grad = student.new_zeros(student.shape) if need_grad else None
@@ -152,7 +168,7 @@ class _ChunkedDivergence(torch.autograd.Function):
         for start in range(0, n, chunk_size):
             chunk = slice(start, start + chunk_size)
             r, c = rows[chunk], cols[chunk]
-            value, chunk_grad = fn(student, teacher[chunk], r, c, need_grad)
+            value, chunk_grad = fn(student, teacher[chunk].to(student.device), r, c, need_grad)
             if need_grad:
                 ctx.grad[r, c] = chunk_grad.to(student.dtype)
             total += value
