@@ -249,6 +249,21 @@ def test_row_keys_see_content_and_labels_not_trailing_padding():
     relabelled = [{**rows[0], "labels": [IGNORE] * 4 + rows[0]["input_ids"][4:]}, *rows[1:]]
     assert row_keys(Collator(0)(relabelled))[0] != keys[0]  # other loss positions: another entry
     assert row_keys({**Collator(0)(rows), "extra": 1}) == [None] * 3  # not all per row: no caching
+    batch = Collator(0)(rows)
+    assert row_keys({**batch, "attention_mask": batch["attention_mask"][:, None, None]}) == [None] * 3  # 4-D mask
+    # labels with loss past the last real token (pad tokens left in the labels) are part of the row
+    padded = {k: v.clone() for k, v in batch.items()}
+    padded["labels"][0, -1] = 5
+    assert len(rows[0]["input_ids"]) < batch["input_ids"].shape[1] and row_keys(padded)[0] != keys[0]
+
+
+def test_the_row_cache_counts_a_row_once():
+    model = lora(model_of())
+    row = rows_of(1, seed=6, task="causal_lm")[0]
+    ref = Reference.build(model, ReferenceOptions())
+    ref.logits(Collator(0)([row, row]))
+    (held,) = ref.cache.rows.values()
+    assert ref.cache.used == held.numel() * held.element_size()
 
 
 def test_reference_options_are_checked_where_used():
@@ -360,6 +375,41 @@ def test_chunked_divergence_matches_naive_value_and_gradient(kind: str, temperat
         torch.testing.assert_close(value.double(), naive, rtol=1e-5, atol=1e-7)
         torch.testing.assert_close(grad, want, rtol=1e-4, atol=1e-7)
     assert [len(h) for h in heads[:-1]] == [3] * (len(heads) - 1) and len(on_demand) > 3
+
+
+def test_divergence_leaves_a_teacher_given_at_the_loss_positions_unchanged():
+    labels = batch_of(2)["labels"]
+    student = torch.randn(*labels.shape, 7)
+    teacher = at_positions(torch.randn(*labels.shape, 7), *loss_positions(labels))
+    kept = teacher.clone()
+    first = divergence(student, teacher, labels, "forward", 2.0)
+    assert torch.equal(teacher, kept)  # per_chunk divides each chunk in place: it must get copies
+    assert divergence(student, teacher, labels, "forward", 2.0) == first
+    with pytest.raises(ValueError, match="loss positions"):
+        divergence(student, teacher[1:], labels)
+
+
+def test_the_reference_runs_under_the_runs_mixed_precision(tmp_path: Path):
+    """bf16 autocast (Accelerate wraps the model's forward only): the reference's own body and output-layer calls
+    must run under it too, or a fresh adapter's model differs from its reference (KL 1e-8 instead of 0)."""
+    from transformers import TrainingArguments
+
+    from tether.trainer import RegularizedTrainer
+
+    model = lora(model_of())
+    rows = rows_of(8, seed=7, task="causal_lm")
+    stack = RegularizerStack.from_configs([REGISTRY["kl"].config(name="kl")])
+    args = TrainingArguments(
+        output_dir=str(tmp_path), use_cpu=True, bf16=True, report_to="none", max_steps=2, learning_rate=0.0,
+        per_device_train_batch_size=4, save_strategy="no", disable_tqdm=True, dataloader_pin_memory=False,
+        logging_steps=1,
+    )  # fmt: skip
+    trainer = RegularizedTrainer(model=model, args=args, train_dataset=rows, data_collator=Collator(0), stack=stack)
+    stack.setup(SetupContext(trainer.model, None, args.learning_rate))
+    assert stack.reference.split
+    trainer.train()
+    logged = [h["reg/kl"] for h in trainer.state.log_history if "reg/kl" in h]
+    assert len(logged) == 2 and all(value < 1e-12 for value in logged)
 
 
 def test_divergence_is_zero_at_the_teacher_and_ignores_masked_positions():

@@ -54,6 +54,12 @@ def has_sharded_parameters(model: nn.Module) -> bool:
     return any(is_sharded(p) for p in model.parameters())
 
 
+def gathers_per_module(model: nn.Module) -> bool:
+    """Whether DeepSpeed ZeRO-3 has partitioned the parameters: each module's call gathers its own, collectively,
+    so every process must make the same module calls."""
+    return any(hasattr(p, "ds_id") for p in model.parameters())  # the attribute ZeRO-3 gives partitioned params
+
+
 def local(t: torch.Tensor) -> torch.Tensor:
     """This process's shard of a DTensor, as a view (in-place changes reach the DTensor); any other tensor as is."""
     return t.to_local() if is_sharded(t) else t

@@ -49,7 +49,7 @@ from torch import nn
 
 from tether.config import Section
 from tether.data import IGNORE
-from tether.distributed import has_sharded_parameters
+from tether.distributed import gathers_per_module, has_sharded_parameters
 from tether.errors import ConfigError
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -144,11 +144,14 @@ class Reference:
         # Kept with the tensor itself: while it is alive its id cannot be reused by a later batch.
         if self._inputs is not None and self._inputs[0] is ids and self._inputs[1] == ids._version:
             return self._logits
+        # ZeRO-3 gathers each module's weights as it runs, with all processes together: the same calls everywhere.
+        collective = gathers_per_module(self.model)
+        split, cached = self.split and not collective, self.cache.capacity > 0 and not collective
         with torch.no_grad():
-            features = self._at_loss_positions(inputs)
-        if self.split and self.offload:  # the output layer moves to the device once for all positions
+            features = self._at_loss_positions(inputs, split, cached)
+        if split and self.offload:  # the output layer moves to the device once for all positions
             features = self._output_layer(features)
-        head = self._output_layer if self.split and not self.offload else None
+        head = self._output_layer if split and not self.offload else None
         self._inputs, self._logits = (ids, ids._version), TeacherLogits(features, head)
         return self._logits
 
@@ -172,7 +175,7 @@ class Reference:
         net = hf_model(self.frozen if self.mode == "copy" else self.model)
         if net.get_output_embeddings() is None or net.base_model is net:
             return False
-        if getattr(net.config, "final_logit_softcapping", None):  # tanh capping is near identity on a probe's logits
+        if getattr(net.config.get_text_config(), "final_logit_softcapping", None):  # near identity on a probe's logits
             return False
         probe = {"input_ids": probe_ids(self.model)}
         with torch.no_grad():
@@ -181,22 +184,22 @@ class Reference:
                 return False
             return torch.allclose(self._output_layer(hidden).float(), whole.float(), rtol=1e-4, atol=1e-5)
 
-    def _at_loss_positions(self, inputs: dict[str, Any]) -> torch.Tensor:
-        """What the body (or the whole model) gives at the batch's loss positions: from the row cache for rows seen
-        before, from one forward over the other rows."""
-        keys = row_keys(inputs) if self.cache.capacity else [None] * len(inputs["labels"])
+    def _at_loss_positions(self, inputs: dict[str, Any], split: bool, cached: bool) -> torch.Tensor:
+        """What the body (split) or the whole model gives at the batch's loss positions: from the row cache for rows
+        seen before, from one forward over the other rows."""
+        keys = row_keys(inputs) if cached else [None] * len(inputs["labels"])
         todo = [i for i, key in enumerate(keys) if key not in self.cache]
-        fresh = dict(zip(todo, self._rows(take_rows(inputs, todo)))) if todo else {}
+        fresh = dict(zip(todo, self._rows(take_rows(inputs, todo), split))) if todo else {}
         for i in todo:
             self.cache.add(keys[i], fresh[i])
         device = inputs["input_ids"].device
         return torch.cat([fresh[i] if i in fresh else self.cache.rows[key].to(device) for i, key in enumerate(keys)])
 
-    def _rows(self, inputs: dict[str, Any]) -> list[torch.Tensor]:
+    def _rows(self, inputs: dict[str, Any], split: bool) -> list[torch.Tensor]:
         """One forward over these rows; per row, its output at its loss positions."""
         labels = inputs["labels"]
         self.forwards += 1
-        out = self._forward({k: v for k, v in inputs.items() if k != "labels"}, self.split)
+        out = self._forward({k: v for k, v in inputs.items() if k != "labels"}, split)
         rows, cols = loss_positions(labels)
         per_row = torch.bincount(rows, minlength=len(labels)).tolist()
         return list(at_positions(out, rows, cols).split(per_row))
@@ -277,24 +280,28 @@ class RowCache:
 
     def add(self, key: bytes | None, values: torch.Tensor) -> None:
         size = values.numel() * values.element_size()
-        if key is not None and self.used + size <= self.capacity:
+        if key is not None and key not in self.rows and self.used + size <= self.capacity:
             self.rows[key] = values.to("cpu", copy=True)  # a copy: not a view that keeps the whole batch alive
             self.used += size
 
 
 def row_keys(inputs: dict[str, Any]) -> list[bytes | None]:
     """A digest per row of all that the reference's output at its loss positions depends on: every input of the row
-    up to its last real token (attention_mask), labels included (they say which positions carry loss). None for
-    every row when the batch holds anything that is not one tensor row per row."""
+    up to its last real token (attention_mask) or last label with loss, whichever is later (labels say which
+    positions carry loss). None for every row when the batch holds anything that is not one tensor row per row, or
+    an attention mask that is not [batch, tokens]."""
     n = len(inputs["labels"])
     if any(not isinstance(v, torch.Tensor) or v.ndim == 0 or len(v) != n for v in inputs.values()):
         return [None] * n
+    if inputs.get("attention_mask") is not None and inputs["attention_mask"].ndim != 2:
+        return [None] * n
     cpu = {name: inputs[name].cpu() for name in sorted(inputs)}
     width = cpu["input_ids"].shape[1]
-    mask = cpu.get("attention_mask")
-    ends = [width] * n if mask is None else (width - mask.flip(1).int().argmax(1)).tolist()
+    ends = torch.full((n,), width) if "attention_mask" not in cpu else last_true(cpu["attention_mask"] != 0)
+    if cpu["labels"].ndim == 2:
+        ends = torch.maximum(ends, last_true(cpu["labels"] != IGNORE))
     keys = []
-    for i, end in enumerate(ends):
+    for i, end in enumerate(ends.tolist()):
         digest = hashlib.blake2b(digest_size=16)
         for name, values in cpu.items():
             row = values[i][:end] if values.ndim > 1 and values.shape[1] == width else values[i]
@@ -302,6 +309,12 @@ def row_keys(inputs: dict[str, Any]) -> list[bytes | None]:
             digest.update(row.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
         keys.append(digest.digest())
     return keys
+
+
+def last_true(flags: torch.Tensor) -> torch.Tensor:
+    """Per row of a [rows, tokens] bool tensor, 1 + the index of its last True (0 for a row without one)."""
+    width = flags.shape[1]
+    return torch.where(flags.any(1), width - flags.flip(1).int().argmax(1), 0)
 
 
 def take_rows(inputs: dict[str, Any], rows: list[int]) -> dict[str, Any]:
@@ -348,7 +361,7 @@ def moved(module: nn.Module | None, device: torch.device) -> Iterator[None]:
 def probe_ids(model: nn.Module) -> torch.Tensor:
     """A short fixed token sequence [1, PROBE_TOKENS] on the model's device."""
     device = next(model.parameters()).device
-    vocab = model.get_input_embeddings().num_embeddings
+    vocab = hf_model(model).config.get_text_config().vocab_size  # PEFT may wrap the embeddings (trainable tokens)
     return torch.arange(1, PROBE_TOKENS + 1, device=device).remainder(vocab)[None]
 
 

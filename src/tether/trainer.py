@@ -38,12 +38,16 @@ class RegularizedMixin:
         return_outputs: bool = False,
         num_items_in_batch: torch.Tensor | int | None = None,
     ) -> torch.Tensor | tuple[torch.Tensor, Any]:
+        # Accelerate's mixed precision wraps the model's forward only: the reference's own calls (its body, its
+        # output layer per chunk inside the penalties) need the same autocast to be the model's own outputs.
         if model.training:
-            self.stack.prefetch(inputs)
+            with self.accelerator.autocast():
+                self.stack.prefetch(inputs)
         task_loss, outputs = super().compute_loss(model, inputs, True, num_items_in_batch)
         loss = task_loss
         if model.training:
-            penalty = self.stack.penalty(model, inputs, outputs)
+            with self.accelerator.autocast():
+                penalty = self.stack.penalty(model, inputs, outputs)
             if penalty is not None:
                 loss = task_loss + penalty * self._penalty_scale(num_items_in_batch)
             if not torch.isfinite(loss.detach()):  # one device sync per micro-batch; the culprit is found after

@@ -87,8 +87,10 @@ def divergence(student: torch.Tensor, teacher: torch.Tensor | TeacherLogits, lab
     teacher: logits shaped like the student's, or at the loss positions only ([positions, vocab] in
     `loss_positions` order, or the TeacherLogits of Reference.logits, which make each chunk's on demand)."""
     rows, cols = loss_positions(labels)
-    if isinstance(teacher, torch.Tensor) and teacher.shape == student.shape:
-        teacher = AtPositions(teacher, rows, cols)
+    if isinstance(teacher, torch.Tensor):  # chunks must be fresh tensors: per_chunk changes them in place
+        teacher = AtPositions(teacher, rows, cols) if teacher.shape == student.shape else TeacherLogits(teacher, None)
+    if len(teacher) != rows.numel():
+        raise ValueError(f"the teacher has {len(teacher)} loss positions, the labels {rows.numel()}: the same batch?")
     if labels.ndim == 1:  # class logits [batch, classes]: one position per row
         student = student[:, None]
     if rows.numel() == 0:
@@ -104,6 +106,9 @@ class AtPositions:
 
     def __init__(self, logits: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> None:
         self.logits, self.rows, self.cols = logits, rows, cols
+
+    def __len__(self) -> int:
+        return len(self.rows)
 
     def __getitem__(self, positions: slice) -> torch.Tensor:
         return at_positions(self.logits, self.rows[positions], self.cols[positions])
