@@ -30,8 +30,10 @@ the same logits (the stack clears them after the penalties). Two savings on top:
     epoch and in any batch, costs no forward: only rows not seen before run through the model. Small data trained
     for several epochs then pays one reference forward per row, not one per row and epoch. Rows are added until
     the cache is full; those that do not fit run every time.
-Under FSDP2 neither applies: every process must run each forward of the whole model together (its shards are
-gathered by the root module's hooks), so the reference runs the whole model on every batch.
+Neither applies under FSDP2 or DeepSpeed ZeRO-3: every process must make the same module calls together (the
+weights are gathered collectively as modules run), so the reference runs the whole model on every batch. The
+reference's calls run under the caller's autocast: the trainer gives them the run's mixed precision, which
+Accelerate applies to the model's own forward only.
 """
 
 from __future__ import annotations
