@@ -57,7 +57,8 @@ def has_sharded_parameters(model: nn.Module) -> bool:
 def gathers_per_module(model: nn.Module) -> bool:
     """Whether DeepSpeed ZeRO-3 has partitioned the parameters: each module's call gathers its own, collectively,
     so every process must make the same module calls."""
-    return any(hasattr(p, "ds_id") for p in model.parameters())  # the attribute ZeRO-3 gives partitioned params
+    first = next(model.parameters(), None)  # ZeRO-3 partitions every parameter: one tells (checked every step)
+    return first is not None and hasattr(first, "ds_id")  # the attribute ZeRO-3 gives partitioned params
 
 
 def local(t: torch.Tensor) -> torch.Tensor:
