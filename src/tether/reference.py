@@ -217,18 +217,20 @@ class Reference:
     @torch.no_grad()
     def _output_layer(self, hidden: torch.Tensor) -> torch.Tensor:
         head = hf_model(self.frozen if self.mode == "copy" else self.model).get_output_embeddings()
-        if self.mode != "copy" and not any(p.requires_grad for p in head.parameters()):
+        if self.mode == "copy":
+            with moved(head if self.offload else None, hidden.device):
+                return head(hidden)
+        if not any(p.requires_grad for p in head.parameters()):
             return head(hidden)  # not adapted, so the original's own (switching PEFT's adapters off walks the model)
-        with self._original(hidden.device, head_only=True) as net:
-            return self._call(hf_model(net).get_output_embeddings(), hidden)
+        with self._original(hidden.device):
+            return self._call(head, hidden)
 
     @contextmanager
-    def _original(self, device: torch.device, head_only: bool = False) -> Iterator[nn.Module]:
-        """The original model, ready to call in eval mode: the frozen copy (with offload, the part about to run moved
-        to `device` for the call), or the model with its adapters disabled (clone swaps tensors in _call)."""
+    def _original(self, device: torch.device) -> Iterator[nn.Module]:
+        """The original model, ready to call in eval mode: the frozen copy (moved to `device` for the call with
+        offload), or the model with its adapters disabled (clone swaps tensors in _call)."""
         if self.mode == "copy":
-            moving = hf_model(self.frozen).get_output_embeddings() if head_only else self.frozen
-            with moved(moving if self.offload else None, device):
+            with moved(self.frozen if self.offload else None, device):
                 yield self.frozen
             return
         with evaluating(self.model):
