@@ -95,6 +95,25 @@ def reference_value(name: str, stack: RegularizerStack, model: nn.Module, theta0
     return total
 
 
+def naive_pull(name: str, stack: RegularizerStack, model: nn.Module, theta0: dict[str, torch.Tensor]):
+    """The penalty's gradient for each trainable tensor, written out in fp64 (autograd through a bf16 parameter
+    would round it to bf16)."""
+    reg = stack.items[0][0]
+    weights = dict(zip(map(id, reg.params), reg.weights)) if name in ("ewc", "si") else {}
+    decayed = {id(p) for _, p in trainable_weights(model)}
+    pulls = []
+    for n, p in model.named_parameters():
+        x = p.detach().double()
+        if not p.requires_grad:
+            continue
+        if name in ("l1", "l2"):
+            pulls.append((x.sign() if name == "l1" else x) * (id(p) in decayed))
+        else:
+            w = weights[id(p)].double() if weights else 1.0
+            pulls.append(w * (x - theta0[n].double()))
+    return pulls
+
+
 def snapshot(model: nn.Module) -> dict[str, torch.Tensor]:
     return {n: p.detach().clone() for n, p in model.named_parameters()}
 
@@ -105,12 +124,25 @@ def seed_grads(model: nn.Module) -> None:
         p.grad = torch.randn(p.shape, generator=gen).to(p.dtype) if p.requires_grad else None
 
 
+def use_fused_lists(stack: RegularizerStack) -> None:
+    """Take the accelerators' path on CPU: whole-list foreach ops instead of the tensor-by-tensor scratch loop."""
+    reg = stack.items[0][0]
+    if type(reg).__name__ != "L2":  # l2 has one path: a single foreach add
+        reg.views = None
+
+
+PATHS = ["cpu_scratch", "fused_lists"]
+
+
+@pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("name", QUADRATIC)
-def test_penalty_grad_matches_naive_autograd(name: str) -> None:
+def test_penalty_grad_matches_naive_autograd(name: str, path: str) -> None:
     torch.manual_seed(0)
     model, rows = model_of(), rows_of(8)
     theta0 = snapshot(model)
     stack = build(name, model, batches_of(rows, 4), strength=0.3, **({"form": "penalty"} if name == "l2_sp" else {}))
+    if path == "fused_lists":
+        use_fused_lists(stack)
     assert torch.equal(snapshot(model)["lm_head.weight"], theta0["lm_head.weight"])  # setup leaves the model as is
     perturb(model)
     seed_grads(model)
@@ -124,17 +156,44 @@ def test_penalty_grad_matches_naive_autograd(name: str) -> None:
         torch.testing.assert_close(p.grad.double(), e, atol=1e-6, rtol=1e-5)
 
 
+@pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("name", QUADRATIC)
-def test_bf16_value_is_not_lost_to_rounding(name: str) -> None:
+def test_bf16_value_and_gradient_are_not_lost_to_rounding(name: str, path: str) -> None:
     torch.manual_seed(0)
     model = model_of().to(torch.bfloat16)
     theta0 = snapshot(model)
-    stack = build(name, model, batches_of(rows_of(8), 4), strength=1.0)
+    stack = build(
+        name, model, batches_of(rows_of(8), 4), strength=1.0, **({"form": "penalty"} if name == "l2_sp" else {})
+    )
+    if path == "fused_lists":
+        use_fused_lists(stack)
     perturb(model, size=0.01)
     seed_grads(model)
-    exact = reference_value(name, stack, model, theta0).item()  # fp64 over the same bf16 values
+    exact = reference_value(name, stack, model, theta0)  # fp64 over the same bf16 values
+    params = [p for p in model.parameters() if p.requires_grad]
+    pull = naive_pull(name, stack, model, theta0)
+    expected = [(p.grad.double() + e).to(torch.bfloat16) for p, e in zip(params, pull)]  # rounded once, at the end
     stack.before_step()
-    assert stack.pop_logs()[f"reg/{name}"] == pytest.approx(exact, rel=1e-5)  # a bf16 result is off by ~1e-3
+    assert stack.pop_logs()[f"reg/{name}"] == pytest.approx(exact.item(), rel=1e-5)  # a bf16 result is off by ~1e-3
+    for p, e in zip(params, expected):
+        torch.testing.assert_close(p.grad, e, atol=0, rtol=2**-8)  # at most one bf16 rounding step apart
+
+
+@pytest.mark.parametrize("name", QUADRATIC)
+def test_closed_form_value_is_taken_when_logged_at_the_weights_then(name: str) -> None:
+    """The steps add the pull's gradient only; pop_logs values the penalty once, at the weights it finds."""
+    torch.manual_seed(0)
+    model = model_of()
+    theta0 = snapshot(model)
+    stack = build(name, model, batches_of(rows_of(8), 4), strength=0.3)
+    reg, calls = stack.items[0][0], []
+    value_now = reg.penalty_value
+    reg.penalty_value = lambda: calls.append(1) or value_now()
+    train(model, stack, batches_of(rows_of(8, seed=1), 4), steps=3)
+    assert calls == []
+    logged = stack.pop_logs()[f"reg/{name}"]
+    assert len(calls) == 1 and logged == pytest.approx(reference_value(name, stack, model, theta0).item(), rel=1e-5)
+    assert logged > 0
 
 
 def naive_lora_l2_sp(model: nn.Module, layers: list[nn.Module], before: dict, heads: dict) -> torch.Tensor:
@@ -167,6 +226,7 @@ def test_l2_sp_under_lora_pulls_the_effective_weight_change(fresh: bool, form: s
     total = naive_lora_l2_sp(model, layers, before, heads)
     params = [p for p in model.parameters() if p.requires_grad]
     penalty_grads = torch.autograd.grad(0.5 * total, params)
+    assert stack.pop_logs()["reg/l2_sp"] == pytest.approx(total.item(), rel=1e-5)  # the value at these weights
     if form == "penalty":
         expected = [p.grad.double() + e for p, e in zip(params, penalty_grads)]
         stack.before_step()
@@ -179,7 +239,6 @@ def test_l2_sp_under_lora_pulls_the_effective_weight_change(fresh: bool, form: s
             p.grad = torch.zeros_like(p)
         opt.step()
         actual = [p.detach().double() for p in params]
-    assert stack.pop_logs()["reg/l2_sp"] == pytest.approx(total.item(), rel=1e-5)
     for a, e in zip(actual, expected):
         torch.testing.assert_close(a, e, atol=1e-6, rtol=1e-5)
 
@@ -246,7 +305,7 @@ def test_ewc_pulls_high_fisher_entries_more() -> None:
     stack = build("ewc", model, batches_of(rows_of(8), 4), strength=5.0, normalize=False)
     reg = stack.items[0][0]
     high = [torch.rand(p.shape) < 0.5 for p in reg.params]  # half of each tensor is important, half is not
-    reg.roots = [(h.float() * 10.0).sqrt() for h in high]
+    reg.weights = [h.float() * 10.0 for h in high]
     train(model, stack, batches_of(rows_of(16, seed=3), 8), steps=10, lr=0.02, sgd=True)
     moved = [(p.detach() - theta0[n]).abs() for n, p in model.named_parameters()]
     moved_high = torch.cat([m[h] for m, h in zip(moved, high)]).mean()

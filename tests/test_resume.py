@@ -149,6 +149,8 @@ def test_non_finite_loss_stops_with_the_term_named(raw_config, tmp_path, overrid
     with pytest.raises(TetherError) as e:
         train(validate_config(raw), tmp_path / "run")
     assert term in str(e.value) and "step " in str(e.value)
+    if override == "l2":  # a closed-form penalty is valued when logged: at the first logging step's weights
+        assert str(e.value).startswith("step 2: reg/l2 became inf (weighted)")
     assert not (tmp_path / "run" / "metrics.json").exists()
 
 

@@ -15,3 +15,8 @@ class DataError(TetherError):
 
 class NonFiniteError(TetherError):
     """The task loss or a penalty became NaN/inf; the message names the term."""
+
+    def __init__(self, message: str, step: int | None = None) -> None:
+        super().__init__(message)
+        self.step = step
+        """The optimizer step it is about, when known where it is raised."""

@@ -229,7 +229,8 @@ def _fit(trainer: Any, resume_from: str | None, output_dir: Path) -> None:
     except NonFiniteError as e:
         last = last_complete_checkpoint(output_dir)
         kept = f"last good checkpoint: {last}" if last else "no checkpoint was written yet"
-        raise NonFiniteError(f"step {trainer.state.global_step + 1}: {e} ({kept})") from None
+        step = trainer.state.global_step + 1 if e.step is None else e.step
+        raise NonFiniteError(f"step {step}: {e} ({kept})") from None
 
 
 def load_stack_state(checkpoint: Path) -> dict[str, torch.Tensor]:

@@ -15,7 +15,7 @@ from transformers.trainer import TRAINER_STATE_NAME
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 
 from tether.distributed import barrier, has_sharded_parameters
-from tether.errors import TetherError
+from tether.errors import NonFiniteError, TetherError
 from tether.outputs import save_safetensors_atomic
 from tether.regularizers import RegularizerStack
 
@@ -122,7 +122,10 @@ class RegularizedMixin:
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         """Training logs get each unweighted `reg/<name>` term next to the loss."""
         if "loss" in logs:
-            logs.update(self.stack.pop_logs())
+            try:
+                logs.update(self.stack.pop_logs())
+            except NonFiniteError as e:  # the closed-form values are taken at the weights this step left
+                raise NonFiniteError(str(e), step=self.state.global_step) from None
         super().log(logs, start_time)
 
 

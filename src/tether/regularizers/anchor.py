@@ -1,4 +1,4 @@
-"""What the pulls toward the pre-trained weights share (l2_sp, ewc, si): the anchor and the fused quadratic pull.
+"""What the pulls toward the pre-trained weights share (l2_sp, ewc, si): the anchor, the pull and its value.
 
 The anchor theta_0 is a list of detached copies of the trainable tensors taken at setup, not a copy of the model.
 Differences and sums are taken in fp32 so that bf16/fp16 weights do not lose the penalty to rounding.
@@ -57,16 +57,27 @@ def global_sums(tensors: list[torch.Tensor], params: list[torch.Tensor]) -> torc
     return sums
 
 
-def work_buffers(params: list[torch.Tensor]) -> list[torch.Tensor] | None:
-    """fp32 tensors shaped like `params` to compute in, kept from step to step on CPU only.
+def scratch(params: list[torch.Tensor]) -> list[torch.Tensor] | None:
+    """On CPU, an fp32 view shaped like each parameter (of its local shard), all into one buffer the size of the
+    largest; None on accelerators.
 
-    On CPU a large temporary is fresh memory from the OS whose pages fault in on first touch, which costs as much as
-    the arithmetic (1.4 ms vs 0.4 ms for an op over 1.3M floats). Accelerators' caching allocators reuse memory
-    anyway, and buffers kept there would only raise the peak during the backward pass: None.
+    The closed-form pulls run tensor by tensor on CPU with their intermediate in this buffer, which stays in the
+    core's cache between the op that writes it and the op that reads it: the step then moves little more than
+    theta, theta_0, the weights and the gradient once. Whole-model intermediates would be written out and read back
+    (each pass over 1.3M floats costs ~0.3 ms here, as much as the arithmetic), and fresh ones would fault their
+    pages in. Accelerators run fused multi-tensor kernels instead (a kernel per tensor would be launch-bound), whose
+    temporaries their caching allocators reuse.
     """
     if not params or any(p.device.type != "cpu" for p in params):
         return None
-    return [torch.empty_like(p, dtype=torch.float32) for p in shards(params)]
+    local_shards = shards(params)
+    buffer = torch.empty(max(p.numel() for p in local_shards), dtype=torch.float32)
+    return [buffer[: p.numel()].view(p.shape) for p in local_shards]
+
+
+def scratch_bytes(views: list[torch.Tensor] | None) -> int:
+    """Bytes held by a scratch() list (its views share one buffer)."""
+    return views[0].untyped_storage().nbytes() if views else 0
 
 
 def with_grads(params: list[torch.Tensor], *aligned: list[torch.Tensor] | None) -> tuple[list[torch.Tensor], ...]:
@@ -77,45 +88,59 @@ def with_grads(params: list[torch.Tensor], *aligned: list[torch.Tensor] | None) 
     return tuple(None if items is None else [items[i] for i in keep] for items in (params, *aligned))
 
 
-def differences(
-    params: list[torch.Tensor], anchors: list[torch.Tensor], buffers: list[torch.Tensor] | None
-) -> list[torch.Tensor]:
-    """theta - theta_0 in fp32, in `buffers` when given. bf16/fp16 weights are upcast before subtracting: the
-    difference of two bf16 numbers may need more bits than bf16 holds."""
-    if buffers is not None:
-        torch._foreach_copy_(buffers, params)
-        torch._foreach_sub_(buffers, anchors)
-        return buffers
+def differences(params: list[torch.Tensor], anchors: list[torch.Tensor]) -> list[torch.Tensor]:
+    """theta - theta_0 in fp32, new tensors. bf16/fp16 weights are upcast before subtracting: the difference of two
+    bf16 numbers may need more bits than bf16 holds."""
     if all(p.dtype == torch.float32 for p in params):
         return list(torch._foreach_sub(params, anchors))  # a lower-precision anchor is promoted exactly
     return [p.float() - a.float() for p, a in zip(params, anchors)]
 
 
-def sum_of_squares(tensors: list[torch.Tensor]) -> torch.Tensor:
-    """sum(x^2) over a list of tensors, accumulated in fp32."""
-    return torch.stack(torch._foreach_norm(tensors, 2, dtype=torch.float32)).square().sum()
+def difference_into(out: torch.Tensor, param: torch.Tensor, anchor: torch.Tensor) -> torch.Tensor:
+    """theta - theta_0 written into the fp32 tensor `out` (upcast first, as in differences)."""
+    if param.dtype == torch.float32:
+        return torch.sub(param, anchor, out=out)
+    return out.copy_(param).sub_(anchor)
 
 
-def quadratic_pull(
+def add_pull(
     params: list[torch.Tensor],
     anchors: list[torch.Tensor],
-    roots: list[torch.Tensor],
+    weights: list[torch.Tensor] | None,
     scale: float,
-    buffers: list[torch.Tensor] | None = None,
-) -> torch.Tensor | None:
-    """1/2 * sum w * (theta - theta_0)^2 (fp32, detached), and scale * w * (theta - theta_0) added to each p.grad.
-
-    Takes roots = sqrt(w) of the non-negative fp32 weights (the Fisher, SI's Omega): u = sqrt(w) * (theta - theta_0)
-    gives the value as ||u||^2 and the gradient as sqrt(w) * u with a single work list. Only parameters that got a
-    gradient take part.
-    """
-    params, anchors, roots, buffers = with_grads(params, anchors, roots, buffers)
-    if not params:
-        return None
+    views: list[torch.Tensor] | None,
+) -> None:
+    """p.grad += scale * w * (theta - theta_0) for each parameter that got a gradient (w = 1 when weights is None):
+    the gradient of scale * quadratic_value. Two passes: the difference (into `views` on CPU, see scratch), then
+    one fused add into the gradient."""
+    params, anchors, weights, views = with_grads(params, anchors, weights, views)
+    if not params or not scale:
+        return
     with torch.no_grad():
-        scaled = differences(shards(params), anchors, buffers)
-        torch._foreach_mul_(scaled, roots)
-        value = 0.5 * sum_of_squares(scaled)
-        if scale:
-            torch._foreach_addcmul_(grad_shards(params), scaled, roots, value=scale)
-    return value
+        thetas, grads = shards(params), grad_shards(params)
+        if views is None:
+            diffs = differences(thetas, anchors)
+            if weights is None:
+                torch._foreach_add_(grads, diffs, alpha=scale)
+            else:
+                torch._foreach_addcmul_(grads, diffs, weights, value=scale)
+            return
+        for i, (theta, anchor, grad) in enumerate(zip(thetas, anchors, grads)):
+            diff = difference_into(views[i], theta, anchor)
+            if weights is None:
+                grad.add_(diff, alpha=scale)
+            else:
+                grad.addcmul_(diff, weights[i], value=scale)
+
+
+def quadratic_value(
+    params: list[torch.Tensor], anchors: list[torch.Tensor], weights: list[torch.Tensor] | None = None
+) -> torch.Tensor:
+    """1/2 * sum w * (theta - theta_0)^2 over every tensor (this process's shards), fp32 and detached. One tensor at
+    a time: it runs when logs are written, and whole-model temporaries would raise the peak memory there."""
+    total = torch.zeros((), dtype=torch.float32, device=params[0].device)
+    with torch.no_grad():
+        for i, (theta, anchor) in enumerate(zip(shards(params), anchors)):
+            squares = (theta.float() - anchor.float()).square_()
+            total += squares.sum() if weights is None else torch.dot(squares.flatten(), weights[i].flatten())
+    return 0.5 * total

@@ -4,9 +4,10 @@ A regularizer takes part at up to six points, each with a default that does noth
   setup          before training: snapshot anchors, estimate importances, change dropout, ...
   param_groups   optimizer level: split or re-weight the optimizer's parameter groups (weight decay, LLRD)
   penalty        an *unweighted* scalar through autograd from the model, the batch and its outputs
-  penalty_grad   an *unweighted* quadratic-style penalty whose gradient is known in closed form: the stack hands
-                 it a scale and it adds scale * d(penalty)/d(theta) to the gradients with fused foreach ops, once
-                 per optimizer step, and returns the penalty value (detached) for logging
+  penalty_grad   a penalty whose gradient is known in closed form (quadratic pulls, L1): the stack hands it a
+                 scale and it adds scale * d(penalty)/d(theta) to the gradients with fused ops, once per optimizer
+                 step; `penalty_value` returns that penalty, unweighted, at the current weights. The stack asks for
+                 the value only when it writes the logs: the step itself never pays for a pass that only logs read
   step_begin     before the optimizer step, after penalty_grad: changes that use theta_t, as AdamW's decay does
   step_end       after the optimizer step (EMA, online updates)
 Three more points, also with do-nothing defaults:
@@ -117,7 +118,10 @@ class Regularizer(Protocol):
     def penalty(self, model: nn.Module, inputs: dict[str, Any], outputs: Any) -> torch.Tensor | None:
         return None
 
-    def penalty_grad(self, scale: float) -> torch.Tensor | None:
+    def penalty_grad(self, scale: float) -> None:
+        return None
+
+    def penalty_value(self) -> torch.Tensor | None:
         return None
 
     def step_begin(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:

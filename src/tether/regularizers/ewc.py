@@ -51,13 +51,15 @@ from tether.distributed import gather_like, has_sharded_parameters, is_main_proc
 from tether.errors import ConfigError
 from tether.outputs import save_safetensors_atomic
 from tether.regularizers.anchor import (
+    add_pull,
     global_sums,
     loss_gradients,
-    quadratic_pull,
+    quadratic_value,
+    scratch,
+    scratch_bytes,
     shards,
     snapshot,
     trainable,
-    work_buffers,
 )
 from tether.regularizers.base import Regularizer, RegularizerConfig, SetupContext, nbytes, register
 
@@ -99,33 +101,28 @@ class EWC(Regularizer):
         self.names: list[str] = []
         self.params: list[torch.Tensor] = []
         self.anchors: list[torch.Tensor] = []
-        self.buffers: list[torch.Tensor] | None = None
+        self.views: list[torch.Tensor] | None = None
         self.scale = 1.0  # mean(F) with normalize: the weights are F / scale
-        self.roots: list[torch.Tensor] = []  # sqrt(F / scale), all the Fisher that is kept
+        self.weights: list[torch.Tensor] = []
+        """The per-entry weights of the penalty, fp32: F, or F / mean(F) with normalize (all the Fisher kept)."""
 
     def setup(self, ctx: SetupContext) -> None:
         named = trainable(ctx.model)
         self.names, self.params = [n for n, _ in named], [p for _, p in named]
         self.anchors = snapshot(self.params)
-        self.buffers = work_buffers(self.params)
+        self.views = scratch(self.params)
         kept = ctx.output_dir / RUN_FISHER if ctx.output_dir is not None else None
         fisher = load_fisher(kept, named) if kept is not None and kept.is_file() else self._fisher(ctx, named)
         for path in (kept, self.config.save_path):
             if path is not None:
                 save_fisher(path, dict(zip(self.names, fisher)), self.config.estimator, self.params)
         self.scale = mean_of(fisher, self.params) if self.config.normalize else 1.0
-        torch._foreach_div_(fisher, self.scale)
-        torch._foreach_sqrt_(fisher)  # in place: a full-size fp32 Fisher is the largest thing ewc holds
-        self.roots = fisher
+        torch._foreach_div_(fisher, self.scale)  # in place: a full-size fp32 Fisher is the largest thing ewc holds
+        self.weights = fisher
 
     def memory(self) -> dict[str, int]:
-        held = nbytes(self.anchors), nbytes(self.roots), nbytes(self.buffers)
-        return dict(zip(("anchor", "Fisher", "work buffers"), held))
-
-    @property
-    def weights(self) -> list[torch.Tensor]:
-        """The per-entry weights of the penalty: F, or F / mean(F) with normalize."""
-        return torch._foreach_mul(self.roots, self.roots)
+        held = nbytes(self.anchors), nbytes(self.weights), scratch_bytes(self.views)
+        return dict(zip(("anchor", "Fisher", "work buffer"), held))
 
     @property
     def fisher(self) -> list[torch.Tensor]:
@@ -151,8 +148,11 @@ class EWC(Regularizer):
         """Write the raw Fisher as safetensors, keyed by parameter name."""
         save_fisher(path, dict(zip(self.names, self.fisher)), self.config.estimator, self.params)
 
-    def penalty_grad(self, scale: float) -> torch.Tensor | None:
-        return quadratic_pull(self.params, self.anchors, self.roots, scale, self.buffers)
+    def penalty_grad(self, scale: float) -> None:
+        add_pull(self.params, self.anchors, self.weights, scale, self.views)
+
+    def penalty_value(self) -> torch.Tensor | None:
+        return quadratic_value(self.params, self.anchors, self.weights) if self.params else None
 
 
 def mean_of(fisher: list[torch.Tensor], params: list[torch.Tensor]) -> float:

@@ -2,7 +2,8 @@
 
 It pushes every weight toward zero, not toward the pre-trained weights: on a pre-trained model it erodes what was
 learned, so prefer l2_sp or ewc against forgetting and use l1 when sparse, small weights are the goal.
-Its subgradient lambda * sign(theta) is added to the gradients with fused foreach ops once per optimizer step.
+Its subgradient lambda * sign(theta) is added to the gradients once per optimizer step (two passes: the signs, then
+one fused add).
 With Adam the sign gradient is normalized like any other, so weights hover near zero instead of landing on it.
 """
 
@@ -11,12 +12,11 @@ from __future__ import annotations
 import torch
 from pydantic import Field
 
-from tether.regularizers.anchor import grad_shards, shards, with_grads, work_buffers
+from tether.regularizers.anchor import grad_shards, scratch, scratch_bytes, shards, with_grads
 from tether.regularizers.base import (
     Regularizer,
     RegularizerConfig,
     SetupContext,
-    nbytes,
     register,
     trainable_weights,
 )
@@ -33,28 +33,29 @@ class L1(Regularizer):
 
     def __init__(self, config: L1Config) -> None:
         self.params: list[torch.Tensor] = []
-        self.buffers: list[torch.Tensor] | None = None
+        self.views: list[torch.Tensor] | None = None
 
     def setup(self, ctx: SetupContext) -> None:
         self.params = [p for _, p in trainable_weights(ctx.model)]
-        self.buffers = work_buffers(self.params)
+        self.views = scratch(self.params)
 
     def memory(self) -> dict[str, int]:
-        return {"work buffers": nbytes(self.buffers)}
+        return {"work buffer": scratch_bytes(self.views)}
 
-    def penalty_grad(self, scale: float) -> torch.Tensor | None:
-        params, buffers = with_grads(self.params, self.buffers)
-        if not params:
-            return None
+    def penalty_grad(self, scale: float) -> None:
+        params, views = with_grads(self.params, self.views)
+        if not params or not scale:
+            return
         with torch.no_grad():
-            weights = shards(params)
-            value = torch.stack(torch._foreach_norm(weights, 1, dtype=torch.float32)).sum()
-            if scale:
-                if buffers is None:
-                    signs = torch._foreach_sign(weights)
-                else:  # reuse CPU memory (see anchor.work_buffers)
-                    torch._foreach_copy_(buffers, weights)
-                    torch._foreach_sign_(buffers)
-                    signs = buffers
-                torch._foreach_add_(grad_shards(params), signs, alpha=scale)
-        return value
+            weights, grads = shards(params), grad_shards(params)
+            if views is None:
+                torch._foreach_add_(grads, torch._foreach_sign(weights), alpha=scale)
+                return
+            for weight, grad, view in zip(weights, grads, views):  # tensor by tensor on CPU: see anchor.scratch
+                out = view if view.dtype == weight.dtype else None  # the fp32 scratch cannot take bf16 signs
+                grad.add_(torch.sign(weight, out=out), alpha=scale)
+
+    def penalty_value(self) -> torch.Tensor | None:
+        if not self.params:
+            return None
+        return torch.stack(torch._foreach_norm(shards(self.params), 1, dtype=torch.float32)).sum()

@@ -1,8 +1,9 @@
 """L2 penalty toward zero, lambda/2 * ||theta||^2 in the loss, on weights (not biases or norms).
 
 Its gradient lambda * theta is known in closed form, so it is added to the gradients with one fused foreach op per
-optimizer step instead of going through autograd. Unlike AdamW's decoupled decay, this gradient passes through
-Adam's normalization (so with Adam it is *not* the same as weight decay; with SGD it is).
+optimizer step instead of going through autograd (one pass: read theta and the gradient, write the gradient).
+Unlike AdamW's decoupled decay, this gradient passes through Adam's normalization (so with Adam it is *not* the same
+as weight decay; with SGD it is).
 """
 
 from __future__ import annotations
@@ -29,15 +30,15 @@ class L2(Regularizer):
     def setup(self, ctx: SetupContext) -> None:
         self.params = [p for _, p in trainable_weights(ctx.model)]
 
-    def penalty_grad(self, scale: float) -> torch.Tensor | None:
+    def penalty_grad(self, scale: float) -> None:
         with_grad = [p for p in self.params if p.grad is not None]
-        if not with_grad:
+        if with_grad and scale:
+            with torch.no_grad():
+                torch._foreach_add_(grad_shards(with_grad), shards(with_grad), alpha=scale)
+
+    def penalty_value(self) -> torch.Tensor | None:
+        if not self.params:
             return None
-        with torch.no_grad():
-            # Sum of squares in fp32 so that bf16/fp16 weights do not lose the penalty to rounding.
-            weights = shards(with_grad)
-            norms = torch._foreach_norm(weights, 2, dtype=torch.float32)
-            value = 0.5 * torch.stack(norms).square().sum()
-            if scale:
-                torch._foreach_add_(grad_shards(with_grad), weights, alpha=scale)
-        return value
+        # Sum of squares in fp32 so that bf16/fp16 weights do not lose the penalty to rounding.
+        norms = torch._foreach_norm(shards(self.params), 2, dtype=torch.float32)
+        return 0.5 * torch.stack(norms).square().sum()

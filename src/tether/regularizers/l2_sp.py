@@ -34,14 +34,13 @@ from torch import nn
 from tether.distributed import full, is_main_process, is_sharded, local, shard_like
 from tether.errors import ConfigError
 from tether.regularizers.anchor import (
-    differences,
+    add_pull,
     grad_shards,
-    shards,
+    quadratic_value,
+    scratch,
+    scratch_bytes,
     snapshot,
-    sum_of_squares,
     trainable,
-    with_grads,
-    work_buffers,
 )
 from tether.regularizers.base import Regularizer, RegularizerConfig, SetupContext, nbytes, register
 
@@ -138,14 +137,14 @@ class L2SP(Regularizer):
         self.decoupled = config.form == "decoupled"
         self.params: list[torch.Tensor] = []
         self.anchors: list[torch.Tensor] = []
-        self.buffers: list[torch.Tensor] | None = None
+        self.views: list[torch.Tensor] | None = None
         self.lora: list[LoraGroup] = []
         self._pulled: list[tuple[LoraGroup, list[torch.Tensor], list[torch.Tensor]]] = []  # for step_begin
         self._scale = 0.0  # lambda, as the stack hands it to penalty_grad; the decoupled pull uses it in step_begin
         self._groups: tuple[torch.optim.Optimizer, list[tuple[dict, list[int]]], dict[int, dict]] | None = None
 
     def memory(self) -> dict[str, int]:
-        return {"anchor": nbytes(self.anchors), "work buffers": nbytes(self.buffers)}
+        return {"anchor": nbytes(self.anchors), "work buffer": scratch_bytes(self.views)}
 
     def setup(self, ctx: SetupContext) -> None:
         lr_lambda = ctx.learning_rate * self.config.strength
@@ -157,35 +156,37 @@ class L2SP(Regularizer):
         in_pairs = {id(p) for group in self.lora for p in (*group.a, *group.b)}
         self.params = [p for _, p in trainable(ctx.model) if id(p) not in in_pairs]
         self.anchors = snapshot(self.params, DTYPES.get(self.config.anchor_dtype or ""))
-        self.buffers = None if self.decoupled else work_buffers(self.params)
+        self.views = None if self.decoupled else scratch(self.params)
 
-    def penalty_grad(self, scale: float) -> torch.Tensor | None:
-        """The value; the penalty form also adds scale * its gradient (the decoupled form pulls in step_begin)."""
-        params, anchors, buffers = with_grads(self.params, self.anchors, self.buffers)
+    def penalty_grad(self, scale: float) -> None:
+        """The penalty form adds scale * its gradient; the decoupled form keeps the adapters' pulls for step_begin
+        (the elementwise decoupled pull needs no gradient: step_begin takes it from theta_t)."""
+        self._scale, self._pulled = scale, []
+        if not self.decoupled:
+            add_pull(self.params, self.anchors, None, scale, self.views)
         groups = [g for g in self.lora if g.a[0].grad is not None and g.b[0].grad is not None]
-        if not params and not groups:
-            return None
-        self._scale = scale
-        value = torch.zeros((), device=(params or [groups[0].a[0]])[0].device)
+        if not groups or not scale:
+            return
         with torch.no_grad():
-            if params and self.decoupled:
-                value = 0.5 * squared_distance(shards(params), anchors)
-            elif params:
-                diffs = differences(shards(params), anchors, buffers)
-                value = 0.5 * sum_of_squares(diffs)
-                if scale:
-                    torch._foreach_add_(grad_shards(params), diffs, alpha=scale)
-            self._pulled = []
-            for group in groups:
-                group_value, grads_a, grads_b = group.pull()
-                if not is_sharded(group.a[0]) or is_main_process():  # pulled whole: counted on one process
-                    value = value + group_value
-                if self.decoupled:  # applied in step_begin, from the same theta_t
-                    self._pulled.append((group, grads_a, grads_b))
-                elif scale:
-                    torch._foreach_add_(grad_shards(group.a), grads_a, alpha=scale)
-                    torch._foreach_add_(grad_shards(group.b), grads_b, alpha=scale)
-        return value
+            pulls = [(group, *group.pull()[1:]) for group in groups]
+            if self.decoupled:  # applied in step_begin, from the same theta_t
+                self._pulled = pulls
+                return
+            for group, grads_a, grads_b in pulls:
+                torch._foreach_add_(grad_shards(group.a), grads_a, alpha=scale)
+                torch._foreach_add_(grad_shards(group.b), grads_b, alpha=scale)
+
+    def penalty_value(self) -> torch.Tensor | None:
+        """1/2 * sum (theta - theta_0)^2 over the elementwise tensors plus each adapted layer's pull."""
+        if not self.params and not self.lora:
+            return None
+        with torch.no_grad():
+            values = [quadratic_value(self.params, self.anchors)] if self.params else []
+            for group in self.lora:
+                value = group.pull()[0]  # on every process: under FSDP2 the pull gathers A and B
+                counted = not is_sharded(group.a[0]) or is_main_process()  # pulled whole: counted on one process
+                values.append(value if counted else torch.zeros_like(value))
+        return torch.stack(values).sum()
 
     def step_begin(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
         """Decoupled form: theta <- theta - lr * lambda * (theta - theta_0) with each group's lr, from theta_t."""
@@ -219,12 +220,3 @@ class L2SP(Regularizer):
             group_of = {id(p): g for g in optimizer.param_groups for p in g["params"]}
             self._groups = (optimizer, [(g, idx) for g, idx in grouped if idx], group_of)
         return self._groups[1], self._groups[2]
-
-
-def squared_distance(params: list[torch.Tensor], anchors: list[torch.Tensor]) -> torch.Tensor:
-    """sum ||theta - theta_0||^2 in fp32. On CPU one tensor at a time (torch.dist makes no full-size temporary list,
-    whose fresh pages cost more than the arithmetic there); on accelerators two fused ops (a loop of small kernels
-    would be launch-bound, and the caching allocator reuses the temporary)."""
-    if params[0].device.type != "cpu" and all(p.dtype == a.dtype == torch.float32 for p, a in zip(params, anchors)):
-        return sum_of_squares(list(torch._foreach_sub(params, anchors)))
-    return torch.stack([torch.dist(p.float(), a.float()) for p, a in zip(params, anchors)]).square().sum()

@@ -26,14 +26,16 @@ from torch import nn
 
 from tether.errors import ConfigError
 from tether.regularizers.anchor import (
+    add_pull,
     differences,
     global_sums,
     loss_gradients,
-    quadratic_pull,
+    quadratic_value,
+    scratch,
+    scratch_bytes,
     shards,
     snapshot,
     trainable,
-    work_buffers,
 )
 from tether.regularizers.base import Regularizer, RegularizerConfig, SetupContext, nbytes, register
 from tether.regularizers.ewc import Batch, model_inputs
@@ -59,8 +61,9 @@ class SI(Regularizer):
         self.config = config
         self.params: list[torch.Tensor] = []
         self.anchors: list[torch.Tensor] = []
-        self.buffers: list[torch.Tensor] | None = None
-        self.roots: list[torch.Tensor] = []  # sqrt(Omega)
+        self.views: list[torch.Tensor] | None = None
+        self.weights: list[torch.Tensor] = []
+        """Omega, the per-entry weights of the penalty (fp32, mean 1 in every tensor that moved)."""
 
     def setup(self, ctx: SetupContext) -> None:
         if ctx.reference_batches is None:
@@ -76,27 +79,25 @@ class SI(Regularizer):
         try:
             omega = path_integral(ctx.model, self.params, islice(cycle(batches), self.config.steps), ctx.learning_rate)
             with torch.no_grad():
-                moved = differences(shards(self.params), self.anchors, None)
+                moved = differences(shards(self.params), self.anchors)
         finally:
             with torch.no_grad():
                 torch._foreach_copy_(shards(self.params), self.anchors)  # leave the model as it came in
         importance = importance_from_path(omega, moved, self.config.damping)
-        self.buffers = work_buffers(self.params)
+        self.views = scratch(self.params)
         sums = global_sums(importance, self.params)  # each tensor's mean, over all of its shards
         means = (sums / sums.new_tensor([p.numel() for p in self.params])).tolist()
-        self.roots = torch._foreach_sqrt([w / m if m > 0 else w for w, m in zip(importance, means)])
+        self.weights = [w / m if m > 0 else w for w, m in zip(importance, means)]
 
     def memory(self) -> dict[str, int]:
-        held = nbytes(self.anchors), nbytes(self.roots), nbytes(self.buffers)
-        return dict(zip(("anchor", "importance", "work buffers"), held))
+        held = nbytes(self.anchors), nbytes(self.weights), scratch_bytes(self.views)
+        return dict(zip(("anchor", "importance", "work buffer"), held))
 
-    @property
-    def weights(self) -> list[torch.Tensor]:
-        """Omega, the per-entry weights of the penalty (mean 1 in every tensor that moved)."""
-        return torch._foreach_mul(self.roots, self.roots)
+    def penalty_grad(self, scale: float) -> None:
+        add_pull(self.params, self.anchors, self.weights, scale, self.views)
 
-    def penalty_grad(self, scale: float) -> torch.Tensor | None:
-        return quadratic_pull(self.params, self.anchors, self.roots, scale, self.buffers)
+    def penalty_value(self) -> torch.Tensor | None:
+        return quadratic_value(self.params, self.anchors, self.weights) if self.params else None
 
 
 def path_integral(

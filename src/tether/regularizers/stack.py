@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -62,10 +63,9 @@ class RegularizerStack:
         self._non_finite: str | None = None  # what went non-finite in this step's micro-batches
         self._skipping = False
         self._sums: dict[str, torch.Tensor] = {}
-        self._last: dict[str, torch.Tensor] = {}  # weighted terms of the current micro-batch / step
+        self._last: dict[str, torch.Tensor] = {}  # weighted autograd terms of the current micro-batch
         self._counts: dict[str, int] = {}
         self.sharded = False  # FSDP2: each process holds a shard of every parameter
-        self._partial: set[str] = set()  # closed-form terms summed over shards: each process holds a part
         self.reference: Reference | None = None
 
     @classmethod
@@ -148,16 +148,8 @@ class RegularizerStack:
 
     def before_step(self) -> None:
         """Closed-form penalty gradients, added once per optimizer step (after clipping; see README)."""
-        self._last = {}
         for reg, strength in self.items:
-            value = reg.penalty_grad(strength)
-            if value is not None:
-                self._record(reg.name, value, strength)
-                if self.sharded:
-                    self._partial.add(reg.name)
-        # One check (one device sync) per step for all closed-form terms; the culprit is looked up only on failure.
-        if self._last and not torch.isfinite(torch.stack(list(self._last.values())).sum()):
-            self.flag_non_finite(self.non_finite_term())
+            reg.penalty_grad(strength)
 
     def step_begin(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
         for reg, _ in self.items:
@@ -235,7 +227,7 @@ class RegularizerStack:
         return held
 
     def non_finite_term(self) -> str:
-        """Which weighted term of the last micro-batch or step went NaN/inf, said so that the user can act."""
+        """Which weighted autograd term of the last micro-batch went NaN/inf, said so that the user can act."""
         for name, weighted in self._last.items():
             if not torch.isfinite(weighted):
                 return f"reg/{name} became {weighted.item()} (weighted): lower its strength or the learning rate"
@@ -248,13 +240,26 @@ class RegularizerStack:
         self._counts[name] = self._counts.get(name, 0) + 1
 
     def pop_logs(self) -> dict[str, float]:
-        """Mean of each unweighted term since the last call, as `reg/<name>`. Under FSDP2 every process calls this
-        at the same step: the closed-form terms' parts are summed across processes (one all-reduce)."""
-        partial = sorted(self._partial & self._sums.keys())
-        if partial and world_size() > 1:
-            sums = torch.stack([self._sums[n] for n in partial])
-            sum_across_processes([sums])
-            self._sums.update(zip(partial, sums))
+        """Each unweighted term as `reg/<name>`: an autograd penalty's mean over the micro-batches since the last
+        call, a closed-form penalty's value at the current weights. Every process calls this at the same step."""
         logs = {f"reg/{n}": (s / self._counts[n]).item() for n, s in self._sums.items()}
         self._sums, self._counts = {}, {}
-        return logs
+        return logs | self.closed_form_values()
+
+    def closed_form_values(self) -> dict[str, float]:
+        """`reg/<name>` of the closed-form penalties at the current weights; raises NonFiniteError naming the term
+        when a weighted one (in fp32, as a loss term would be) is NaN/inf: its strength overflows it, or the weights
+        did. Under FSDP2 each process holds a part of each value: one all-reduce sums them."""
+        terms = [
+            (reg.name, value, strength) for reg, strength in self.items if (value := reg.penalty_value()) is not None
+        ]
+        if not terms:
+            return {}
+        values = torch.stack([value.detach().float() for _, value, _ in terms])
+        if self.sharded and world_size() > 1:
+            sum_across_processes([values])
+        weighted = values * values.new_tensor([strength for *_, strength in terms])
+        for (name, *_), term in zip(terms, weighted.tolist()):
+            if not math.isfinite(term):
+                raise NonFiniteError(f"reg/{name} became {term} (weighted): lower its strength or the learning rate")
+        return {f"reg/{name}": value for (name, *_), value in zip(terms, values.tolist())}
