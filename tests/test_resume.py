@@ -154,6 +154,15 @@ def test_non_finite_loss_stops_with_the_term_named(raw_config, tmp_path, overrid
     assert not (tmp_path / "run" / "metrics.json").exists()
 
 
+def test_a_non_finite_closed_form_penalty_is_caught_before_a_checkpoint_is_saved(raw_config, tmp_path):
+    raw = _config(raw_config)
+    raw["training"]["logging_steps"] = 100  # no log before the first save, at step 4
+    raw["regularizers"][1]["strength"] = 1e38
+    with pytest.raises(TetherError, match="^step 4: reg/l2 became inf .*no checkpoint was written yet"):
+        train(validate_config(raw), tmp_path / "run")
+    assert not list((tmp_path / "run").glob("checkpoint-*"))
+
+
 def poison(module, inputs, out):
     out["logits"], out["loss"] = out.logits * torch.nan, out.loss * torch.nan
 

@@ -259,7 +259,7 @@ class RunConfig(Section):
     early_stopping: EarlyStoppingConfig | None = None
     """Stop when validation stops improving and restore the best checkpoint."""
     skip_non_finite: int = Field(0, ge=0)
-    """Optimizer steps whose loss or penalty is NaN/inf that may be skipped (update dropped, run goes on) before
+    """Optimizer steps whose loss (with its autograd penalties) is NaN/inf that may be skipped (update dropped) before
     the run stops; 0: stop at the first (a spike that repeats is a real problem: lower the lr or a strength)."""
     output_dir: str = "runs/tether"
     """Where the run writes its model, metrics, history and checkpoints."""

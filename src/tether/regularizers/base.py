@@ -5,9 +5,11 @@ A regularizer takes part at up to six points, each with a default that does noth
   param_groups   optimizer level: split or re-weight the optimizer's parameter groups (weight decay, LLRD)
   penalty        an *unweighted* scalar through autograd from the model, the batch and its outputs
   penalty_grad   a penalty whose gradient is known in closed form (quadratic pulls, L1): the stack hands it a
-                 scale and it adds scale * d(penalty)/d(theta) to the gradients with fused ops, once per optimizer
-                 step; `penalty_value` returns that penalty, unweighted, at the current weights. The stack asks for
-                 the value only when it writes the logs: the step itself never pays for a pass that only logs read
+                 scale and it adds scale * d(penalty)/d(theta) to the gradients, once per optimizer step (fused
+                 foreach ops on accelerators, tensor by tensor through a cache-sized scratch on CPU: anchor.scratch);
+                 `penalty_value` returns that penalty, unweighted, at the current weights. The stack asks for the
+                 value only when logs are written or a checkpoint saved: a step never pays for a pass that only
+                 logs read
   step_begin     before the optimizer step, after penalty_grad: changes that use theta_t, as AdamW's decay does
   step_end       after the optimizer step (EMA, online updates)
 Three more points, also with do-nothing defaults:

@@ -37,7 +37,8 @@ class L1(Regularizer):
 
     def setup(self, ctx: SetupContext) -> None:
         self.params = [p for _, p in trainable_weights(ctx.model)]
-        self.views = scratch(self.params)
+        if all(p.dtype == torch.float32 for p in self.params):  # the scratch is fp32: it cannot hold bf16 signs
+            self.views = scratch(self.params)
 
     def memory(self) -> dict[str, int]:
         return {"work buffer": scratch_bytes(self.views)}
@@ -52,10 +53,10 @@ class L1(Regularizer):
                 torch._foreach_add_(grads, torch._foreach_sign(weights), alpha=scale)
                 return
             for weight, grad, view in zip(weights, grads, views):  # tensor by tensor on CPU: see anchor.scratch
-                out = view if view.dtype == weight.dtype else None  # the fp32 scratch cannot take bf16 signs
-                grad.add_(torch.sign(weight, out=out), alpha=scale)
+                grad.add_(torch.sign(weight, out=view), alpha=scale)
 
     def penalty_value(self) -> torch.Tensor | None:
         if not self.params:
             return None
-        return torch.stack(torch._foreach_norm(shards(self.params), 1, dtype=torch.float32)).sum()
+        with torch.no_grad():
+            return torch.stack(torch._foreach_norm(shards(self.params), 1, dtype=torch.float32)).sum()

@@ -39,6 +39,6 @@ class L2(Regularizer):
     def penalty_value(self) -> torch.Tensor | None:
         if not self.params:
             return None
-        # Sum of squares in fp32 so that bf16/fp16 weights do not lose the penalty to rounding.
-        norms = torch._foreach_norm(shards(self.params), 2, dtype=torch.float32)
-        return 0.5 * torch.stack(norms).square().sum()
+        with torch.no_grad():  # sum of squares in fp32 so that bf16/fp16 weights do not lose it to rounding
+            norms = torch._foreach_norm(shards(self.params), 2, dtype=torch.float32)
+            return 0.5 * torch.stack(norms).square().sum()

@@ -85,19 +85,29 @@ class LoraGroup:
         c0 = ((b0.mT @ b0) * (a0 @ a0.mT)).sum((1, 2))
         return cls(a, b, torch.tensor(scalings, device=a0.device).square(), a0, b0, c0)
 
-    def pull(self) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
-        """(1/2 sum s^2 ||B A - B_0 A_0||^2, its gradient for each A, for each B), in fp32 from r x r products; the
-        gradients are this process's shards of them."""
+    def whole(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every adapter's A and B stacked, fp32, whole (gathered from the shards under FSDP2)."""
         a = torch.stack([full(p) for p in self.a]).float()
         b = torch.stack([full(p) for p in self.b]).float()
+        return a, b
+
+    def value(self) -> torch.Tensor:
+        """1/2 sum s^2 ||B A - B_0 A_0||^2 from r x r products: ||BA||^2 - 2 <BA, B_0 A_0> + ||B_0 A_0||^2."""
+        a, b = self.whole()
+        cross = ((b.mT @ self.b0) * (self.a0 @ a.mT).mT).sum((1, 2))
+        sq = ((b.mT @ b) * (a @ a.mT)).sum((1, 2)) - 2 * cross + self.c0
+        return 0.5 * (self.s2 * sq.clamp(min=0)).sum()
+
+    def pull(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """The gradient of value() for each A and for each B (this process's shards of them), fp32."""
+        a, b = self.whole()
         aat, a0at, btb, btb0 = a @ a.mT, self.a0 @ a.mT, b.mT @ b, b.mT @ self.b0
-        sq = (btb * aat).sum((1, 2)) - 2 * (btb0 * a0at.mT).sum((1, 2)) + self.c0
         s2 = self.s2[:, None, None]
         grad_a = s2 * (btb @ a - btb0 @ self.a0)
         grad_b = s2 * (b @ aat - self.b0 @ a0at)
         grads_a = [shard_like(g, p) for g, p in zip(grad_a.unbind(0), self.a)]
         grads_b = [shard_like(g, p) for g, p in zip(grad_b.unbind(0), self.b)]
-        return 0.5 * (self.s2 * sq.clamp(min=0)).sum(), grads_a, grads_b
+        return grads_a, grads_b
 
 
 def lora_groups(model: nn.Module) -> list[LoraGroup]:
@@ -168,7 +178,7 @@ class L2SP(Regularizer):
         if not groups or not scale:
             return
         with torch.no_grad():
-            pulls = [(group, *group.pull()[1:]) for group in groups]
+            pulls = [(group, *group.pull()) for group in groups]
             if self.decoupled:  # applied in step_begin, from the same theta_t
                 self._pulled = pulls
                 return
@@ -183,7 +193,7 @@ class L2SP(Regularizer):
         with torch.no_grad():
             values = [quadratic_value(self.params, self.anchors)] if self.params else []
             for group in self.lora:
-                value = group.pull()[0]  # on every process: under FSDP2 the pull gathers A and B
+                value = group.value()  # on every process: under FSDP2 it gathers A and B
                 counted = not is_sharded(group.a[0]) or is_main_process()  # pulled whole: counted on one process
                 values.append(value if counted else torch.zeros_like(value))
         return torch.stack(values).sum()

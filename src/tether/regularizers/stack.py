@@ -59,7 +59,7 @@ class RegularizerStack:
         self.items = regularizers
         self.skip_budget = skip_non_finite
         self.skipped = 0
-        """Optimizer steps dropped because a loss or penalty was NaN/inf (at most skip_budget)."""
+        """Optimizer steps dropped because the loss (with its autograd penalties) was NaN/inf (at most skip_budget)."""
         self._non_finite: str | None = None  # what went non-finite in this step's micro-batches
         self._skipping = False
         self._sums: dict[str, torch.Tensor] = {}
