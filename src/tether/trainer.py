@@ -90,7 +90,7 @@ class RegularizedMixin:
     def _save_checkpoint(self, model: nn.Module, trial: Any) -> None:
         """Everything (the stack's state too: EMA average, skipped steps) is written under RUN_DIR/.staging/ and the
         finished checkpoint-N is renamed into place: a kill during a save leaves no checkpoint-N to resume from."""
-        self._penalty_values(pop=False)  # the closed-form penalties are checked per log and save, not per step
+        self._at_this_step(self.stack.closed_form_values)  # checked per log and save, not per step: see README
         run_dir = Path(self._get_output_dir(trial=trial))
         name = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
         staged = run_dir / STAGING / name
@@ -120,18 +120,18 @@ class RegularizedMixin:
         limit, best = self.args.save_total_limit, self.state.best_model_checkpoint
         rotate_checkpoints(str(final.parent), save_total_limit=limit, best_model_checkpoint=best)
 
-    def _penalty_values(self, pop: bool) -> dict[str, float]:
-        """The `reg/<name>` terms: all of them, popped from the stack's sums (logging), or the closed-form ones alone
-        (before a save). Those are valued at the weights this step left: a NaN/inf one stops the run at this step."""
+    def _at_this_step(self, terms: Callable[[], dict[str, float]]) -> dict[str, float]:
+        """terms() (the stack's `reg/<name>` terms), whose closed-form penalties are valued at the weights this
+        step left: a NaN/inf one stops the run naming this step, not the next."""
         try:
-            return self.stack.pop_logs() if pop else self.stack.closed_form_values()
+            return terms()
         except NonFiniteError as e:
             raise NonFiniteError(str(e), step=self.state.global_step) from None
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         """Training logs get each unweighted `reg/<name>` term next to the loss."""
         if "loss" in logs:
-            logs.update(self._penalty_values(pop=True))
+            logs.update(self._at_this_step(self.stack.pop_logs))
         super().log(logs, start_time)
 
 
