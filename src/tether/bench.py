@@ -58,6 +58,7 @@ from rich.table import Table
 from tether.errors import ConfigError, TetherError
 from tether.evaluate import pareto_indices
 from tether.outputs import save_png, write_json, write_text_atomic
+from tether.selection import within_tolerance
 
 TARGET_COST = 0.05  # check 1 and the arithmetic best-strength rule: at most 5% more target loss than plain
 FORGET_CUT = 0.5  # checks 1-3: at least half the forgetting removed
@@ -362,8 +363,7 @@ def best_strength(rows: list[dict[str, Any]], plain: dict[str, Any], by: str) ->
     lowest_target = min(rows, key=lambda r: mean(r, "val_loss"))
     if by == "target":
         return lowest_target
-    limit = (1 + TARGET_COST) * mean(plain, "val_loss")
-    within = [r for r in rows if mean(r, "val_loss") <= limit]
+    within = within_tolerance(rows, lambda r: mean(r, "val_loss"), TARGET_COST, reference=mean(plain, "val_loss"))
     return min(within, key=lambda r: mean(r, "delta_loss")) if within else lowest_target
 
 

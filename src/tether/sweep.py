@@ -41,6 +41,7 @@ from tether.config import SWEEP_METRICS, RunConfig, SweepConfig, SweepConstraint
 from tether.errors import ConfigError, NonFiniteError, TetherError
 from tether.evaluate import pareto_indices
 from tether.outputs import save_png, write_json, write_text_atomic
+from tether.selection import within_tolerance
 
 log = logging.getLogger(__name__)
 DONE = (TrialState.COMPLETE, TrialState.PRUNED)  # what counts toward the requested number of trials
@@ -406,8 +407,7 @@ def choose(items: list[dict[str, Any]], sweep: SweepConfig) -> dict[str, Any] | 
     keys = [_key(i["values"], sweep.objectives) for i in items]
     if sweep.choose == "best_target" or len(sweep.objectives) == 1:
         return items[min(range(len(items)), key=lambda j: keys[j])]
-    best = min(k[0] for k in keys)
-    close = [j for j, k in enumerate(keys) if k[0] <= best + sweep.tolerance * abs(best)]
+    close = within_tolerance(range(len(items)), lambda j: keys[j][0], sweep.tolerance)
     return items[min(close, key=lambda j: (keys[j][1], keys[j][0]))]
 
 

@@ -34,6 +34,7 @@ from torch import nn
 from tether.errors import ConfigError
 from tether.regularizers.anchor import snapshot, trainable
 from tether.regularizers.base import FinishContext, NoPenaltyConfig, Regularizer, SetupContext, nbytes, register
+from tether.selection import within_tolerance
 
 
 class WiseFTConfig(NoPenaltyConfig):
@@ -128,10 +129,9 @@ def summary(metrics: dict[str, Any]) -> dict[str, float]:
 
 def choose(rows: list[dict[str, float]], rule: str, tolerance: float) -> float:
     """The alpha picked by `rule` (module docstring) from the measured rows."""
-    best = min(r["val_loss"] for r in rows)
     if rule == "best_target" or "reference_loss" not in rows[0]:
         return min(rows, key=lambda r: (r["val_loss"], -r["alpha"]))["alpha"]
-    close = [r for r in rows if r["val_loss"] <= best + tolerance * abs(best)]
+    close = within_tolerance(rows, lambda r: r["val_loss"], tolerance)
     return min(close, key=lambda r: (r["reference_loss"], -r["alpha"]))["alpha"]
 
 
