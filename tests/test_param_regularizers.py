@@ -550,3 +550,26 @@ def test_every_regularizer_trains_every_architecture(name: str, arch: str, task:
     assert all(torch.isfinite(p).all() for p in model.parameters())
     if has_penalty(reg):
         assert math.isfinite(logs[f"reg/{name}"])  # logged; not always >= 0 (e.g. label smoothing's term)
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("name", QUADRATIC)
+def test_fp64_weights_keep_fp64_differences_and_values(name: str, path: str) -> None:
+    """fp64 weights moved by 1e-9: an fp32 theta - theta_0 rounds that away, and the fp32 norm of the value crashed."""
+    torch.manual_seed(0)
+    model = model_of().double()
+    theta0 = snapshot(model)
+    stack = build(
+        name, model, batches_of(rows_of(8), 4), strength=1.0, **({"form": "penalty"} if name == "l2_sp" else {})
+    )
+    if path == "fused_lists":
+        use_fused_lists(stack)
+    perturb(model, size=1e-9)
+    seed_grads(model)
+    params = [p for p in model.parameters() if p.requires_grad]
+    expected = [p.grad + e for p, e in zip(params, naive_pull(name, stack, model, theta0))]
+    exact = reference_value(name, stack, model, theta0)
+    stack.before_step()
+    assert stack.pop_logs()[f"reg/{name}"] == pytest.approx(exact.item(), rel=1e-9)
+    for p, e in zip(params, expected):
+        torch.testing.assert_close(p.grad, e, atol=1e-15, rtol=1e-12)

@@ -57,9 +57,19 @@ def global_sums(tensors: list[torch.Tensor], params: list[torch.Tensor]) -> torc
     return sums
 
 
+def wide(dtype: torch.dtype) -> torch.dtype:
+    """The dtype differences and sums are taken in: fp32, or fp64 for fp64 weights (never below the weights')."""
+    return torch.promote_types(dtype, torch.float32)
+
+
+def accumulation_dtype(tensors: list[torch.Tensor]) -> torch.dtype:
+    """fp64 when any tensor is fp64, else fp32: the dtype of a value summed over all of them."""
+    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
+
+
 def scratch(params: list[torch.Tensor]) -> list[torch.Tensor] | None:
     """On CPU, an fp32 view shaped like each parameter (of its local shard), all into one buffer the size of the
-    largest; None on accelerators.
+    largest; None on accelerators and for fp64 weights (an fp32 scratch would round their differences).
 
     The closed-form pulls run tensor by tensor on CPU with their intermediate in this buffer, which stays in the
     core's cache between the op that writes it and the op that reads it: the step then moves little more than
@@ -68,7 +78,7 @@ def scratch(params: list[torch.Tensor]) -> list[torch.Tensor] | None:
     pages in. Accelerators run fused multi-tensor kernels instead (a kernel per tensor would be launch-bound), whose
     temporaries their caching allocators reuse.
     """
-    if not params or any(p.device.type != "cpu" for p in params):
+    if not params or any(p.device.type != "cpu" or p.dtype == torch.float64 for p in params):
         return None
     local_shards = shards(params)
     buffer = torch.empty(max(p.numel() for p in local_shards), dtype=torch.float32)
@@ -89,11 +99,11 @@ def with_grads(params: list[torch.Tensor], *aligned: list[torch.Tensor] | None) 
 
 
 def differences(params: list[torch.Tensor], anchors: list[torch.Tensor]) -> list[torch.Tensor]:
-    """theta - theta_0 in fp32, new tensors. bf16/fp16 weights are upcast before subtracting: the difference of two
-    bf16 numbers may need more bits than bf16 holds."""
+    """theta - theta_0 in fp32 (fp64 for fp64 weights), new tensors. bf16/fp16 weights are upcast before
+    subtracting: the difference of two bf16 numbers may need more bits than bf16 holds."""
     if all(p.dtype == torch.float32 for p in params):
         return list(torch._foreach_sub(params, anchors))  # a lower-precision anchor is promoted exactly
-    return [p.float() - a.float() for p, a in zip(params, anchors)]
+    return [p.to(wide(p.dtype)) - a.to(wide(p.dtype)) for p, a in zip(params, anchors)]
 
 
 def difference_into(out: torch.Tensor, param: torch.Tensor, anchor: torch.Tensor) -> torch.Tensor:
@@ -136,11 +146,15 @@ def add_pull(
 def quadratic_value(
     params: list[torch.Tensor], anchors: list[torch.Tensor], weights: list[torch.Tensor] | None = None
 ) -> torch.Tensor:
-    """1/2 * sum w * (theta - theta_0)^2 over every tensor (this process's shards), fp32 and detached. One tensor at
-    a time: it runs when logs are written, and whole-model temporaries would raise the peak memory there."""
-    total = torch.zeros((), dtype=torch.float32, device=params[0].device)
+    """1/2 * sum w * (theta - theta_0)^2 over every tensor (this process's shards), fp32 (fp64 for fp64 weights) and
+    detached. One tensor at a time: it runs when logs are written, and whole-model temporaries would raise the peak
+    memory there."""
+    total = torch.zeros((), dtype=accumulation_dtype(params), device=params[0].device)
     with torch.no_grad():
         for i, (theta, anchor) in enumerate(zip(shards(params), anchors)):
-            squares = (theta.float() - anchor.float()).square_()
-            total += squares.sum() if weights is None else torch.dot(squares.flatten(), weights[i].flatten())
+            squares = (theta.to(wide(theta.dtype)) - anchor.to(wide(theta.dtype))).square_()
+            if weights is None:
+                total += squares.sum()
+            else:
+                total += torch.dot(squares.flatten(), weights[i].flatten().to(squares.dtype))
     return 0.5 * total

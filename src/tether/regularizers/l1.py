@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from pydantic import Field
 
-from tether.regularizers.anchor import grad_shards, scratch, scratch_bytes, shards, with_grads
+from tether.regularizers.anchor import accumulation_dtype, grad_shards, scratch, scratch_bytes, shards, with_grads
 from tether.regularizers.base import (
     Regularizer,
     RegularizerConfig,
@@ -59,4 +59,5 @@ class L1(Regularizer):
         if not self.params:
             return None
         with torch.no_grad():
-            return torch.stack(torch._foreach_norm(shards(self.params), 1, dtype=torch.float32)).sum()
+            dtype = accumulation_dtype(self.params)
+            return torch.stack(torch._foreach_norm(shards(self.params), 1, dtype=dtype)).sum()

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from pydantic import Field
 
-from tether.regularizers.anchor import grad_shards, shards
+from tether.regularizers.anchor import accumulation_dtype, grad_shards, shards
 from tether.regularizers.base import Regularizer, RegularizerConfig, SetupContext, register, trainable_weights
 
 
@@ -39,6 +39,6 @@ class L2(Regularizer):
     def penalty_value(self) -> torch.Tensor | None:
         if not self.params:
             return None
-        with torch.no_grad():  # sum of squares in fp32 so that bf16/fp16 weights do not lose it to rounding
-            norms = torch._foreach_norm(shards(self.params), 2, dtype=torch.float32)
+        with torch.no_grad():  # sum of squares in fp32 (fp64 weights: fp64): bf16/fp16 do not lose it to rounding
+            norms = torch._foreach_norm(shards(self.params), 2, dtype=accumulation_dtype(self.params))
             return 0.5 * torch.stack(norms).square().sum()

@@ -248,17 +248,17 @@ class RegularizerStack:
 
     def closed_form_values(self) -> dict[str, float]:
         """`reg/<name>` of the closed-form penalties at the current weights; raises NonFiniteError naming the term
-        when a weighted one (in fp32, as a loss term would be) is NaN/inf: its strength overflows it, or the weights
+        when a weighted one is NaN/inf (in fp32, as a loss term would be): its strength overflows it, or the weights
         did. Under FSDP2 each process holds a part of each value: one all-reduce sums them."""
         terms = [
             (reg.name, value, strength) for reg, strength in self.items if (value := reg.penalty_value()) is not None
         ]
         if not terms:
             return {}
-        values = torch.stack([value.detach().float() for _, value, _ in terms])
+        values = torch.stack([value.detach().double() for _, value, _ in terms])
         if self.sharded and world_size() > 1:
             sum_across_processes([values])
-        weighted = values * values.new_tensor([strength for *_, strength in terms])
+        weighted = (values * values.new_tensor([strength for *_, strength in terms])).float()
         for (name, *_), term in zip(terms, weighted.tolist()):
             if not math.isfinite(term):
                 raise NonFiniteError(f"reg/{name} became {term} (weighted): lower its strength or the learning rate")
