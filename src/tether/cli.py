@@ -2,17 +2,20 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
+import shlex
+import signal
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, NoReturn
 
 import typer
 from rich.console import Console
 
-from tether.errors import TetherError
+from tether.errors import Interrupted, TetherError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
 console = Console(width=None if sys.stdout.isatty() else 110)  # pipes and CI logs get a readable table
@@ -23,6 +26,34 @@ SetOpt = Annotated[list[str], typer.Option("--set", help="Override a config valu
 def _fail(message: str) -> None:
     err_console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
     sys.exit(2)
+
+
+_SIGNAL = {"received": signal.SIGINT}  # the signal that stopped training; the exit status is 128 + its number
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    _SIGNAL["received"] = signal.Signals(signum)
+    raise KeyboardInterrupt
+
+
+def _stopped(e: KeyboardInterrupt, out: Path, command: list[str]) -> NoReturn:
+    """One line: where training stopped, the last checkpoint and the command that continues; exit 130 / 143."""
+    from tether.run import last_complete_checkpoint
+
+    last = e.checkpoint if isinstance(e, Interrupted) else out.is_dir() and last_complete_checkpoint(out)
+    where = str(e) if isinstance(e, Interrupted) else f"last checkpoint: {last or 'none yet'}"
+    again = shlex.join([*command, "--resume"] if last else command)
+    err_console.print(f"interrupted: {where}; continue with: {again}", highlight=False, soft_wrap=True)
+    sys.exit(128 + _SIGNAL["received"])
+
+
+def disk_full(e: BaseException, out: Path) -> TetherError | None:
+    """A full disk as one line: checkpoints and outputs are written atomically, so a rerun continues exactly."""
+    text = str(e)
+    if getattr(e, "errno", None) not in (errno.ENOSPC, errno.EDQUOT) and "No space left on device" not in text:
+        return None
+    where = getattr(e, "filename", None) or out
+    return TetherError(f"no space left on device at {where}: free space and rerun; nothing lost")
 
 
 @app.command()
@@ -55,7 +86,16 @@ def train(
     from tether.progress import RichProgress
 
     progress = [RichProgress("training", console)]
-    metrics = run_train(cfg, out, resume=resume, overwrite=overwrite, callbacks=progress, console=console)
+    signal.signal(signal.SIGTERM, _interrupt)  # a scheduler's or `kill`'s stop: the same clean stop as Ctrl-C
+    try:
+        metrics = run_train(cfg, out, resume=resume, overwrite=overwrite, callbacks=progress, console=console)
+    except KeyboardInterrupt as e:
+        _stopped(e, out, ["tether", "train", str(config), "--output-dir", str(out), *(f"--set={s}" for s in set_)])
+    except Exception as e:
+        full = disk_full(e, out)
+        if full is None:
+            raise
+        raise full from None
     shutdown()
     if metrics:  # with several processes, only the main one measures and reports
         console.print_json(json.dumps(metrics))
@@ -147,7 +187,7 @@ def main() -> None:
 
     hf_logging.disable_progress_bar()  # per-file save bars; tether shows its own progress
     try:
-        app(standalone_mode=False)
+        code = app(standalone_mode=False)  # typer returns the status of an Exit (130 for Ctrl-C outside training)
     except TetherError as e:
         _fail(str(e))
     except typer.Exit as e:
@@ -157,6 +197,7 @@ def main() -> None:
     except typer.TyperException as e:  # usage errors (a missing argument, an unknown option): one line, exit 2
         err_console.print(f"[bold red]error:[/] {e.format_message()}", highlight=False, soft_wrap=True)
         sys.exit(2)
+    sys.exit(code if isinstance(code, int) else 0)
 
 
 if __name__ == "__main__":

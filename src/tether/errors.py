@@ -20,3 +20,12 @@ class NonFiniteError(TetherError):
         super().__init__(message)
         self.step = step
         """The optimizer step it is about, when known where it is raised."""
+
+
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C or SIGTERM stopped training; the message says the step reached and the last checkpoint."""
+
+    def __init__(self, message: str, checkpoint: str | None) -> None:
+        super().__init__(message)
+        self.checkpoint = checkpoint
+        """The last complete checkpoint (what `--resume` continues from), None when none was written."""

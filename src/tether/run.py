@@ -21,7 +21,7 @@ from torch import nn
 from tether.config import RunConfig, dump_config
 from tether.data import Collator, Datasets, load_datasets, load_split
 from tether.distributed import barrier, is_main_process, local, rank, world_size
-from tether.errors import ConfigError, NonFiniteError, TetherError
+from tether.errors import ConfigError, Interrupted, NonFiniteError, TetherError
 from tether.evaluate import Progress, dataset_metrics, forgetting, reference_metrics, start_pass
 from tether.models import apply_lora, load_model
 from tether.outputs import plot_curves, write_dir_atomic, write_json, write_jsonl, write_text_atomic
@@ -231,6 +231,11 @@ def _fit(trainer: Any, resume_from: str | None, output_dir: Path) -> None:
         kept = f"last good checkpoint: {last}" if last else "no checkpoint was written yet"
         step = trainer.state.global_step + 1 if e.step is None else e.step
         raise NonFiniteError(f"step {step}: {e} ({kept})") from None
+    except KeyboardInterrupt:  # Ctrl-C, or SIGTERM as the CLI turns it into one
+        last = last_complete_checkpoint(output_dir)
+        kept = f"last checkpoint: {last}" if last else "no checkpoint was written yet"
+        step, steps = trainer.state.global_step, trainer.state.max_steps
+        raise Interrupted(f"stopped at step {step} of {steps} ({kept})", last) from None
 
 
 def load_stack_state(checkpoint: Path) -> dict[str, torch.Tensor]:
