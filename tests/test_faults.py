@@ -17,7 +17,6 @@ import yaml
 from transformers import TrainerCallback
 
 import tether.run
-from tether.config import validate_config
 
 
 def _config(raw_config: dict, **training) -> dict:
