@@ -133,7 +133,7 @@ def whole_runs(reps: int) -> dict[str, float]:
     from pathlib import Path
 
     from tether.config import validate_config
-    from tether.demo import demo_config
+    from tether.harness.demo import demo_config
     from tether.run import train
     from tether.synthetic import pretrained_base
 

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from tether.config import validate_config
-from tether.demo import demo_config
+from tether.harness.demo import demo_config
 from tether.run import train
 from tether.synthetic import pretrained_base
 

@@ -14,8 +14,8 @@ from typing import Any
 
 import pytest
 
-from tether import bench
 from tether.config import validate_config
+from tether.harness import bench
 
 
 def agg(task: str, method: str, value: float | None, val: float, delta: float, **extra: float) -> dict[str, Any]:

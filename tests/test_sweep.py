@@ -24,7 +24,7 @@ from optuna.trial import TrialState
 
 from tether.config import SweepConfig, validate_config
 from tether.errors import ConfigError, TetherError
-from tether.sweep import (
+from tether.harness.sweep import (
     Job,
     PruneOnEvaluate,
     _masked,
@@ -324,7 +324,7 @@ def test_sweep_on_postgresql_with_two_workers(sweep_raw, tmp_path, postgres_url)
 def test_summary_judges_each_candidate_on_the_constraints_it_can(sweep_raw, tmp_path):
     """A WiSE-FT interpolation has no train loss: a constraint on overfit_gap leaves it out instead of crashing;
     an infeasible model/ is never chosen."""
-    from tether.sweep import summarize
+    from tether.harness.sweep import summarize
 
     sweep_raw["sweep"]["constraints"] = [{"metric": "overfit_gap", "max": 0.5}]
     job = Job(validate_config(sweep_raw), tmp_path, "sqlite://", "s", 2)

@@ -143,7 +143,7 @@ def sweep(
 ) -> None:
     """Search the config's sweep: values with Optuna; resumable, parallel; writes sweep.json and sweep.html."""
     from tether.config import load_config
-    from tether.sweep import run_sweep, summary_table
+    from tether.harness.sweep import run_sweep, summary_table
 
     cfg = load_config(config, set_)
     out = output_dir or Path(cfg.output_dir)
@@ -161,7 +161,7 @@ def demo(
     output_dir: Annotated[Path, typer.Option(help="Where the demo's runs go.")] = Path("runs/demo"),
 ) -> None:
     """Offline demo: pre-train a tiny model on invented facts, fine-tune it on arithmetic plain and regularized."""
-    from tether.demo import run_demo
+    from tether.harness.demo import run_demo
 
     run_demo(output_dir, console)
 
@@ -174,7 +174,7 @@ def bench(
     output_dir: Annotated[Path, typer.Option(help="Runs and results; run again to resume.")] = Path("runs/bench"),
 ) -> None:
     """Every regularizer against plain fine-tuning on the demo's world: forgetting, overfitting, pass/fail checks."""
-    from tether.bench import run_bench
+    from tether.harness.bench import run_bench
 
     run_bench(output_dir, quick=quick, seeds=seeds, workers=workers or os.cpu_count() or 1, console=console)
 

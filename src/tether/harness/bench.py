@@ -198,8 +198,8 @@ def task_train_file(output_dir: Path, base: Any, task: Task, seed: int) -> Path:
 
 
 def run_config(base: Any, task: Task, train_file: Path, method: Method, value: float | None, seed: int) -> dict:
-    """The demo's run config (tether.demo.demo_config) for this task, seed and method at `value`."""
-    from tether.demo import demo_config
+    """The demo's run config (tether.harness.demo.demo_config) for this task, seed and method at `value`."""
+    from tether.harness.demo import demo_config
 
     raw = demo_config(base, [])
     raw["data"].update(train=str(train_file), seed=seed)

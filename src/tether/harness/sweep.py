@@ -136,7 +136,7 @@ def _run_processes(job: Job, workers: int) -> None:
         )
 
 
-WORKER_MAIN = "from tether.sweep import worker_main; worker_main()"
+WORKER_MAIN = "from tether.harness.sweep import worker_main; worker_main()"
 
 
 def worker_main() -> None:
