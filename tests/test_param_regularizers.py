@@ -573,3 +573,16 @@ def test_fp64_weights_keep_fp64_differences_and_values(name: str, path: str) -> 
     assert stack.pop_logs()[f"reg/{name}"] == pytest.approx(exact.item(), rel=1e-9)
     for p, e in zip(params, expected):
         torch.testing.assert_close(p.grad, e, atol=1e-15, rtol=1e-12)
+
+
+def test_si_gives_zero_importance_where_the_gradient_is_zero_in_exact_arithmetic() -> None:
+    """BERT's key biases shift every attention score of a query alike, which softmax ignores: their gradient is 0 in
+    exact arithmetic and fp32 rounding noise in practice. Normalized to mean 1 that noise would be held like the head."""
+    torch.manual_seed(0)
+    model = model_of("bert", "sequence_classification")
+    reg = build("si", model, batches_of(rows_of(8, "sequence_classification"), 4)).items[0][0]
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    means = {n: w.mean().item() for n, w in zip(names, reg.weights)}
+    key_biases = [n for n in names if n.endswith("attention.self.key.bias")]
+    assert key_biases and all(means[n] == 0 for n in key_biases)
+    assert all(means[n] == pytest.approx(1.0, rel=1e-5) for n in names if n not in key_biases)

@@ -12,11 +12,13 @@ tensor is held equally hard on average (lambda means the same for every layer an
 head, whose gradients are largest, do not take over), and within a tensor the important entries are held harder.
 Only trainable tensors take part (the adapters and head under LoRA). Under FSDP2 the anchor and Omega are sharded
 like the parameters (the setup steps' gradients are identical on every process, which runs the same batches) and
-each tensor's mean is taken over all of its shards.
+each tensor's mean is taken over all of its shards. A tensor whose gradients were only rounding noise (its mean
+importance at most (fp32 eps)^2 times the median tensor's, see noise_floor) gets zero importance.
 """
 
 from __future__ import annotations
 
+import statistics
 from collections.abc import Iterable
 from itertools import cycle, islice
 
@@ -63,7 +65,7 @@ class SI(Regularizer):
         self.anchors: list[torch.Tensor] = []
         self.views: list[torch.Tensor] | None = None
         self.weights: list[torch.Tensor] = []
-        """Omega, the per-entry weights of the penalty (fp32, mean 1 in every tensor that moved)."""
+        """Omega, the per-entry weights of the penalty (fp32, mean 1 in every tensor, 0 where gradients were noise)."""
 
     def setup(self, ctx: SetupContext) -> None:
         if ctx.reference_batches is None:
@@ -87,7 +89,7 @@ class SI(Regularizer):
         self.views = scratch(self.params)
         sums = global_sums(importance, self.params)  # each tensor's mean, over all of its shards
         means = (sums / sums.new_tensor([p.numel() for p in self.params])).tolist()
-        self.weights = [w / m if m > 0 else w for w, m in zip(importance, means)]
+        self.weights = [w.div_(m) if m > noise_floor(means) else w.zero_() for w, m in zip(importance, means)]
 
     def memory(self) -> dict[str, int]:
         held = nbytes(self.anchors), nbytes(self.weights), scratch_bytes(self.views)
@@ -117,6 +119,14 @@ def path_integral(
     finally:
         model.train(was_training)
     return omega
+
+
+def noise_floor(means: list[float]) -> float:
+    """Tensor means at or below this are rounding noise, not importance: (fp32 eps)^2 times the median tensor's. A
+    tensor whose gradient is zero in exact arithmetic (BERT's key biases: softmax ignores a shift of all scores)
+    still gets ~1e-14 from fp32 sums, about eps^2 of its neighbours' importance (1e-22 of the median on a tiny BERT,
+    where the smallest real one is 2e-9); normalized to mean 1 it would be held like any other tensor."""
+    return torch.finfo(torch.float32).eps ** 2 * statistics.median(means) if means else 0.0
 
 
 def importance_from_path(omega: list[torch.Tensor], moved: list[torch.Tensor], damping: float) -> list[torch.Tensor]:
