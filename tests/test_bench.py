@@ -15,18 +15,18 @@ from typing import Any
 import pytest
 
 from tether.config import validate_config
-from tether.harness import bench
+from tether.harness.bench import analysis, report, tasks
 
 
 def agg(task: str, method: str, value: float | None, val: float, delta: float, **extra: float) -> dict[str, Any]:
-    """An aggregate row as bench.aggregate makes it, with zero spread."""
-    row = {"task": task, "method": method, "knob": bench.METHOD_BY_NAME[method].knob, "value": value, "seeds": [0]}
+    """An aggregate row as analysis.aggregate makes it, with zero spread."""
+    row = {"task": task, "method": method, "knob": tasks.METHOD_BY_NAME[method].knob, "value": value, "seeds": [0]}
     fields = {"val_loss": val, "delta_loss": delta, "recall_drop": 0.5, "overfit_gap": 0.1, "wall_s": 3.0} | extra
-    row.update({f: {"mean": fields[f], "std": 0.0} if f in fields else None for f in bench.FIELDS})
+    row.update({f: {"mean": fields[f], "std": 0.0} if f in fields else None for f in analysis.FIELDS})
     return row
 
 
-def line_of(checks: list[bench.Check], start: str) -> bench.Check:
+def line_of(checks: list[analysis.Check], start: str) -> analysis.Check:
     return next(c for c in checks if c.claim.startswith(start))
 
 
@@ -42,25 +42,25 @@ def fake_base(tmp_path: Path) -> SimpleNamespace:
 
 
 def test_plan_covers_every_method_with_valid_configs(tmp_path: Path, fake_base: SimpleNamespace) -> None:
-    jobs = bench.plan(tmp_path / "out", 3, quick=False, bases=dict.fromkeys(range(3), fake_base))
+    jobs = tasks.plan(tmp_path / "out", 3, quick=False, bases=dict.fromkeys(range(3), fake_base))
     assert len({j.run_dir for j in jobs}) == len(jobs)
-    for task in bench.TASKS:
-        assert {j.method for j in jobs if j.task == task.name} == set(bench.METHOD_BY_NAME)
+    for task in tasks.TASKS:
+        assert {j.method for j in jobs if j.task == task.name} == set(tasks.METHOD_BY_NAME)
     assert {j.seed for j in jobs} == {0, 1, 2}
     assert len([j for j in jobs if j.method == "wise_ft"]) == 2 * 3  # one run per task and seed: all alphas
     for job in jobs:
         validate_config(job.config)
     small = next(j for j in jobs if j.task == "small-data")
-    assert len(Path(small.config["data"]["train"]).read_text().splitlines()) == bench.TASKS[1].train_rows
+    assert len(Path(small.config["data"]["train"]).read_text().splitlines()) == tasks.TASKS[1].train_rows
     assert small.config["training"]["seed"] == small.seed
 
 
 def test_quick_plan_is_a_subset_of_the_full_one(tmp_path: Path, fake_base: SimpleNamespace) -> None:
     bases = {0: fake_base}
-    full = {(j.task, j.method, j.value) for j in bench.plan(tmp_path, 1, quick=False, bases=bases)}
-    quick = {(j.task, j.method, j.value) for j in bench.plan(tmp_path, 1, quick=True, bases=bases)}
+    full = {(j.task, j.method, j.value) for j in tasks.plan(tmp_path, 1, quick=False, bases=bases)}
+    quick = {(j.task, j.method, j.value) for j in tasks.plan(tmp_path, 1, quick=True, bases=bases)}
     assert quick < full
-    assert {m for t, m, _ in quick if t == "arithmetic"} == set(bench.METHOD_BY_NAME)
+    assert {m for t, m, _ in quick if t == "arithmetic"} == set(tasks.METHOD_BY_NAME)
     assert {v for t, m, v in quick if m == "replay"} == {0.01, 0.05}
 
 
@@ -70,12 +70,12 @@ def test_aggregate_means_and_sample_spread() -> None:
          "recall_drop": None, "overfit_gap": 0.1, "wall_s": 2.0}
         for s, v, d in ((0, 1.0, 0.1), (1, 2.0, 0.3), (2, 3.0, 0.2))
     ]  # fmt: skip
-    (row,) = bench.aggregate(points)
+    (row,) = analysis.aggregate(points)
     assert row["seeds"] == [0, 1, 2]
     assert row["val_loss"] == pytest.approx({"mean": 2.0, "std": 1.0})
     assert row["delta_loss"]["mean"] == pytest.approx(0.2)
     assert row["recall_drop"] is None and row["base_val_loss"] is None
-    assert bench.stats([4.0]) == {"mean": 4.0, "std": 0.0}
+    assert analysis.stats([4.0]) == {"mean": 4.0, "std": 0.0}
 
 
 def test_pareto_front_keeps_only_undominated_points() -> None:
@@ -88,10 +88,10 @@ def test_pareto_front_keeps_only_undominated_points() -> None:
 def test_best_strength_trades_target_against_forgetting() -> None:
     plain = agg("arithmetic", "plain", None, 1.0, 5.0)
     rows = [agg("arithmetic", "l2_sp", s, v, d) for s, v, d in ((3, 0.98, 2.0), (10, 1.04, 0.1), (30, 1.3, 0.0))]
-    assert bench.best_strength(rows, plain, "tradeoff")["value"] == 10  # 30 forgets less but costs 30%
-    assert bench.best_strength(rows, plain, "target")["value"] == 3
+    assert analysis.best_strength(rows, plain, "tradeoff")["value"] == 10  # 30 forgets less but costs 30%
+    assert analysis.best_strength(rows, plain, "target")["value"] == 3
     too_costly = [agg("arithmetic", "kl", s, v, 1.0) for s, v in ((1, 1.5), (10, 2.0))]
-    assert bench.best_strength(too_costly, plain, "tradeoff")["value"] == 1
+    assert analysis.best_strength(too_costly, plain, "tradeoff")["value"] == 1
 
 
 def arithmetic_rows(keeper_val: float, keeper_delta: float, replay_delta: float) -> list[dict[str, Any]]:
@@ -107,10 +107,10 @@ def arithmetic_rows(keeper_val: float, keeper_delta: float, replay_delta: float)
 
 
 def test_keepers_and_replay_checks_pass_and_fail_on_the_numbers() -> None:
-    good = bench.checks(arithmetic_rows(keeper_val=1.25, keeper_delta=1.9, replay_delta=2.0))
+    good = analysis.checks(arithmetic_rows(keeper_val=1.25, keeper_delta=1.9, replay_delta=2.0))
     assert line_of(good, "best of").passed  # 52% less forgetting at +4.2% target loss
     assert line_of(good, "replay").passed and "50%" in line_of(good, "replay").detail
-    costly = bench.checks(arithmetic_rows(keeper_val=1.27, keeper_delta=0.0, replay_delta=2.1))
+    costly = analysis.checks(arithmetic_rows(keeper_val=1.27, keeper_delta=0.0, replay_delta=2.1))
     assert not line_of(costly, "best of").passed  # +5.8% target loss
     assert not line_of(costly, "replay").passed  # 47.5% less
     assert line_of(costly, "best of").line().startswith("FAIL")
@@ -118,19 +118,19 @@ def test_keepers_and_replay_checks_pass_and_fail_on_the_numbers() -> None:
 
 def test_forgetting_checks_are_unmeasurable_when_plain_does_not_forget() -> None:
     rows = [agg("arithmetic", "plain", None, 1.2, -0.01), agg("arithmetic", "ewc", 0.3, 1.2, -0.02)]
-    result = bench.check_keepers(rows)
+    result = analysis.check_keepers(rows)
     assert not result.passed and "did not forget" in result.detail
-    assert not bench.check_replay(rows).passed
+    assert not analysis.check_replay(rows).passed
 
 
 def test_wise_ft_check_uses_recovered_forgetting_and_kept_gain() -> None:
     rows = arithmetic_rows(1.2, 0.0, 0.0)
-    passed = bench.check_wise_ft(rows)  # alpha 0.5: 92.5% recovered, (8-1.8)/(8-1.2) = 91% kept
+    passed = analysis.check_wise_ft(rows)  # alpha 0.5: 92.5% recovered, (8-1.8)/(8-1.2) = 91% kept
     assert passed.passed and passed.detail.startswith("alpha 0.5")
     rows = [r for r in rows if not (r["method"] == "wise_ft" and r["value"] == 0.5)]
-    assert bench.check_wise_ft(rows).passed  # alpha 0.75: 62.5% recovered and 99% kept
+    assert analysis.check_wise_ft(rows).passed  # alpha 0.75: 62.5% recovered and 99% kept
     rows = [r for r in rows if not (r["method"] == "wise_ft" and r["value"] == 0.75)]
-    assert not bench.check_wise_ft(rows).passed  # alpha 1 alone: nothing to interpolate
+    assert not analysis.check_wise_ft(rows).passed  # alpha 1 alone: nothing to interpolate
 
 
 def test_small_data_check_needs_early_stopping_and_a_classic_regularizer() -> None:
@@ -140,10 +140,10 @@ def test_small_data_check_needs_early_stopping_and_a_classic_regularizer() -> No
         agg("small-data", "weight_decay", 0.1, 3.1, 3.0),
         agg("small-data", "dropout", 0.3, 2.4, 4.0),
     ]
-    assert bench.check_small_data(rows).passed
+    assert analysis.check_small_data(rows).passed
     rows[3] = agg("small-data", "dropout", 0.3, 3.2, 4.0)
-    assert not bench.check_small_data(rows).passed
-    assert not bench.check_small_data(rows[:1] + rows[2:]).passed  # no early stopping run
+    assert not analysis.check_small_data(rows).passed
+    assert not analysis.check_small_data(rows[:1] + rows[2:]).passed  # no early stopping run
 
 
 def test_points_of_reads_the_measured_model_of_each_method(tmp_path: Path) -> None:
@@ -151,12 +151,12 @@ def test_points_of_reads_the_measured_model_of_each_method(tmp_path: Path) -> No
         return {"target": {"val_loss": val}, "overfit_gap": 0.2,
                 "forgetting": {"delta_loss": val / 10, "recall_drop": 0.5, "recall_before": 0.9}}  # fmt: skip
 
-    job = bench.Job("arithmetic", "ema", 0.9, 1, tmp_path, {})
-    (point,) = bench.points_of(job, measured(2.0) | {"ema": measured(1.5)}, 4.0)
+    job = tasks.Job("arithmetic", "ema", 0.9, 1, tmp_path, {})
+    (point,) = analysis.points_of(job, measured(2.0) | {"ema": measured(1.5)}, 4.0)
     assert point["val_loss"] == 1.5 and point["seed"] == 1 and point["wall_s"] == 4.0
     alphas = [{"alpha": a, "val_loss": 8 - 6 * a, "delta_loss": 4 * a, "recall": 0.9 - 0.8 * a} for a in (0, 0.5, 1)]
-    job = bench.Job("arithmetic", "wise_ft", None, 0, tmp_path, {})
-    points = bench.points_of(job, measured(2.0) | {"wise_ft": {"alphas": alphas}}, 4.0)
+    job = tasks.Job("arithmetic", "wise_ft", None, 0, tmp_path, {})
+    points = analysis.points_of(job, measured(2.0) | {"wise_ft": {"alphas": alphas}}, 4.0)
     assert [p["value"] for p in points] == [0.5, 1]
     assert points[0]["base_val_loss"] == 8 and points[0]["recall_drop"] == pytest.approx(0.4)
 
@@ -164,8 +164,8 @@ def test_points_of_reads_the_measured_model_of_each_method(tmp_path: Path) -> No
 def test_outputs_render_from_aggregates(tmp_path: Path) -> None:
     rows = [*arithmetic_rows(1.25, 1.9, 2.0), agg("small-data", "plain", None, 3.0, 3.0)]
     result = {"command": "tether bench", "machine": "test", "summary": "made up", "aggregates": rows, "runs": []}
-    result["checks"] = [asdict(c) | {"line": c.line()} for c in bench.checks(rows)]
-    bench.write_outputs(result, tmp_path)
+    result["checks"] = [asdict(c) | {"line": c.line()} for c in analysis.checks(rows)]
+    report.write_outputs(result, tmp_path)
     md = (tmp_path / "bench.md").read_text()
     assert "| ewc | strength 0.3 | 1.250 ± 0.000 | +1.900 ± 0.000 |" in md
     assert md.count("FAIL") == 1 and md.count("PASS") == 3  # small-data has no early stopping row here
@@ -177,8 +177,8 @@ def test_outputs_render_from_aggregates(tmp_path: Path) -> None:
 def test_table_cells_format_means_with_spread() -> None:
     row = agg("arithmetic", "ewc", 0.3, 1.23456, 0.0004, recall_drop=-0.001)
     row["val_loss"]["std"] = 0.05
-    assert bench.table_cells(row)[1:5] == ["strength 0.3", "1.235 ± 0.050", "0.000 ± 0.000", "0 ± 0"]
-    assert bench.table_cells(agg("arithmetic", "plain", None, 1.0, 4.5))[1:4] == [
+    assert report.table_cells(row)[1:5] == ["strength 0.3", "1.235 ± 0.050", "0.000 ± 0.000", "0 ± 0"]
+    assert report.table_cells(agg("arithmetic", "plain", None, 1.0, 4.5))[1:4] == [
         "-",
         "1.000 ± 0.000",
         "+4.500 ± 0.000",
@@ -193,7 +193,7 @@ def test_quick_bench_end_to_end_and_resume(tmp_path: Path) -> None:
     assert first.returncode == 0, first.stderr[-3000:]
     result = json.loads((tmp_path / "bench.json").read_text())
     methods = {r["method"] for r in result["aggregates"] if r["task"] == "arithmetic"}
-    assert methods == set(bench.METHOD_BY_NAME)
+    assert methods == set(tasks.METHOD_BY_NAME)
     verdicts = [line.split()[0] for line in first.stdout.splitlines() if line.startswith(("PASS", "FAIL"))]
     assert len(verdicts) == 4
     assert verdicts == ["PASS" if c["passed"] else "FAIL" for c in result["checks"]]
