@@ -10,12 +10,12 @@ so a row counts once whatever its length (for classification l_n is the row's cr
              approximation asks for. Sampled-label gradients have zero
              mean, so the squared gradient of a batch's summed loss, (sum_n g_n)^2, is an unbiased estimate of
              sum_n g_n^2: one forward and backward per reference batch.
-  empirical  the same batch estimate with the true labels: the empirical Fisher. Cheap too, but the empirical
-             Fisher can point the wrong way (Kunstner et al., 2019), and batching adds the cross terms g_n * g_m,
-             which do not vanish for true labels (with one row per batch it equals exact).
-  exact      per-row squared gradients of the true-label loss with torch.func (vmap over rows of equal length,
-             padding cut away): the empirical Fisher without the batch approximation. Memory grows with rows x
-             parameters: for small models or LoRA.
+  empirical  the true labels, each row's gradient squared on its own (one forward and backward per row, padding
+             cut away): the empirical Fisher. Squaring a batch's summed gradient instead would add the cross terms
+             g_n * g_m, which do not vanish for true labels. The empirical Fisher can point the wrong way
+             (Kunstner et al., 2019).
+  exact      the same per-row empirical Fisher computed with torch.func (vmap over rows of equal length): faster
+             on small models, memory grows with rows x parameters: for small models or LoRA.
 Batches are forwarded in eval mode (no dropout); the gradients never touch p.grad.
 
 Only trainable tensors are included (the adapters and head under LoRA). The Fisher is always fp32. `normalize`
@@ -37,7 +37,7 @@ from __future__ import annotations
 
 import warnings
 import zlib
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Literal
 
@@ -72,8 +72,8 @@ class EWCConfig(RegularizerConfig):
     strength: float = Field(0.3, ge=0)
     """lambda; with normalize (mean F = 1), 0.1-1 (the demo task: 0.1-1 keep the facts, 10 slows learning)."""
     estimator: Literal["sampled", "empirical", "exact"] = "sampled"
-    """sampled: the true Fisher (labels drawn from the model); empirical: true labels, per batch; exact: true labels,
-    per row with torch.func (small models or LoRA)."""
+    """sampled: the true Fisher (labels drawn from the model); empirical: true labels, per row; exact: the same per-row
+    empirical Fisher vectorized with torch.func (small models or LoRA)."""
     normalize: bool = True
     """Divide F by its mean over all entries, so that lambda does not depend on the model or the loss scale."""
     fisher_path: str | None = None
@@ -204,9 +204,14 @@ def estimate_fisher(
             rows += batch["input_ids"].shape[0]
             if estimator == "exact":
                 torch._foreach_add_(sums, per_row_squares(model, named, batch))
+            elif estimator == "empirical":
+                for row in unpadded_rows(batch):
+                    grads = loss_gradients(
+                        model, per_example_nll(model(**model_inputs(row)).logits, row["labels"]), params
+                    )
+                    torch._foreach_addcmul_(sums, grads, grads)
             else:
-                generator = batch_generator(batch["input_ids"]) if estimator == "sampled" else None
-                grads = batch_gradient(model, params, batch, generator)
+                grads = batch_gradient(model, params, batch, batch_generator(batch["input_ids"]))
                 torch._foreach_addcmul_(sums, grads, grads)
             if advance is not None:
                 advance(1)
@@ -230,12 +235,23 @@ def model_inputs(batch: Batch) -> Batch:
     return {k: v for k, v in batch.items() if k != "labels"}
 
 
+def unpadded_rows(batch: Batch) -> Iterator[Batch]:
+    """Each row of a collated batch as a batch of one, its padding cut away (the row's own tokens, in place)."""
+    mask = batch["attention_mask"].bool()
+    for i in range(mask.shape[0]):
+        yield {
+            k: v[i : i + 1, mask[i]] if v.ndim == 2 and v.shape == mask.shape else v[i : i + 1]
+            for k, v in batch.items()
+        }
+
+
 def batch_gradient(
-    model: nn.Module, params: list[torch.Tensor], batch: Batch, generator: torch.Generator | None
+    model: nn.Module, params: list[torch.Tensor], batch: Batch, generator: torch.Generator
 ) -> list[torch.Tensor]:
-    """d/dtheta of the batch's summed per-row loss, labels sampled when a generator is given, in fp32."""
+    """d/dtheta of the batch's summed per-row loss with labels sampled from the model, in fp32. Sampled labels give
+    zero-mean row gradients, independent across rows, so the cross terms of its square vanish in expectation."""
     logits = model(**model_inputs(batch)).logits
-    labels = batch["labels"] if generator is None else sample_labels(logits, batch["labels"], generator)
+    labels = sample_labels(logits, batch["labels"], generator)
     return loss_gradients(model, per_example_nll(logits, labels).sum(), params)
 
 
