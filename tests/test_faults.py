@@ -17,6 +17,7 @@ import yaml
 from transformers import TrainerCallback
 
 import tether.run
+from tether.config import validate_config
 
 
 def _config(raw_config: dict, **training) -> dict:
@@ -98,3 +99,30 @@ def test_ctrl_c_in_a_real_process_exits_130_with_the_resume_command(raw_config, 
     line = err.strip().splitlines()[-1]
     assert line.startswith("interrupted: stopped at step ") and line.endswith(" --resume"), err
     assert "Traceback" not in err
+
+
+def test_a_second_run_into_a_held_directory_is_refused_naming_the_holder(raw_config, tmp_path, monkeypatch, capsys):
+    from tether.outputs import hold_run_dir
+
+    config, out = _write(_config(raw_config), tmp_path), tmp_path / "run"
+    with hold_run_dir(out):  # the first run
+        code, err = _cli(monkeypatch, capsys, "train", str(config), "--output-dir", str(out))
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert f"{out} is in use by another run (pid {os.getpid()} on " in err
+    assert not out.exists()  # the holder created it and removed it, empty, when it ended
+
+
+def test_the_lock_of_a_killed_run_is_taken_over(raw_config, tmp_path, caplog):
+    """The lock is an flock on OUT/.tether/lock, which the kernel drops when its holder dies (SIGKILL here)."""
+    out = tmp_path / "run"
+    hold = "import sys; from pathlib import Path; from tether.outputs import hold_run_dir; "
+    hold += "h = hold_run_dir(Path(sys.argv[1])); h.__enter__(); print('held', flush=True); sys.stdin.read()"
+    proc = subprocess.Popen([sys.executable, "-c", hold, str(out)], stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    assert proc.stdout.readline() == b"held\n"
+    proc.kill()
+    proc.wait()
+    assert f"pid {proc.pid} on " in (out / ".tether" / "lock").read_text()  # left behind by the killed run
+    metrics = tether.run.train(validate_config(_config(raw_config)), out)
+    assert metrics["global_step"] == 16
+    assert f"taking over the lock of a run that ended without releasing it (pid {proc.pid} on " in caplog.text
+    assert (out / ".tether" / "lock").read_text() == ""  # released at the end

@@ -2,13 +2,22 @@
 
 from __future__ import annotations
 
+import fcntl
 import json
+import logging
 import os
 import shutil
+import socket
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
+
+from tether.errors import TetherError
+
+log = logging.getLogger(__name__)
+RUN_STATE = ".tether"  # the run's own bookkeeping in its output directory: the lock, the config it started with
 
 # mkstemp / mkdtemp make owner-only files; a run's outputs are meant to be shared like any other file
 FILE_MODE, DIR_MODE = 0o644, 0o755
@@ -72,6 +81,45 @@ def write_dir_atomic(path: Path, fill: Callable[[Path], None]) -> None:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+@contextmanager
+def hold_run_dir(output_dir: Path) -> Iterator[None]:
+    """Lock OUTPUT_DIR/.tether/lock for one run: a second run into the directory is refused, naming the holder. The
+    kernel drops the lock when its process dies, so a killed run's lock is taken over (with a warning). A directory
+    this call created and the run left with nothing but the lock in it is removed again."""
+    created = not output_dir.exists()
+    path = output_dir / RUN_STATE / "lock"
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)  # 0o666 & ~umask, as any other output
+    except OSError as e:
+        reason = e.strerror
+        raise TetherError(f"output dir {output_dir} is not writable ({reason}): choose another --output-dir") from None
+    _take_lock(fd, output_dir)
+    try:
+        yield
+    finally:
+        os.ftruncate(fd, 0)  # an empty lock file: released, not left by a killed run
+        os.close(fd)
+        if created and output_dir.is_dir() and {p.name for p in output_dir.iterdir()} <= {RUN_STATE}:
+            shutil.rmtree(output_dir, ignore_errors=True)
+
+
+def _take_lock(fd: int, output_dir: Path) -> None:
+    holder = os.pread(fd, 200, 0).decode(errors="replace").strip()
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise TetherError(
+            f"{output_dir} is in use by another run ({holder or 'holder unknown'}): wait for it to end or choose "
+            "another --output-dir"
+        ) from None
+    if holder:
+        log.warning("%s: taking over the lock of a run that ended without releasing it (%s)", output_dir, holder)
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode(), 0)
 
 
 def plot_curves(history: list[dict[str, Any]], best_step: int | None, path: Path) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -24,7 +25,15 @@ from tether.distributed import barrier, is_main_process, local, rank, world_size
 from tether.errors import ConfigError, Interrupted, NonFiniteError, TetherError
 from tether.evaluate import Progress, dataset_metrics, forgetting, reference_metrics, start_pass
 from tether.models import apply_lora, load_model
-from tether.outputs import plot_curves, write_dir_atomic, write_json, write_jsonl, write_text_atomic
+from tether.outputs import (
+    RUN_STATE,
+    hold_run_dir,
+    plot_curves,
+    write_dir_atomic,
+    write_json,
+    write_jsonl,
+    write_text_atomic,
+)
 from tether.progress import pass_progress
 from tether.regularizers import FinishContext, RegularizerStack, SetupContext, parse_entries
 from tether.regularizers.ewc import RUN_FISHER
@@ -124,6 +133,21 @@ def reference_batches(data: Datasets, collator: Collator, batch_size: int, devic
     return batches
 
 
+def holding_output_dir(run: Callable[..., dict[str, Any]]) -> Callable[..., dict[str, Any]]:
+    """Wraps train: the run holds its output directory's lock from its first check to its last write (only the first
+    process of a launch takes it: the others write nothing but their parts of each checkpoint)."""
+
+    @functools.wraps(run)
+    def locked(cfg: RunConfig, output_dir: Path, **kwargs: Any) -> dict[str, Any]:
+        if os.environ.get("RANK", "0") != "0":  # read before the process group exists
+            return run(cfg, output_dir, **kwargs)
+        with hold_run_dir(output_dir):
+            return run(cfg, output_dir, **kwargs)
+
+    return locked
+
+
+@holding_output_dir
 def train(
     cfg: RunConfig,
     output_dir: Path,
@@ -199,7 +223,7 @@ def gathered_model(cfg: RunConfig, trainer: Any) -> nn.Module | None:
 @contextmanager
 def nothing_left_on_error(output_dir: Path) -> Iterator[None]:
     """A run rejected before training (a config contradiction found at setup) leaves no directory it created."""
-    created = not output_dir.exists()
+    created = not output_dir.exists() or {p.name for p in output_dir.iterdir()} <= {RUN_STATE}  # or just the lock
     try:
         yield
     except TetherError:
