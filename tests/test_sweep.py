@@ -24,17 +24,10 @@ from optuna.trial import TrialState
 
 from tether.config import SweepConfig, validate_config
 from tether.errors import ConfigError, TetherError
-from tether.harness.sweep import (
-    Job,
-    PruneOnEvaluate,
-    _masked,
-    _surplus,
-    candidates,
-    choose,
-    non_dominated,
-    open_study,
-    run_sweep,
-)
+from tether.harness.sweep.objective import PruneOnEvaluate, _surplus, candidates
+from tether.harness.sweep.run import run_sweep
+from tether.harness.sweep.study import Job, masked, open_study
+from tether.harness.sweep.summary import choose, non_dominated
 
 OBJECTIVES = ["target.val_loss", "forgetting.delta_loss"]
 
@@ -275,7 +268,7 @@ def test_a_bad_storage_url_is_one_error_and_writes_nothing(sweep_raw, tmp_path):
     with pytest.raises(TetherError, match="--storage sqlite:///.*: cannot use the database"):
         run_sweep(validate_config(sweep_raw), tmp_path / "out", study_name="s", storage=url)
     assert not (tmp_path / "out").exists()
-    assert _masked("postgresql+psycopg2://u:secret@db/x") == "postgresql+psycopg2://u:***@db/x"
+    assert masked("postgresql+psycopg2://u:secret@db/x") == "postgresql+psycopg2://u:***@db/x"
 
 
 def _free_port() -> int:
@@ -324,7 +317,7 @@ def test_sweep_on_postgresql_with_two_workers(sweep_raw, tmp_path, postgres_url)
 def test_summary_judges_each_candidate_on_the_constraints_it_can(sweep_raw, tmp_path):
     """A WiSE-FT interpolation has no train loss: a constraint on overfit_gap leaves it out instead of crashing;
     an infeasible model/ is never chosen."""
-    from tether.harness.sweep import summarize
+    from tether.harness.sweep.summary import summarize
 
     sweep_raw["sweep"]["constraints"] = [{"metric": "overfit_gap", "max": 0.5}]
     job = Job(validate_config(sweep_raw), tmp_path, "sqlite://", "s", 2)
