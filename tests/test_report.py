@@ -214,7 +214,7 @@ def test_evaluation_passes_report_progress(runs, monkeypatch):
 
     cfg = validate_config(_config_of(runs["plain"]))
     saved = cfg.model.model_copy(update={"path": str(runs["plain"] / "model"), "synthetic": None})
-    model, tok = load_model(saved, "causal_lm")
+    model, tok, _ = load_model(saved, "causal_lm")
     facts = load_split(cfg.data.reference, "reference", "prompt_completion", "causal_lm", tok, 32)
     collator = Collator(tok.pad_token_id)
     passes: dict[str, list] = {}

@@ -85,7 +85,7 @@ def test_saved_model_reloads_with_the_same_loss(raw_config, tmp_path):
 
     cfg = validate_config(raw_config)
     metrics = train(cfg, tmp_path / "run")
-    model, tok = load_model(
+    model, tok, _ = load_model(
         cfg.model.model_copy(update={"path": str(tmp_path / "run/model"), "synthetic": None}), "causal_lm"
     )
     val = load_split(str(cfg.data.validation), "validation", "prompt_completion", "causal_lm", tok, 32)

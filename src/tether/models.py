@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import nn
@@ -15,19 +15,29 @@ log = logging.getLogger(__name__)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def load_model(cfg: ModelConfig, task: str) -> tuple[nn.Module, Any]:
-    """(model, tokenizer); the tokenizer always has a pad token and the model config knows its id."""
-    if cfg.synthetic is not None:
-        model, tokenizer = _synthetic(cfg, task)
-    else:
-        model, tokenizer = _pretrained(cfg, task)
+class Loaded(NamedTuple):
+    model: nn.Module
+    tokenizer: Any
+    new_parameters: frozenset[str] = frozenset()
+    """Parameters the checkpoint lacked (or held in another shape), so loading initialized them: a classification
+    head on a language model. Not pre-trained, so never pulled toward their initial values (RegularizerStack)."""
+
+
+def load_model(cfg: ModelConfig, task: str) -> Loaded:
+    """(model, tokenizer, new parameters); the tokenizer always has a pad token and the model config knows its id."""
+    loaded = _synthetic(cfg, task) if cfg.synthetic is not None else _pretrained(cfg, task)
+    model, tokenizer, new = loaded
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token  # decoder-only checkpoints often ship without one
     model.config.pad_token_id = tokenizer.pad_token_id
-    return model, tokenizer
+    if new:
+        log.warning(
+            "initialized by loading (not in the checkpoint), trained without an anchor: %s", ", ".join(sorted(new))
+        )
+    return loaded
 
 
-def _synthetic(cfg: ModelConfig, task: str) -> tuple[nn.Module, Any]:
+def _synthetic(cfg: ModelConfig, task: str) -> Loaded:
     from tether.synthetic import char_tokenizer, tiny_model
 
     s = cfg.synthetic
@@ -40,25 +50,28 @@ def _synthetic(cfg: ModelConfig, task: str) -> tuple[nn.Module, Any]:
         )  # fmt: skip
     except ValueError as e:
         raise ConfigError(f"model.synthetic: {e}") from None
-    return model.to(DTYPES[cfg.dtype]), tok
+    return Loaded(model.to(DTYPES[cfg.dtype]), tok)  # built whole: the synthetic world calls it pre-trained
 
 
-def _pretrained(cfg: ModelConfig, task: str) -> tuple[nn.Module, Any]:
+def _pretrained(cfg: ModelConfig, task: str) -> Loaded:
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
     if cfg.trust_remote_code:
         log.warning("model.trust_remote_code is on: code shipped with %s will run on this machine", cfg.path)
-    kwargs = {"trust_remote_code": cfg.trust_remote_code, "dtype": DTYPES[cfg.dtype]}
+    kwargs = {"trust_remote_code": cfg.trust_remote_code, "dtype": DTYPES[cfg.dtype], "output_loading_info": True}
     try:
         tokenizer = AutoTokenizer.from_pretrained(cfg.path, trust_remote_code=cfg.trust_remote_code)
         if task == "causal_lm":
-            model = AutoModelForCausalLM.from_pretrained(cfg.path, **kwargs)
+            model, info = AutoModelForCausalLM.from_pretrained(cfg.path, **kwargs)
         else:
-            model = AutoModelForSequenceClassification.from_pretrained(cfg.path, num_labels=cfg.num_labels, **kwargs)
+            model, info = AutoModelForSequenceClassification.from_pretrained(
+                cfg.path, num_labels=cfg.num_labels, **kwargs
+            )
     except (OSError, ValueError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ConfigError(f"model.path: cannot load '{cfg.path}': {first}") from None
-    return model, tokenizer
+    new = set(info["missing_keys"]) | {key for key, *_ in info["mismatched_keys"]}
+    return Loaded(model, tokenizer, frozenset(new & {n for n, _ in model.named_parameters()}))
 
 
 def apply_lora(model: nn.Module, cfg: LoraSection, task: str) -> nn.Module:

@@ -166,7 +166,7 @@ def train(
     resume_from = check_output_dir(output_dir, overwrite, resume)
     set_seed(args.seed)
     with nothing_left_on_error(output_dir):
-        model, tokenizer = load_model(cfg.model, cfg.task)
+        model, tokenizer, new_parameters = load_model(cfg.model, cfg.task)
         model.to(args.device)
         data = load_datasets(cfg.data, cfg.task, tokenizer)
         prepare_output_dir(output_dir, clear=overwrite and not resume, fresh=resume_from is None)
@@ -176,7 +176,7 @@ def train(
             before = reference_metrics(model, tokenizer, data.reference, collator, progress) if main_measures else None
         if cfg.lora is not None:
             model = apply_lora(model, cfg.lora, cfg.task)
-        stack = RegularizerStack.from_configs(parse_entries(cfg.regularizers), cfg.skip_non_finite)
+        stack = RegularizerStack.from_configs(parse_entries(cfg.regularizers), cfg.skip_non_finite, new_parameters)
         trainer = _trainer(cfg, model, tokenizer, args, data, collator, stack, list(callbacks or []))
         refs = reference_batches(data, collator, args.per_device_eval_batch_size, args.device)
         ctx = SetupContext(trainer.model, refs, args.learning_rate, output_dir=output_dir)
@@ -213,7 +213,7 @@ def gathered_model(cfg: RunConfig, trainer: Any) -> nn.Module | None:
     state = get_model_state_dict(trainer.model, options=options)
     if not is_main_process():
         return None
-    model, _ = load_model(cfg.model, cfg.task)
+    model = load_model(cfg.model, cfg.task).model
     if cfg.lora is not None:
         model = apply_lora(model, cfg.lora, cfg.task)
     model.load_state_dict(state)
@@ -412,10 +412,10 @@ def evaluate_saved(cfg: RunConfig, model_dir: Path, progress: Progress | None = 
     if (model_dir / "adapter_config.json").exists():
         from peft import PeftModel
 
-        base, tokenizer = load_model(cfg.model, cfg.task)
+        base, tokenizer, _ = load_model(cfg.model, cfg.task)
         model = PeftModel.from_pretrained(base, str(model_dir))
     else:
-        model, tokenizer = load_model(
+        model, tokenizer, _ = load_model(
             cfg.model.model_copy(update={"path": str(model_dir), "synthetic": None}), cfg.task
         )
     data = load_datasets(cfg.data, cfg.task, tokenizer)

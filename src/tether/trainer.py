@@ -79,10 +79,12 @@ class RegularizedMixin:
 
     def create_scheduler(self, num_training_steps: int, optimizer: torch.optim.Optimizer | None = None) -> Any:
         """The Trainer calls this after Accelerate has sharded the model (FSDP2 shards it in place) and before it
-        loads a checkpoint: the pending setup takes its anchors from the pre-trained weights, on the shards."""
+        loads a checkpoint: the pending setup takes its anchors from the pre-trained weights, on the shards. The
+        optimizer exists by then (transformers builds it before sharding under FSDP2): its groups come from the
+        model's structure, never from setup (RegularizerStack.param_groups)."""
         if self.pending_setup is not None:
             setup, self.pending_setup = self.pending_setup, None
-            if not has_sharded_parameters(self.model):
+            if self.is_fsdp_enabled and not has_sharded_parameters(self.model):
                 raise TetherError("FSDP did not shard the model's parameters in place: tether needs FSDP2")
             setup()
         return super().create_scheduler(num_training_steps, optimizer)

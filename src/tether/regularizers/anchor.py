@@ -12,12 +12,15 @@ import torch
 from torch import nn
 
 from tether.distributed import has_sharded_parameters, is_sharded, local, sum_across_processes
-from tether.regularizers.base import named_params_with_module
+from tether.regularizers.base import base_name, named_params_with_module
 
 
-def trainable(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
-    """Every trainable tensor (biases and norms too: pulling them to their pre-trained values is harmless)."""
-    return [(n, p) for n, p, _ in named_params_with_module(model) if p.requires_grad]
+def trainable(model: nn.Module, new: frozenset[str] = frozenset()) -> list[tuple[str, nn.Parameter]]:
+    """Every trainable tensor (biases and norms too: pulling them to their pre-trained values is harmless) except
+    the `new` ones (SetupContext.new_parameters): a head that loading just initialized has no pre-trained value to be
+    pulled toward (Li et al. 2018 leave new layers out of L2-SP)."""
+    params = named_params_with_module(model)
+    return [(n, p) for n, p, _ in params if p.requires_grad and base_name(n) not in new]
 
 
 def shards(params: list[torch.Tensor]) -> list[torch.Tensor]:

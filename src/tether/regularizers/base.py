@@ -2,7 +2,8 @@
 
 A regularizer takes part at up to six points, each with a default that does nothing, so the trainer never probes:
   setup          before training: snapshot anchors, estimate importances, change dropout, ...
-  param_groups   optimizer level: split or re-weight the optimizer's parameter groups (weight decay, LLRD)
+  param_groups   optimizer level: split or re-weight the optimizer's parameter groups (weight decay, LLRD), from
+                 the model's structure alone: the Trainer may build the optimizer before setup (FSDP2 does)
   penalty        an *unweighted* scalar through autograd from the model, the batch and its outputs
   penalty_grad   a penalty whose gradient is known in closed form (quadratic pulls, L1): the stack hands it a
                  scale and it adds scale * d(penalty)/d(theta) to the gradients, once per optimizer step (fused
@@ -74,6 +75,10 @@ class SetupContext:
     """The run directory, for what a regularizer computes once and keeps (the Fisher); None outside a run."""
     progress: Callable[[str, int | None], Callable[[int], None]] | None = None
     """progress(description, total or None) starts a progress display and returns advance(n); None: silent."""
+    new_parameters: frozenset[str] = frozenset()
+    """Names (as in the un-wrapped model, see base_name) of the parameters that loading initialized because the
+    checkpoint lacked them (a new classification head): the pulls toward the pre-trained weights leave them out.
+    RegularizerStack.setup fills it in from the stack's own."""
 
 
 @dataclass
@@ -114,7 +119,7 @@ class Regularizer(Protocol):
     def setup(self, ctx: SetupContext) -> None:
         return None
 
-    def param_groups(self, groups: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    def param_groups(self, model: nn.Module, groups: list[dict[str, Any]]) -> list[dict[str, Any]]:
         return groups
 
     def penalty(self, model: nn.Module, inputs: dict[str, Any], outputs: Any) -> torch.Tensor | None:
@@ -179,6 +184,18 @@ def register(name: str, config: type[RegularizerConfig]) -> Callable[[type], typ
         return cls
 
     return deco
+
+
+WRAPPER_PARTS = ("modules_to_save.default.", "original_module.", "base_layer.", "_orig_mod.", "_fsdp_wrapped_module.")
+
+
+def base_name(name: str) -> str:
+    """A parameter's name in the model as loaded, without what PEFT, torch.compile or FSDP1 put around it
+    (base_model.model.score.modules_to_save.default.weight -> score.weight)."""
+    name = name.removeprefix("base_model.model.")
+    for part in WRAPPER_PARTS:
+        name = name.replace(part, "")
+    return name
 
 
 def no_decay(module: nn.Module, param_name: str, param: torch.Tensor) -> bool:

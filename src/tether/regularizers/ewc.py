@@ -107,7 +107,7 @@ class EWC(Regularizer):
         """The per-entry weights of the penalty, fp32: F, or F / mean(F) with normalize (all the Fisher kept)."""
 
     def setup(self, ctx: SetupContext) -> None:
-        named = trainable(ctx.model)
+        named = trainable(ctx.model, ctx.new_parameters)
         self.names, self.params = [n for n, _ in named], [p for _, p in named]
         self.anchors = snapshot(self.params)
         self.views = scratch(self.params)

@@ -1,6 +1,7 @@
 """L2-SP: pull the weights toward the pre-trained ones, lambda/2 * sum (theta - theta_0)^2 (Li et al., 2018).
 
-theta_0 is every trainable tensor as it is at setup (biases and norms included), kept as detached copies.
+theta_0 is every trainable tensor as it is at setup (biases and norms included), kept as detached copies, except
+the tensors that loading initialized (a new classification head: SetupContext.new_parameters), which train freely.
 
 Two forms (`form`):
   decoupled  the pull is applied in the update, as AdamW applies its decay, before the optimizer step and so from
@@ -164,7 +165,7 @@ class L2SP(Regularizer):
             )
         self.lora = lora_groups(ctx.model)
         in_pairs = {id(p) for group in self.lora for p in (*group.a, *group.b)}
-        self.params = [p for _, p in trainable(ctx.model) if id(p) not in in_pairs]
+        self.params = [p for _, p in trainable(ctx.model, ctx.new_parameters) if id(p) not in in_pairs]
         self.anchors = snapshot(self.params, DTYPES.get(self.config.anchor_dtype or ""))
         self.views = None if self.decoupled else scratch(self.params)
 

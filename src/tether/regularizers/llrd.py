@@ -6,32 +6,25 @@ pooler) is depth_max = num_blocks + 1 and keeps the full learning rate. The bloc
 they are the nn.ModuleList holding the most parameters (model.layers, transformer.h, gpt_neox.layers,
 encoder.layer, ...), and a parameter's block is the index that follows that list's name in its own name, which also
 holds under PEFT's wrapping (base_model.model.model.layers.3...). Each incoming group is split by depth and keeps its
-other settings (weight decay), so the order of llrd and weight_decay in the list does not matter.
+other settings (weight decay), so the order of llrd and weight_decay in the list does not matter. Parameters that
+loading initialized (the stack's "new" group: a fresh classification head) keep the full learning rate wherever
+they sit: they have nothing pre-trained to preserve.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from pydantic import Field, field_validator
+from pydantic import Field
 from torch import nn
 
 from tether.errors import ConfigError
-from tether.regularizers.base import Regularizer, RegularizerConfig, SetupContext, named_params_with_module, register
+from tether.regularizers.base import NoPenaltyConfig, Regularizer, SetupContext, named_params_with_module, register
 
 
-class LLRDConfig(RegularizerConfig):
-    strength: float = 0.0
-    """Unused: llrd has no penalty; its effect is set by decay. Leave it out."""
+class LLRDConfig(NoPenaltyConfig):
     decay: float = Field(0.9, gt=0, le=1)
     """lr multiplier per block going down from the head; 0.8-0.95 is typical (1 turns llrd off)."""
-
-    @field_validator("strength")
-    @classmethod
-    def _no_strength(cls, value: float) -> float:
-        if value != 0:
-            raise ValueError("llrd has no penalty, so strength is unused: remove it and set decay instead")
-        return value
 
 
 def block_list(model: nn.Module) -> tuple[str, nn.ModuleList]:
@@ -70,19 +63,21 @@ class LLRD(Regularizer):
 
     def __init__(self, config: LLRDConfig) -> None:
         self.decay = config.decay
-        self.depth: dict[int, int] = {}
-        self.head = 0
 
     def setup(self, ctx: SetupContext) -> None:
-        self.depth, self.head = depths(ctx.model)
+        block_list(ctx.model)  # a model without blocks is refused before training, not when the optimizer is built
 
-    def param_groups(self, groups: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    def param_groups(self, model: nn.Module, groups: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        depth, head = depths(model)
         out = []
         for g in groups:
+            if g["new"]:  # initialized at loading: full lr
+                out.append(g)
+                continue
             by_depth: dict[int, list[nn.Parameter]] = {}
             for p in g["params"]:
-                by_depth.setdefault(self.depth.get(id(p), self.head), []).append(p)
+                by_depth.setdefault(depth.get(id(p), head), []).append(p)
             for d, params in sorted(by_depth.items()):
-                scale = g["lr_scale"] * self.decay ** (self.head - d)
+                scale = g["lr_scale"] * self.decay ** (head - d)
                 out.append({**g, "params": params, "lr_scale": scale, "group": f"{g['group']}/depth{d}"})
         return out

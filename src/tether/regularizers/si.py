@@ -72,7 +72,7 @@ class SI(Regularizer):
             raise ConfigError(self.config.without_reference_data())
         if not ctx.learning_rate > 0:
             raise ConfigError("si takes its setup steps at the training learning rate: set training.learning_rate > 0")
-        self.params = [p for _, p in trainable(ctx.model)]
+        self.params = [p for _, p in trainable(ctx.model, ctx.new_parameters)]
         self.anchors = snapshot(self.params)
         # every process takes the same steps on the same batches: the importance must be identical everywhere
         batches = list(islice(ctx.reference_batches(shard=False), self.config.steps))

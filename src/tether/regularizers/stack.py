@@ -22,7 +22,9 @@ from tether.regularizers.base import (
     Regularizer,
     RegularizerConfig,
     SetupContext,
+    base_name,
     config_error,
+    named_params_with_module,
 )
 
 log = logging.getLogger(__name__)
@@ -55,8 +57,16 @@ def parse_entries(entries: list[RegularizerEntry]) -> list[RegularizerConfig]:
 class RegularizerStack:
     """Calls every regularizer at each point in order; the trainer talks to this object only."""
 
-    def __init__(self, regularizers: list[tuple[Regularizer, float]], skip_non_finite: int = 0) -> None:
+    def __init__(
+        self,
+        regularizers: list[tuple[Regularizer, float]],
+        skip_non_finite: int = 0,
+        new_parameters: frozenset[str] = frozenset(),
+    ) -> None:
         self.items = regularizers
+        self.new_parameters = new_parameters
+        """Parameters that loading initialized (tether.models.Loaded.new_parameters): never anchored, full lr."""
+        self.is_set_up = False
         self.skip_budget = skip_non_finite
         self.skipped = 0
         """Optimizer steps dropped because the loss (with its autograd penalties) was NaN/inf (at most skip_budget)."""
@@ -69,8 +79,10 @@ class RegularizerStack:
         self.reference: Reference | None = None
 
     @classmethod
-    def from_configs(cls, configs: list[RegularizerConfig], skip_non_finite: int = 0) -> RegularizerStack:
-        return cls([(REGISTRY[c.name].cls(c), c.strength) for c in configs], skip_non_finite)
+    def from_configs(
+        cls, configs: list[RegularizerConfig], skip_non_finite: int = 0, new_parameters: frozenset[str] = frozenset()
+    ) -> RegularizerStack:
+        return cls([(REGISTRY[c.name].cls(c), c.strength) for c in configs], skip_non_finite, new_parameters)
 
     @property
     def names(self) -> list[str]:
@@ -81,12 +93,14 @@ class RegularizerStack:
         if has_sharded_parameters(ctx.model):
             self.check_shardable()
             self.sharded = True
+        ctx = dataclasses.replace(ctx, new_parameters=self.new_parameters)
         wanted = [opts for reg, _ in self.items if (opts := reg.reference_options()) is not None]
         if wanted and ctx.reference is None:
             ctx = dataclasses.replace(ctx, reference=Reference.build(ctx.model, merge_options(wanted)))
         self.reference = ctx.reference
         for reg, _ in self.items:
             reg.setup(ctx)
+        self.is_set_up = True
 
     def check_shardable(self) -> None:
         """Refuse the regularizers that need whole parameter tensors, which FSDP2 splits over the processes."""
@@ -113,11 +127,17 @@ class RegularizerStack:
         return {name: result for name, result in results.items() if result}
 
     def param_groups(self, model: nn.Module) -> list[dict[str, Any]]:
-        """Optimizer groups: one group of all trainable parameters, then each regularizer splits or re-weights."""
-        params = [p for p in model.parameters() if p.requires_grad]
-        groups: list[dict[str, Any]] = [{"params": params, "weight_decay": 0.0, "lr_scale": 1.0, "group": "all"}]
+        """Optimizer groups: the pre-trained trainable parameters and the new ones (initialized at loading), then
+        each regularizer splits or re-weights them. From the model's structure only: it may run before setup."""
+        named = [(n, p) for n, p, _ in named_params_with_module(model) if p.requires_grad]
+        is_new = [base_name(n) in self.new_parameters for n, _ in named]
+        groups: list[dict[str, Any]] = [
+            {"params": [p for (_, p), new in zip(named, is_new) if new == fresh], "weight_decay": 0.0, "lr_scale": 1.0,
+             "group": "new" if fresh else "all", "new": fresh}
+            for fresh in (False, True)
+        ]  # fmt: skip
         for reg, _ in self.items:
-            groups = reg.param_groups(groups)
+            groups = reg.param_groups(model, groups)
         return [g for g in groups if g["params"]]
 
     def optimizer_groups(self, model: nn.Module, lr: float) -> list[dict[str, Any]]:
@@ -148,6 +168,10 @@ class RegularizerStack:
 
     def before_step(self) -> None:
         """Closed-form penalty gradients, added once per optimizer step (after clipping; see README)."""
+        if not self.is_set_up:
+            raise TetherError(
+                "the regularizer stack was never set up: call stack.setup(SetupContext(model, ...)) before training"
+            )
         for reg, strength in self.items:
             reg.penalty_grad(strength)
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from pydantic import Field
+from torch import nn
 
 from tether.regularizers.base import Regularizer, RegularizerConfig, named_params_with_module, no_decay, register
 
@@ -20,16 +21,13 @@ class WeightDecay(Regularizer):
 
     def __init__(self, config: WeightDecayConfig) -> None:
         self.strength = config.strength
-        self._no_decay: set[int] = set()
 
-    def setup(self, ctx: Any) -> None:
-        self._no_decay = {id(p) for n, p, m in named_params_with_module(ctx.model) if no_decay(m, n, p)}
-
-    def param_groups(self, groups: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    def param_groups(self, model: nn.Module, groups: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        exempt = {id(p) for n, p, m in named_params_with_module(model) if no_decay(m, n, p)}
         out = []
         for g in groups:
-            decay = [p for p in g["params"] if id(p) not in self._no_decay]
-            keep = [p for p in g["params"] if id(p) in self._no_decay]
+            decay = [p for p in g["params"] if id(p) not in exempt]
+            keep = [p for p in g["params"] if id(p) in exempt]
             out.append({**g, "params": decay, "weight_decay": self.strength, "group": f"{g['group']}/decay"})
             out.append({**g, "params": keep, "weight_decay": 0.0, "group": f"{g['group']}/no_decay"})
         return out
