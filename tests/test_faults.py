@@ -126,3 +126,32 @@ def test_the_lock_of_a_killed_run_is_taken_over(raw_config, tmp_path, caplog):
     assert metrics["global_step"] == 16
     assert f"taking over the lock of a run that ended without releasing it (pid {proc.pid} on " in caplog.text
     assert (out / ".tether" / "lock").read_text() == ""  # released at the end
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("training.learning_rate=abc", "training.learning_rate: 'abc' is not a finite number"),
+        ("training.learning_rate=-1", "training.learning_rate: -1 must be greater than 0"),
+        ("training.per_device_train_batch_size=0", "training.per_device_train_batch_size: 0 must be greater than 0"),
+        ("training.lr_scheduler_type=warp", "training: warp is not a valid SchedulerType"),
+        ("training.max_steps=" + "1" * 100_000, "--set training.max_steps: the value cannot be read (Exceeds"),
+        ("training.learning_rate=[1", "--set training.learning_rate: the value cannot be read (not valid YAML)"),
+    ],
+)
+def test_validate_rejects_what_train_rejects_with_the_same_line(raw_config, tmp_path, monkeypatch, capsys, override,
+                                                                  message):  # fmt: skip
+    config, out = _write(_config(raw_config), tmp_path), tmp_path / "run"
+    code, err = _cli(monkeypatch, capsys, "validate", str(config), "--set", override)
+    train_code, train_err = _cli(
+        monkeypatch, capsys, "train", str(config), "--output-dir", str(out), "--set", override
+    )
+    assert (code, train_code) == (2, 2) and err == train_err and len(err.strip().splitlines()) == 1, err
+    assert err.startswith(f"error: {message}")
+    assert not out.exists()
+
+
+def test_an_output_path_too_long_is_one_line(raw_config, tmp_path, monkeypatch, capsys):
+    config = _write(_config(raw_config), tmp_path)
+    code, err = _cli(monkeypatch, capsys, "train", str(config), "--output-dir", str(tmp_path / ("x" * 300)))
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "(File name too long)" in err, err

@@ -18,6 +18,7 @@ from hypothesis import strategies as st
 
 ROOT = Path(__file__).resolve().parents[1]
 CASES: dict[str, int] = {}
+SAME_LINE = {"--set"}  # classes whose values validate checks exactly as train's setup (data is read only by train)
 
 BASE: dict[str, Any] = {
     "model": {"synthetic": {"arch": "llama", "hidden_size": 16, "num_layers": 1, "num_heads": 2}},
@@ -38,7 +39,9 @@ PATHS = [
     "model.path", "model.dtype", "model.trust_remote_code", "task", "data", "data.train", "data.validation",
     "data.reference", "data.format", "data.max_length", "data.validation_fraction", "training",
     "training.learning_rate", "training.max_steps", "training.per_device_train_batch_size", "training.eval_steps",
-    "training.lr_scheduler_type", "regularizers", "regularizers.0", "regularizers.0.name", "regularizers.0.strength",
+    "training.lr_scheduler_type", "training.num_train_epochs", "training.gradient_accumulation_steps",
+    "training.per_device_eval_batch_size", "training.warmup_steps", "training.logging_steps",
+    "regularizers", "regularizers.0", "regularizers.0.name", "regularizers.0.strength",
     "regularizers.1.strength", "early_stopping", "early_stopping.patience", "early_stopping.mode", "lora",
     "lora.r", "lora.dropout", "lora.target_modules", "output_dir", "bogus_section",
 ]  # fmt: skip
@@ -76,23 +79,34 @@ def _set(raw: dict, path: str, value: Any) -> None:
         node[last] = value
 
 
-def _check(monkeypatch, capsys, tmp_path: Path, raw: dict, kind: str) -> None:
+def _check(monkeypatch, capsys, tmp_path: Path, raw: dict, kind: str, sets: tuple[str, ...] = (), out=None) -> None:
     CASES[kind] = CASES.get(kind, 0) + 1
     cfg = tmp_path / "c.yaml"
     cfg.write_text(yaml.safe_dump(raw))
-    out = tmp_path / "out"
-    code, err = _run(monkeypatch, capsys, "validate", str(cfg))
+    out = out or tmp_path / "out"
+    overrides = [a for s in sets for a in ("--set", s)]
+    code, err = _run(monkeypatch, capsys, "validate", str(cfg), *overrides)
     assert code in (0, 2), err
-    train_code, train_err = _run(monkeypatch, capsys, "train", str(cfg), "--output-dir", str(out))
+    existed = _exists(out)
+    train_code, train_err = _run(monkeypatch, capsys, "train", str(cfg), "--output-dir", str(out), *overrides)
     assert train_code in (0, 2), train_err
+    if train_code == 2 and kind in SAME_LINE and not train_err.startswith("error: step "):  # not a NaN in training
+        assert err == train_err, "validate must reject what train rejects before training, with the same line"
     for message, c in ((err, code), (train_err, train_code)):
         assert "Traceback" not in message
         if c == 2:
             assert message.startswith("error: ") and len(message.strip().splitlines()) == 1, message
-    if train_code == 2:
-        assert not out.exists(), f"a rejected run wrote {list(out.rglob('*'))}"
+    if train_code == 2 and not existed:
+        assert not _exists(out), f"a rejected run wrote {list(out.rglob('*'))}"
     if code == 2:
         assert train_code == 2, "train must reject what validate rejects"
+
+
+def _exists(path: Path) -> bool:
+    try:
+        return path.exists()
+    except OSError:  # a name too long
+        return False
 
 
 # Bounded: each case may train a 1-layer model for 2 steps; shrinking is off so a failure reports at once.
@@ -139,3 +153,39 @@ def test_fuzzed_dataset_files(monkeypatch, capsys, tmp_path_factory, lines, fiel
     raw = copy.deepcopy(BASE)
     raw["data"][field] = str(data)
     _check(monkeypatch, capsys, tmp_path, raw, "data")
+
+
+SET_VALUES = st.one_of(
+    st.text(max_size=16), st.sampled_from(["[1", "{a: ", "'x", "!!python/object:os.system", "- a\n- b", "1" * 100_000,
+                                           "1" * 5000 + ".5", "0x1F", "1_000", ".nan", "-.inf", "~", "2024-13-45"]),
+)  # fmt: skip
+
+
+SET_PATHS = [p for p in PATHS if not p.startswith(("data", "model.path"))]  # hub ids: network retries, data errors
+
+
+@FUZZ
+@given(path=st.sampled_from(SET_PATHS), value=SET_VALUES)
+@example(path="training.learning_rate", value="abc")
+@example(path="training.max_steps", value="1" * 100_000)
+@example(path="training.lr_scheduler_type", value="warp")
+def test_fuzzed_set_values(monkeypatch, capsys, tmp_path_factory, path, value):
+    """`--set key=value` reads the value as YAML: whatever is typed is one line or a valid run."""
+    _check(monkeypatch, capsys, tmp_path_factory.mktemp("set"), copy.deepcopy(BASE), "--set", (f"{path}={value}",))
+
+
+OUTPUT_PATHS = st.one_of(
+    st.sampled_from(["x" * 300, "x/" * 3000, "a-file/run", "a-file", "ünïcode run", "deep/" * 20 + "run", " "]),
+    st.text(st.characters(blacklist_categories=("Cs",), blacklist_characters="\0"), min_size=1, max_size=40),
+)  # fmt: skip
+
+
+@settings(FUZZ, max_examples=12)
+@given(name=OUTPUT_PATHS)
+def test_fuzzed_output_paths(monkeypatch, capsys, tmp_path_factory, name):
+    """Names too long, a file in the way, odd characters: one line (or a run)."""
+    tmp_path = tmp_path_factory.mktemp("path")
+    (tmp_path / "a-file").write_text("not a directory")
+    raw = copy.deepcopy(BASE)
+    raw["training"]["max_steps"] = 1
+    _check(monkeypatch, capsys, tmp_path, raw, "path", out=tmp_path / name)

@@ -60,8 +60,10 @@ def disk_full(e: BaseException, out: Path) -> TetherError | None:
 def validate(config: Path, set_: SetOpt = []) -> None:  # noqa: B006
     """Check a config (sections, training arguments, regularizers, files) without training."""
     from tether.config import load_config
+    from tether.run import training_args
 
     cfg = load_config(config, set_)
+    training_args(cfg, Path(cfg.output_dir))  # as train builds them before anything is written: the same refusals
     names = ", ".join(r.name for r in cfg.regularizers) or "none"
     console.print(f"[green]ok[/] {config}: task {cfg.task}, regularizers: {names}")
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
+import math
 import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -290,6 +291,8 @@ def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
         raw = parse_yaml(path.read_text(encoding="utf-8"))
     except (yaml.YAMLError, UnicodeDecodeError) as e:
         raise ConfigError(f"{path} is not valid YAML ({type(e).__name__}): fix the syntax") from None
+    except ValueError as e:  # a scalar YAML cannot convert: an int of over 4300 digits, a date like 2024-13-01
+        raise ConfigError(f"{path}: a value cannot be read ({_reason(e)}): fix it") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{path} must hold a mapping of sections (model, data, training, ...)")
     for item in overrides:
@@ -355,7 +358,21 @@ def apply_override(raw: dict[str, Any], item: str) -> None:
             nxt = {}
             _set(node, part, nxt, key)
         node = nxt
-    _set(node, parts[-1], parse_yaml(value) if value else None, key)
+    _set(node, parts[-1], _override_value(key, value), key)
+
+
+def _override_value(key: str, value: str) -> Any:
+    """The value of a `--set key=value`, read as YAML (1e-4 a number, [a, b] a list); empty is null."""
+    try:
+        return parse_yaml(value) if value else None
+    except (yaml.YAMLError, ValueError) as e:
+        reason = "not valid YAML" if isinstance(e, yaml.YAMLError) else _reason(e)
+        raise ConfigError(f"--set {key}: the value cannot be read ({reason}): quote it or fix it") from None
+
+
+def _reason(e: ValueError) -> str:
+    """The first clause of a conversion error, without Python's advice to the programmer."""
+    return str(e).splitlines()[0].split(";")[0][:200]
 
 
 def _child(node: Any, part: str, where: str) -> Any:
@@ -415,6 +432,31 @@ def _check_training_keys(training: dict[str, Any]) -> None:
         if str(fields[key].type) in BOOL_TYPES and value is not None and not isinstance(value, bool):
             # TrainingArguments does not check types: the string 'no' or 'off' would count as true
             raise ConfigError(f"training.{key}: {value!r} is not a boolean: write true or false")
+        _check_number(key, str(fields[key].type), value)
+
+
+# TrainingArguments checks neither types nor ranges of its numbers: 'abc' or -1 as a learning rate, a batch size of 0
+# fail only inside training (the optimizer, the data loader), after the output directory was made.
+NUMBER_TYPES = {str(int): int, "int | None": int, str(float): float, "float | None": float}
+POSITIVE = {"learning_rate", "num_train_epochs", "logging_steps", "save_steps", "eval_steps"}
+POSITIVE |= {"per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps"}
+NON_NEGATIVE = {"warmup_steps", "max_grad_norm", "adam_epsilon", "label_smoothing_factor", "dataloader_num_workers"}
+
+
+def _check_number(key: str, annotation: str, value: Any) -> None:
+    kind = NUMBER_TYPES.get(annotation)
+    if kind is None or value is None:
+        return
+    whole = isinstance(value, int) and not isinstance(value, bool)
+    if kind is int and not whole:
+        raise ConfigError(f"training.{key}: {value!r} is not a whole number: write one, e.g. 8")
+    if not whole and not (isinstance(value, float) and math.isfinite(value)):
+        raise ConfigError(f"training.{key}: {value!r} is not a finite number: write one, e.g. 1e-4")
+    if abs(value) >= 2**63:
+        raise ConfigError(f"training.{key}: {value:.3g} is out of range: write a smaller number")
+    if (key in POSITIVE and value <= 0) or (key in NON_NEGATIVE and value < 0):
+        bound = "greater than 0" if key in POSITIVE else "0 or more"
+        raise ConfigError(f"training.{key}: {value!r} must be {bound}: change it")
 
 
 def _check_files(cfg: RunConfig) -> None:

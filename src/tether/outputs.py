@@ -88,9 +88,9 @@ def hold_run_dir(output_dir: Path) -> Iterator[None]:
     """Lock OUTPUT_DIR/.tether/lock for one run: a second run into the directory is refused, naming the holder. The
     kernel drops the lock when its process dies, so a killed run's lock is taken over (with a warning). A directory
     this call created and the run left with nothing but the lock in it is removed again."""
-    created = not output_dir.exists()
     path = output_dir / RUN_STATE / "lock"
     try:
+        created = not output_dir.exists()  # exists() raises for a name too long
         path.parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)  # 0o666 & ~umask, as any other output
     except OSError as e:
