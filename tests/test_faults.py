@@ -155,3 +155,19 @@ def test_an_output_path_too_long_is_one_line(raw_config, tmp_path, monkeypatch, 
     config = _write(_config(raw_config), tmp_path)
     code, err = _cli(monkeypatch, capsys, "train", str(config), "--output-dir", str(tmp_path / ("x" * 300)))
     assert code == 2 and len(err.strip().splitlines()) == 1 and "(File name too long)" in err, err
+
+
+def test_a_full_disk_during_a_save_is_one_line(raw_config, tmp_path, monkeypatch, capsys):
+    import errno
+
+    import tether.trainer
+
+    def full(tensors, path, metadata=None):
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+
+    monkeypatch.setattr(tether.trainer, "save_safetensors_atomic", full)  # the first checkpoint's save
+    config, out = _write(_config(raw_config), tmp_path), tmp_path / "run"
+    code, err = _cli(monkeypatch, capsys, "train", str(config), "--output-dir", str(out))
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    staged = out / ".staging" / "checkpoint-4" / "tether_state.safetensors"
+    assert err == f"error: no space left on device at {staged}: free space and rerun; nothing lost\n"
