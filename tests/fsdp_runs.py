@@ -17,6 +17,7 @@ import torch
 from tether.distributed import full, is_main_process, world_size
 from tether.errors import TetherError
 from tether.regularizers import REGISTRY, RegularizerStack, SetupContext
+from tether.step import train_step
 from tether.synthetic import tiny_model
 
 KINDS: dict[str, dict[str, Any]] = {
@@ -102,12 +103,7 @@ def train(kind: dict[str, Any], out: Path, shard: bool) -> None:
     logs = []
     for batch in batches(2, STEPS):
         mine = {k: v[rank::world] for k, v in batch.items()}  # equal rows and tokens: the mean of means is the mean
-        stack.prefetch(mine)
-        outputs = model(**mine)
-        penalty = stack.penalty(model, mine, outputs)
-        (outputs.loss if penalty is None else outputs.loss + penalty).backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        train_step(model, mine, optimizer, stack)
         logs.append(stack.pop_logs())
     weights = {n: full(p).detach().clone() for n, p in model.named_parameters()}
     (out / f"memory.rank{rank}.json").write_text(json.dumps(stack.memory()))

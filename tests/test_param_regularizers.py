@@ -17,6 +17,7 @@ from tether.regularizers import REGISTRY, Regularizer, RegularizerStack, SetupCo
 from tether.regularizers.base import trainable_weights
 from tether.regularizers.ewc import estimate_fisher
 from tether.regularizers.llrd import depths
+from tether.step import train_step
 from tether.synthetic import ARCHITECTURES, ENCODER_ONLY, tiny_model
 
 VOCAB = 48
@@ -65,17 +66,12 @@ def optimizer_of(model: nn.Module, stack: RegularizerStack, lr: float, sgd: bool
 
 
 def train(model: nn.Module, stack: RegularizerStack, batches, steps: int, lr: float = 1e-2, sgd: bool = False):
-    """The trainer's path without the Trainer: task loss + stack.penalty, backward, step (hooks: before_step...)."""
+    """tether.step.train_step, the step RegularizedTrainer takes, without the Trainer's data and logging around it."""
     opt = optimizer_of(model, stack, lr, sgd)
     model.train()
     data = list(batches())
     for step in range(steps):
-        batch = data[step % len(data)]
-        out = model(**batch)
-        penalty = stack.penalty(model, batch, out)
-        (out.loss if penalty is None else out.loss + penalty).backward()
-        opt.step()
-        opt.zero_grad()
+        train_step(model, data[step % len(data)], opt, stack)
     return opt
 
 
@@ -582,7 +578,7 @@ def test_fp64_weights_keep_fp64_differences_and_values(name: str, path: str) -> 
 
 def test_si_gives_zero_importance_where_the_gradient_is_zero_in_exact_arithmetic() -> None:
     """BERT's key biases shift every attention score of a query alike, which softmax ignores: their gradient is 0 in
-    exact arithmetic and fp32 rounding noise in practice. Normalized to mean 1 that noise would be held like the head."""
+    exact arithmetic and fp32 rounding noise in practice. Normalized to mean 1, that noise was held like the head."""
     torch.manual_seed(0)
     model = model_of("bert", "sequence_classification")
     reg = build("si", model, batches_of(rows_of(8, "sequence_classification"), 4)).items[0][0]

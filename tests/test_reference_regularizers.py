@@ -26,6 +26,7 @@ from tether.regularizers.label_smoothing import uniform_minus_nll
 from tether.regularizers.neftune import noise_like
 from tether.regularizers.replay import loss_tokens, mix
 from tether.run import train
+from tether.step import train_step
 from tether.synthetic import ARCHITECTURES, ENCODER_ONLY, tiny_model
 
 VOCAB = 40
@@ -90,16 +91,12 @@ def storages(*modules: nn.Module) -> set[int]:
 
 
 def sgd_steps(model: nn.Module, stack: RegularizerStack, batches: list[dict], lr: float = 1e-2) -> None:
-    """What the trainer does per step: task loss + weighted penalties, backward, optimizer step with the hooks."""
-    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=lr)
+    """tether.step.train_step per batch (the trainer's step) with plain SGD over the stack's groups."""
+    opt = torch.optim.SGD(stack.optimizer_groups(model, lr), lr=lr)
     stack.attach(model, opt)
     model.train()
     for batch in batches:
-        out = model(**batch)
-        penalty = stack.penalty(model, batch, out)
-        (out.loss if penalty is None else out.loss + penalty).backward()
-        opt.step()
-        opt.zero_grad()
+        train_step(model, batch, opt, stack)
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -14,10 +14,12 @@ from transformers import Trainer, TrainerCallback
 from transformers.trainer import TRAINER_STATE_NAME
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 
+from tether.data import IGNORE
 from tether.distributed import barrier, has_sharded_parameters
 from tether.errors import NonFiniteError, TetherError
 from tether.outputs import save_safetensors_atomic
 from tether.regularizers import RegularizerStack
+from tether.step import regularized_loss
 
 STACK_STATE = "tether_state.safetensors"  # the regularizers' training state in each checkpoint-N/
 STAGING = ".staging"  # checkpoints are written here, then renamed into the run directory
@@ -38,34 +40,39 @@ class RegularizedMixin:
         return_outputs: bool = False,
         num_items_in_batch: torch.Tensor | int | None = None,
     ) -> torch.Tensor | tuple[torch.Tensor, Any]:
+        """Steps 1-3 of tether.step: prefetch, the Trainer's own task loss, the weighted autograd penalties."""
+        if not model.training:  # evaluation never adds penalties
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
         # Accelerate's mixed precision wraps the model's forward only: the reference's own calls (its body, its
         # output layer per chunk inside the penalties) need the same autocast to be the model's own outputs.
-        if model.training:
-            with self.accelerator.autocast():
-                self.stack.prefetch(inputs)
+        with self.accelerator.autocast():
+            self.stack.prefetch(inputs)
         task_loss, outputs = super().compute_loss(model, inputs, True, num_items_in_batch)
-        loss = task_loss
-        if model.training:
-            with self.accelerator.autocast():
-                penalty = self.stack.penalty(model, inputs, outputs)
-            if penalty is not None:
-                loss = task_loss + penalty * self._penalty_scale(num_items_in_batch)
-            if not torch.isfinite(loss.detach()):  # one device sync per micro-batch; the culprit is found after
-                self.stack.flag_non_finite(self._non_finite_term(task_loss))  # the optimizer step stops or skips
+        with self.accelerator.autocast():
+            share = self._penalty_scale(inputs, num_items_in_batch)
+            loss = regularized_loss(self.stack, model, inputs, outputs, task_loss, share)
         return (loss, outputs) if return_outputs else loss
 
-    def _non_finite_term(self, task_loss: torch.Tensor) -> str:
-        if not torch.isfinite(task_loss.detach()):
-            return f"the task loss became {task_loss.item()}: lower the learning rate or check the data"
-        return self.stack.non_finite_term()
-
-    def _penalty_scale(self, num_items_in_batch: Any) -> float:
-        """The penalty counts once per optimizer step: when the Trainer will not divide the loss by the number of
-        accumulation steps (the task loss is already normalized over the whole accumulated batch), do it here."""
+    def _penalty_scale(self, inputs: dict[str, Any], num_items_in_batch: Any) -> float | torch.Tensor:
+        """The weight of this micro-batch's autograd penalties (each a mean over its loss positions), so that they
+        are weighted as the task loss is. When the Trainer divides the loss by the accumulation steps, the task loss
+        is a mean per micro-batch: 1/GA. When it does not, the task loss is a sum over this micro-batch's loss
+        positions divided by num_items_in_batch, the positions of the whole accumulated batch (of all processes,
+        whose losses the Trainer then scales by their number): the penalty gets its positions' share the same way."""
         scaled = self.loss_is_scaled_for_ga
         if scaled is None:
             scaled = (self.model_accepts_loss_kwargs and num_items_in_batch is not None) or self.compute_loss_func
-        return 1.0 / self.current_gradient_accumulation_steps if scaled else 1.0
+        if not scaled:  # outside train() (a direct compute_loss call) the Trainer has no current count yet
+            steps = (
+                self.current_gradient_accumulation_steps if self.is_in_train else self.args.gradient_accumulation_steps
+            )
+            return 1.0 / steps
+        if num_items_in_batch is None:  # a compute_loss_func without the count: each micro-batch counts whole
+            return 1.0
+        labels = inputs["labels"]
+        positions = (labels[:, 1:] if labels.ndim > 1 else labels).ne(IGNORE).sum()  # as the penalties shift them
+        processes = self.accelerator.num_processes if self.args.average_tokens_across_devices else 1
+        return positions * processes / num_items_in_batch
 
     def create_optimizer(self, model: nn.Module | None = None) -> torch.optim.Optimizer:
         """The Trainer's optimizer class and settings over the stack's parameter groups (weight decay, LLRD)."""

@@ -8,8 +8,9 @@ torch.nn.functional.cross_entropy(label_smoothing=alpha) is, per position that c
 = NLL + alpha * (U - NLL). The model's loss is NLL, so the penalty is U - NLL with strength alpha. With z the logits,
 log p_c = z_c - logsumexp(z), and the logsumexps cancel: U - NLL = z_y - mean_c z_c, so no softmax is needed. The
 term is a mean over the loss positions (shifted for causal LM: logits[:, t] against labels[:, t + 1]); it can be
-negative, as U < NLL when the label is one of the least likely classes. The identity is exact per batch when the
-task loss is the batch mean (with gradient accumulation the Trainer weighs the micro-batches by their tokens).
+negative, as U < NLL when the label is one of the least likely classes. The identity is exact under gradient
+accumulation too: the trainer weighs each micro-batch's penalty by its share of the loss positions, as the task
+loss is weighed (RegularizedMixin._penalty_scale).
 """
 
 from __future__ import annotations
