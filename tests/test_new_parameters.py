@@ -12,13 +12,13 @@ import torch
 from safetensors.torch import load_file
 from transformers import set_seed
 
+from tests.conftest import write_jsonl
 from tether.config import validate_config
 from tether.models import apply_lora, load_model
 from tether.regularizers import RegularizerStack, SetupContext, parse_entries
 from tether.regularizers.base import base_name
 from tether.run import train
 from tether.synthetic import char_tokenizer, tiny_model
-from tests.conftest import write_jsonl
 
 ANCHORED = ["l2_sp", "ewc", "si"]
 
