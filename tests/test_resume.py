@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from safetensors.torch import load_file
 from transformers import TrainerCallback
 
@@ -103,8 +104,6 @@ def test_overwrite_starts_fresh(raw_config, tmp_path):
 @pytest.mark.slow
 def test_sigkill_then_resume(raw_config, tmp_path):
     """The real thing: SIGKILL a `tether train` process mid-run, start it again, compare with a straight run."""
-    import yaml
-
     raw = _config(raw_config)
     raw["training"]["max_steps"] = 80
     path = tmp_path / "c.yaml"
@@ -251,3 +250,25 @@ def test_a_kill_during_a_save_leaves_no_checkpoint_to_resume_from(raw_config, tm
     for name in a:
         torch.testing.assert_close(a[name], b[name], rtol=0, atol=0, msg=name)
     assert resumed["best_step"] == straight["best_step"]
+
+
+def test_resume_with_a_changed_config_is_refused_naming_the_keys(raw_config, tmp_path):
+    """The run keeps the config it started with in OUT/.tether/config.yaml; --accept-changes takes new values
+    that apply on resume (a strength, max_steps), never one the optimizer state restores (the learning rate)."""
+    raw = _config(raw_config)
+    with pytest.raises(KeyboardInterrupt):
+        train(validate_config(raw), tmp_path / "run", callbacks=[Crash(at=6)])
+    changed = copy.deepcopy(raw)
+    changed["regularizers"][1]["strength"] = 2e-4
+    changed["training"].update(max_steps=12)
+    refused = r"started with another config \(changed: regularizers.1.strength, training.max_steps\): undo the"
+    with pytest.raises(TetherError, match=refused):
+        train(validate_config(changed), tmp_path / "run")
+    changed["training"]["learning_rate"] = 1e-3
+    with pytest.raises(TetherError, match="--accept-changes: training.learning_rate cannot change on resume"):
+        train(validate_config(changed), tmp_path / "run", accept_changes=True)
+    changed["training"]["learning_rate"] = raw["training"]["learning_rate"]
+    metrics = train(validate_config(changed), tmp_path / "run", accept_changes=True)
+    assert metrics["global_step"] == 12
+    final = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
+    assert final["regularizers"][1]["strength"] == 2e-4 and final["training"]["max_steps"] == 12

@@ -77,6 +77,9 @@ def train(
         bool, typer.Option(help="Continue from the last checkpoint (automatic when unfinished).")
     ] = False,
     overwrite: Annotated[bool, typer.Option(help="Train into a directory that holds a finished run.")] = False,
+    accept_changes: Annotated[
+        bool, typer.Option(help="Resume with a config that differs from the one the run started with.")
+    ] = False,
 ) -> None:
     """Fine-tune as configured; writes model/, metrics.json, history.jsonl, curves.png and checkpoints."""
     from tether.config import load_config
@@ -90,7 +93,10 @@ def train(
     progress = [RichProgress("training", console)]
     signal.signal(signal.SIGTERM, _interrupt)  # a scheduler's or `kill`'s stop: the same clean stop as Ctrl-C
     try:
-        metrics = run_train(cfg, out, resume=resume, overwrite=overwrite, callbacks=progress, console=console)
+        metrics = run_train(
+            cfg, out, resume=resume, overwrite=overwrite, accept_changes=accept_changes, callbacks=progress,
+            console=console,
+        )  # fmt: skip
     except KeyboardInterrupt as e:
         _stopped(e, out, ["tether", "train", str(config), "--output-dir", str(out), *(f"--set={s}" for s in set_)])
     except Exception as e:

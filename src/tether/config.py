@@ -452,7 +452,7 @@ def _check_number(key: str, annotation: str, value: Any) -> None:
         raise ConfigError(f"training.{key}: {value!r} is not a whole number: write one, e.g. 8")
     if not whole and not (isinstance(value, float) and math.isfinite(value)):
         raise ConfigError(f"training.{key}: {value!r} is not a finite number: write one, e.g. 1e-4")
-    if abs(value) >= 2**63:
+    if kind is int and abs(value) >= 2**63:  # beyond int64: torch and the data loader overflow
         raise ConfigError(f"training.{key}: {value:.3g} is out of range: write a smaller number")
     if (key in POSITIVE and value <= 0) or (key in NON_NEGATIVE and value < 0):
         bound = "greater than 0" if key in POSITIVE else "0 or more"

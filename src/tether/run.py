@@ -19,7 +19,7 @@ import torch
 from rich.console import Console
 from torch import nn
 
-from tether.config import RunConfig, dump_config
+from tether.config import RunConfig, dump_config, parse_yaml
 from tether.data import Collator, Datasets, load_datasets, load_split
 from tether.distributed import barrier, is_main_process, local, rank, world_size
 from tether.errors import ConfigError, Interrupted, NonFiniteError, TetherError
@@ -92,6 +92,66 @@ def check_output_dir(output_dir: Path, overwrite: bool, resume: bool) -> str | N
     return None if overwrite and not resume else last
 
 
+# TrainingArguments the checkpoint's optimizer and scheduler state override on resume (param-group lr and weight
+# decay, Adam betas, the scheduler's base lr): a changed value would be ignored while config.yaml claimed it
+RESTORED = {"learning_rate", "lr_scheduler_type", "lr_scheduler_kwargs", "optim", "optim_args", "adam_beta1"}
+RESTORED |= {"adam_beta2", "adam_epsilon"}
+
+
+def record_config(cfg: RunConfig, output_dir: Path, resume_from: str | None, accept_changes: bool) -> None:
+    """Keep the config a run started with in OUT/.tether/config.yaml; a resume with another one is refused,
+    naming the changed keys, unless accept_changes (and then only keys that take effect when resumed)."""
+    stored = output_dir / RUN_STATE / "config.yaml"
+    if resume_from is not None and stored.is_file():
+        changed = changed_keys(parse_yaml(stored.read_text()), cfg.model_dump(mode="json"))
+        if changed and not accept_changes:
+            raise TetherError(
+                f"{output_dir} was started with another config (changed: {', '.join(changed)}): undo the changes, "
+                "pass --accept-changes to continue with the new values, or --overwrite to start again"
+            )
+        fixed = [k for k in changed if _restored(k, cfg)]
+        if fixed:
+            raise TetherError(
+                f"--accept-changes: {', '.join(fixed)} cannot change on resume (the checkpoint's optimizer state "
+                "restores it): undo that change, or pass --overwrite to start again"
+            )
+    if is_main_process():
+        write_text_atomic(stored, dump_config(cfg))
+
+
+def changed_keys(old: Any, new: Any, prefix: str = "") -> list[str]:
+    """Dotted keys whose values differ between two config mappings (the output dir and the sweep do not count)."""
+    if type(old) is type(new) and isinstance(old, dict | list):
+        keys = sorted({*_keys(old), *_keys(new)}, key=str)
+        paths = [(k, f"{prefix}{k}") for k in keys if f"{prefix}{k}" not in ("output_dir", "sweep")]
+        return [c for k, path in paths for c in changed_keys(_get(old, k), _get(new, k), f"{path}.")]
+    return [] if old == new else [prefix.rstrip(".")]
+
+
+def _keys(node: dict | list) -> list:
+    return list(node) if isinstance(node, dict) else list(range(len(node)))
+
+
+def _get(node: dict | list, key: Any) -> Any:
+    return node.get(key) if isinstance(node, dict) else (node[key] if key < len(node) else None)
+
+
+def _restored(key: str, cfg: RunConfig) -> bool:
+    """Whether resuming restores this key's old value: an optimizer setting, or a regularizer that shapes the
+    optimizer's parameter groups (weight decay, LLRD), whose values the optimizer state carries."""
+    from tether.regularizers.base import REGISTRY, Regularizer
+
+    section, _, rest = key.partition(".")
+    if section == "training":
+        return rest.split(".")[0] in RESTORED
+    if section != "regularizers":
+        return False
+    index = int(rest.split(".")[0])
+    if index >= len(cfg.regularizers):  # a removed entry: the optimizer's saved groups may no longer match
+        return True
+    return REGISTRY[cfg.regularizers[index].name].cls.param_groups is not Regularizer.param_groups
+
+
 def clear_checkpoints(output_dir: Path) -> None:
     """--overwrite: a fresh run must not resume from, or rotate, the old run's checkpoints (its Fisher goes with
     every fresh start: prepare_output_dir)."""
@@ -154,6 +214,7 @@ def train(
     *,
     resume: bool = False,
     overwrite: bool = False,
+    accept_changes: bool = False,
     callbacks: list | None = None,
     console: Console | None = None,
 ) -> dict[str, Any]:
@@ -164,6 +225,7 @@ def train(
 
     args = training_args(cfg, output_dir)
     resume_from = check_output_dir(output_dir, overwrite, resume)
+    record_config(cfg, output_dir, resume_from, accept_changes)
     set_seed(args.seed)
     with nothing_left_on_error(output_dir):
         model, tokenizer, new_parameters = load_model(cfg.model, cfg.task)
