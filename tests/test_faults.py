@@ -171,3 +171,29 @@ def test_a_full_disk_during_a_save_is_one_line(raw_config, tmp_path, monkeypatch
     assert code == 2 and len(err.strip().splitlines()) == 1, err
     staged = out / ".staging" / "checkpoint-4" / "tether_state.safetensors"
     assert err == f"error: no space left on device at {staged}: free space and rerun; nothing lost\n"
+
+
+def test_outputs_follow_the_umask_and_the_fisher_file_is_reproducible(raw_config, tmp_path):
+    raw = _config(raw_config, max_steps=4, save_steps=2, eval_steps=2)
+    raw["regularizers"] = [{"name": "ewc", "strength": 0.1}]
+    previous = os.umask(0o027)
+    try:
+        tether.run.train(validate_config(raw), tmp_path / "run")
+    finally:
+        os.umask(previous)
+    modes = {str(p.relative_to(tmp_path)): p.stat().st_mode & 0o777 for p in (tmp_path / "run").rglob("*")}
+    assert {m for p, m in modes.items() if (tmp_path / p).is_file()} == {0o640}, modes
+    assert {m for p, m in modes.items() if (tmp_path / p).is_dir()} == {0o750}, modes
+
+
+def test_safetensors_metadata_is_written_in_one_order(tmp_path):
+    """safetensors writes metadata in hash-map order, which differs from call to call in one process."""
+    import torch
+
+    from tether.outputs import save_safetensors_atomic
+
+    metadata = {f"key{i}": str(i) for i in range(8)}
+    for i in range(6):
+        save_safetensors_atomic({"w": torch.ones(3)}, tmp_path / f"{i}.safetensors", metadata)
+    files = {(tmp_path / f"{i}.safetensors").read_bytes() for i in range(6)}
+    assert len(files) == 1

@@ -19,8 +19,19 @@ from tether.errors import TetherError
 log = logging.getLogger(__name__)
 RUN_STATE = ".tether"  # the run's own bookkeeping in its output directory: the lock, the config it started with
 
-# mkstemp / mkdtemp make owner-only files; a run's outputs are meant to be shared like any other file
-FILE_MODE, DIR_MODE = 0o644, 0o755
+
+def file_mode(directory: bool = False) -> int:
+    """The mode open() and mkdir() would give under the process's umask: mkstemp / mkdtemp (and the safetensors
+    writer under save_pretrained) make owner-only files, and a run's outputs are shared like any other file."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return (0o777 if directory else 0o666) & ~mask
+
+
+def share(directory: Path) -> None:
+    """Give every file and folder under `directory` (itself included) the umask's mode."""
+    for path in [directory, *directory.rglob("*")]:
+        path.chmod(file_mode(path.is_dir()))
 
 
 def write_text_atomic(path: Path, text: str) -> None:
@@ -32,7 +43,7 @@ def write_text_atomic(path: Path, text: str) -> None:
             f.write(text)
             f.flush()
             os.fsync(f.fileno())
-        os.chmod(tmp, FILE_MODE)
+        os.chmod(tmp, file_mode())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -56,11 +67,24 @@ def save_safetensors_atomic(tensors: dict[str, Any], path: Path, metadata: dict[
     os.close(fd)
     try:
         save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp, metadata=metadata)
-        os.chmod(tmp, FILE_MODE)
+        _sort_header(Path(tmp))
+        os.chmod(tmp, file_mode())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def _sort_header(path: Path) -> None:
+    """safetensors writes the metadata in hash-map order, which changes from call to call: rewrite the header in
+    place with sorted keys (the same length: only the order changes), so that identical runs write identical bytes."""
+    with path.open("r+b") as f:
+        size = int.from_bytes(f.read(8), "little")
+        header = f.read(size)
+        ordered = json.dumps(json.loads(header), separators=(",", ":"), sort_keys=True).encode()
+        if len(ordered) <= size:  # safetensors pads the header with spaces
+            f.seek(8)
+            f.write(ordered.ljust(size, b" "))
 
 
 def write_dir_atomic(path: Path, fill: Callable[[Path], None]) -> None:
@@ -69,7 +93,7 @@ def write_dir_atomic(path: Path, fill: Callable[[Path], None]) -> None:
     tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}."))
     try:
         fill(tmp)
-        tmp.chmod(DIR_MODE)
+        share(tmp)
         if path.exists():
             old = path.with_name(f".{path.name}.old")
             shutil.rmtree(old, ignore_errors=True)
@@ -152,7 +176,7 @@ def save_png(fig: Any, path: Path) -> None:
     tmp = path.with_name(f".{path.name}.tmp.png")
     try:
         fig.savefig(tmp, dpi=100)
-        os.chmod(tmp, FILE_MODE)
+        os.chmod(tmp, file_mode())
         os.replace(tmp, path)
     finally:
         plt.close(fig)

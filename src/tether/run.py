@@ -18,6 +18,7 @@ from typing import Any
 import torch
 from rich.console import Console
 from torch import nn
+from transformers import TrainerCallback
 
 from tether.config import RunConfig, dump_config, parse_yaml
 from tether.data import Collator, Datasets, load_datasets, load_split
@@ -29,6 +30,7 @@ from tether.outputs import (
     RUN_STATE,
     hold_run_dir,
     plot_curves,
+    share,
     write_dir_atomic,
     write_json,
     write_jsonl,
@@ -310,6 +312,7 @@ def _fit(trainer: Any, resume_from: str | None, output_dir: Path) -> None:
     if resume_from is not None:
         log.warning("resuming from %s", resume_from)
         trainer.stack.load_state_dict(load_stack_state(Path(resume_from)))
+    trainer.add_callback(SharedCheckpoints())
     try:
         trainer.train(resume_from_checkpoint=resume_from)
     except NonFiniteError as e:
@@ -322,6 +325,15 @@ def _fit(trainer: Any, resume_from: str | None, output_dir: Path) -> None:
         kept = f"last checkpoint: {last}" if last else "no checkpoint was written yet"
         step, steps = trainer.state.global_step, trainer.state.max_steps
         raise Interrupted(f"stopped at step {step} of {steps} ({kept})", last) from None
+
+
+class SharedCheckpoints(TrainerCallback):
+    """Each checkpoint gets the umask's file modes, as every other output (the weights' writer makes them 0600)."""
+
+    def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        checkpoint = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+        if state.is_world_process_zero and checkpoint.is_dir():
+            share(checkpoint)
 
 
 def load_stack_state(checkpoint: Path) -> dict[str, torch.Tensor]:
