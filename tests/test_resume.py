@@ -272,3 +272,20 @@ def test_resume_with_a_changed_config_is_refused_naming_the_keys(raw_config, tmp
     assert metrics["global_step"] == 12
     final = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
     assert final["regularizers"][1]["strength"] == 2e-4 and final["training"]["max_steps"] == 12
+
+
+@pytest.mark.parametrize("damage", ["model.safetensors:empty", "model.safetensors:cut", "optimizer.pt:cut"])
+def test_a_damaged_last_checkpoint_is_set_aside(raw_config, tmp_path, caplog, damage):
+    """A truncated or empty weight or optimizer file in the last checkpoint: the previous intact one is used."""
+    cfg = validate_config(_config(raw_config))
+    straight = train(cfg, tmp_path / "straight")
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg, tmp_path / "run", callbacks=[Crash(at=10)])
+    name, how = damage.split(":")
+    damaged = tmp_path / "run" / "checkpoint-8" / name
+    data = damaged.read_bytes()
+    damaged.write_bytes(b"" if how == "empty" else data[: len(data) // 2])
+    resumed = train(cfg, tmp_path / "run")
+    assert "checkpoint-8 is incomplete or damaged" in caplog.text
+    assert [p.name.split("-")[2] for p in (tmp_path / "run").glob(".incomplete-*")] == ["8"]
+    assert resumed["target"]["val_loss"] == straight["target"]["val_loss"]  # resumed from checkpoint-4, exactly

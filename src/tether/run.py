@@ -9,6 +9,7 @@ import os
 import shutil
 import tempfile
 import time
+import zipfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import replace
@@ -170,14 +171,30 @@ def last_complete_checkpoint(output_dir: Path) -> str | None:
     for _, path in reversed(steps):
         try:
             json.loads((path / "trainer_state.json").read_text())
+            check_checkpoint_files(path)
             return str(path)
         except (OSError, ValueError):
             if not is_main_process():
                 continue
             aside = path.with_name(f".incomplete-{path.name}-{int(time.time())}")
-            log.warning("%s was not completely written (killed during a save?): moved to %s", path, aside.name)
+            log.warning("%s is incomplete or damaged (killed during a save?): moved to %s", path, aside.name)
             os.replace(path, aside)
     return None
+
+
+def check_checkpoint_files(checkpoint: Path) -> None:
+    """Raises ValueError for a truncated or emptied file (a disk fault, a copy cut short): every safetensors file
+    must be as long as its header says, every torch file (optimizer, scheduler, rng) a whole zip archive."""
+    for path in checkpoint.glob("*.safetensors"):
+        with path.open("rb") as f:
+            size = int.from_bytes(f.read(8), "little")
+            header = json.loads(f.read(size))  # ValueError when cut short or empty
+        end = max((t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"), default=0)
+        if path.stat().st_size != 8 + size + end:
+            raise ValueError(f"{path.name} is truncated")
+    for path in [*checkpoint.glob("*.pt"), *checkpoint.glob("*.pth")]:
+        if not zipfile.is_zipfile(path):  # torch.save writes a zip; its directory is at the end
+            raise ValueError(f"{path.name} is truncated")
 
 
 def reference_batches(data: Datasets, collator: Collator, batch_size: int, device: torch.device) -> Any:
