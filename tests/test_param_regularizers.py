@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import random
 from pathlib import Path
 from typing import Any
@@ -13,7 +12,7 @@ from torch import nn
 
 from tether.data import Collator
 from tether.errors import ConfigError
-from tether.regularizers import REGISTRY, Regularizer, RegularizerStack, SetupContext
+from tether.regularizers import REGISTRY, RegularizerStack, SetupContext
 from tether.regularizers.base import trainable_weights
 from tether.regularizers.ewc import estimate_fisher
 from tether.regularizers.llrd import depths
@@ -530,27 +529,6 @@ def test_gradient_accumulation_counts_the_penalty_once_per_step(name: str, tmp_p
         results.append(torch.cat([p.detach().flatten() for p in model.parameters()]))
     torch.testing.assert_close(results[1], results[0], atol=1e-5, rtol=1e-4)
     assert (results[0] - results[2]).abs().max() > 1e-3  # the penalty did change the weights
-
-
-MATRIX = [("llama", "causal_lm"), ("gpt2", "causal_lm"), ("bert", "sequence_classification")]
-
-
-def has_penalty(reg: Regularizer) -> bool:
-    return type(reg).penalty is not Regularizer.penalty or type(reg).penalty_grad is not Regularizer.penalty_grad
-
-
-@pytest.mark.parametrize(("arch", "task"), MATRIX, ids=[a for a, _ in MATRIX])
-@pytest.mark.parametrize("name", sorted(REGISTRY))
-def test_every_regularizer_trains_every_architecture(name: str, arch: str, task: str) -> None:
-    torch.manual_seed(0)
-    model = model_of(arch, task)
-    stack = build(name, model, batches_of(rows_of(8, task), 4), lr=1e-3)
-    train(model, stack, batches_of(rows_of(8, task, seed=1), 4), steps=2, lr=1e-3)
-    logs = stack.pop_logs()
-    reg = stack.items[0][0]
-    assert all(torch.isfinite(p).all() for p in model.parameters())
-    if has_penalty(reg):
-        assert math.isfinite(logs[f"reg/{name}"])  # logged; not always >= 0 (e.g. label smoothing's term)
 
 
 @pytest.mark.parametrize("path", PATHS)

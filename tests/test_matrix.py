@@ -1,0 +1,98 @@
+"""Every registered regularizer x {llama, gpt2, bert} x {full, LoRA} through the real RegularizedTrainer: it trains,
+and where it acts inside the training step, switching it on changes the trained weights (off vs on, same seed)."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from peft import LoraConfig, get_peft_model
+from transformers import TrainingArguments
+
+from tether.data import Collator
+from tether.regularizers import REGISTRY, RegularizerStack, SetupContext
+from tether.synthetic import tiny_model
+from tether.trainer import RegularizedTrainer
+
+VOCAB = 48
+ARCHS = {"llama": "causal_lm", "gpt2": "causal_lm", "bert": "sequence_classification"}
+STEPS, LR = 3, 1e-2
+# name: its fields, switched on; acts_in_step False: it acts outside the step (the data before training, or models
+# after it), which tests/test_train.py and tests/test_reference_regularizers.py check through `tether train`.
+CASES: dict[str, tuple[dict[str, Any], bool]] = {
+    "l1": ({"strength": 1e-2}, True),
+    "l2": ({"strength": 1.0}, True),
+    "l2_sp": ({"strength": 50.0}, True),
+    "ewc": ({"strength": 100.0}, True),
+    "si": ({"strength": 100.0}, True),
+    "weight_decay": ({"strength": 0.5}, True),
+    "llrd": ({"decay": 0.5}, True),
+    "dropout": ({"attention": 0.5}, True),
+    "neftune": ({"strength": 5.0}, True),
+    "distill": ({"strength": 1.0}, True),
+    "kl": ({"strength": 1.0}, True),
+    "label_smoothing": ({"strength": 0.3}, True),
+    "replay": ({}, False),
+    "ema": ({}, False),
+    "wise_ft": ({"alphas": [0.5]}, False),
+}
+PLAIN: dict[tuple[str, bool], dict[str, torch.Tensor]] = {}  # the run without regularizers, per architecture and LoRA
+
+
+def test_the_table_covers_every_registered_regularizer() -> None:
+    assert set(CASES) == set(REGISTRY)
+
+
+def rows(n: int, task: str, seed: int) -> list[dict[str, Any]]:
+    rng = random.Random(seed)
+    out = []
+    for _ in range(n):
+        ids = [rng.randrange(4, VOCAB) for _ in range(rng.randint(6, 12))]
+        labels = rng.randrange(2) if task != "causal_lm" else [-100] * 3 + ids[3:]
+        out.append({"input_ids": ids, "attention_mask": [1] * len(ids), "labels": labels})
+    return out
+
+
+def trained(
+    tmp_path: Path, name: str | None, fields: dict[str, Any], arch: str, lora: bool
+) -> dict[str, torch.Tensor]:
+    """The trainable weights after STEPS optimizer steps of RegularizedTrainer with one regularizer (or none)."""
+    task = ARCHS[arch]
+    model = tiny_model(arch, task, VOCAB, hidden_size=16, num_layers=2, num_heads=2, seed=0)
+    if lora:
+        kind = "CAUSAL_LM" if task == "causal_lm" else "SEQ_CLS"
+        model = get_peft_model(model, LoraConfig(r=2, target_modules="all-linear", task_type=kind))
+    stack = RegularizerStack.from_configs([REGISTRY[name].config(name=name, **fields)] if name else [])
+    args = TrainingArguments(
+        str(tmp_path), max_steps=STEPS, learning_rate=LR, per_device_train_batch_size=4, save_strategy="no",
+        report_to=[], use_cpu=True, seed=0, lr_scheduler_type="constant",
+    )  # fmt: skip
+    collate = Collator(0)
+    trainer = RegularizedTrainer(
+        model=model, args=args, train_dataset=rows(12, task, 1), data_collator=collate, stack=stack
+    )
+    reference = [collate(rows(4, task, 2)[i : i + 2]) for i in (0, 2)]
+    stack.setup(SetupContext(trainer.model, lambda shard=True: iter(reference), LR))
+    trainer.train()
+    weights = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if p.requires_grad}
+    assert weights and all(torch.isfinite(w).all() for w in weights.values())
+    return weights
+
+
+@pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("name", sorted(REGISTRY))
+def test_every_regularizer_acts_through_the_trainer(tmp_path: Path, name: str, arch: str, lora: bool) -> None:
+    fields, acts_in_step = CASES[name]
+    on = trained(tmp_path / "on", name, fields, arch, lora)
+    if not acts_in_step:
+        return  # it ran beside the step without breaking it
+    if (arch, lora) not in PLAIN:
+        PLAIN[arch, lora] = trained(tmp_path / "plain", None, {}, arch, lora)
+    plain = PLAIN[arch, lora]
+    assert plain.keys() == on.keys()
+    changed = [n for n in plain if not torch.equal(plain[n], on[n])]
+    assert changed, f"{name} on {arch} ({'LoRA' if lora else 'full'}): the same weights as without it"
