@@ -197,3 +197,14 @@ def test_safetensors_metadata_is_written_in_one_order(tmp_path):
         save_safetensors_atomic({"w": torch.ones(3)}, tmp_path / f"{i}.safetensors", metadata)
     files = {(tmp_path / f"{i}.safetensors").read_bytes() for i in range(6)}
     assert len(files) == 1
+
+
+def test_version(monkeypatch, capsys):
+    from importlib.metadata import version
+
+    from tether.cli import main
+
+    monkeypatch.setattr(sys, "argv", ["tether", "--version"])
+    with pytest.raises(SystemExit) as e:
+        main()
+    assert e.value.code == 0 and capsys.readouterr().out == f"tether {version('tether')}\n"
