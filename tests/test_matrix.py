@@ -3,7 +3,6 @@ and where it acts inside the training step, switching it on changes the trained 
 
 from __future__ import annotations
 
-import random
 from pathlib import Path
 from typing import Any
 
@@ -12,12 +11,12 @@ import torch
 from peft import LoraConfig, get_peft_model
 from transformers import TrainingArguments
 
+from tests.test_param_regularizers import VOCAB, rows_of
 from tether.data import Collator
 from tether.regularizers import REGISTRY, RegularizerStack, SetupContext
 from tether.synthetic import tiny_model
 from tether.trainer import RegularizedTrainer
 
-VOCAB = 48
 ARCHS = {"llama": "causal_lm", "gpt2": "causal_lm", "bert": "sequence_classification"}
 STEPS, LR = 3, 1e-2
 # name: its fields, switched on; acts_in_step False: it acts outside the step (the data before training, or models
@@ -46,16 +45,6 @@ def test_the_table_covers_every_registered_regularizer() -> None:
     assert set(CASES) == set(REGISTRY)
 
 
-def rows(n: int, task: str, seed: int) -> list[dict[str, Any]]:
-    rng = random.Random(seed)
-    out = []
-    for _ in range(n):
-        ids = [rng.randrange(4, VOCAB) for _ in range(rng.randint(6, 12))]
-        labels = rng.randrange(2) if task != "causal_lm" else [-100] * 3 + ids[3:]
-        out.append({"input_ids": ids, "attention_mask": [1] * len(ids), "labels": labels})
-    return out
-
-
 def trained(
     tmp_path: Path, name: str | None, fields: dict[str, Any], arch: str, lora: bool
 ) -> dict[str, torch.Tensor]:
@@ -72,9 +61,9 @@ def trained(
     )  # fmt: skip
     collate = Collator(0)
     trainer = RegularizedTrainer(
-        model=model, args=args, train_dataset=rows(12, task, 1), data_collator=collate, stack=stack
+        model=model, args=args, train_dataset=rows_of(12, task, 1), data_collator=collate, stack=stack
     )
-    reference = [collate(rows(4, task, 2)[i : i + 2]) for i in (0, 2)]
+    reference = [collate(rows_of(4, task, 2)[i : i + 2]) for i in (0, 2)]
     stack.setup(SetupContext(trainer.model, lambda shard=True: iter(reference), LR))
     trainer.train()
     weights = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if p.requires_grad}
