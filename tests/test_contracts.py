@@ -1,0 +1,31 @@
+"""The transformers internals tether leans on, named: an upgrade that changes one fails here, with its name, rather
+than somewhere inside a training run."""
+
+from __future__ import annotations
+
+import inspect
+
+from transformers import Trainer, TrainingArguments
+
+from tether.trainer import RegularizedMixin
+
+
+def test_trainer_internals_tether_overrides_or_reads() -> None:
+    # RegularizedMixin._save_checkpoint stages the checkpoint by calling the Trainer's with args.output_dir swapped
+    assert list(inspect.signature(Trainer._save_checkpoint).parameters) == ["self", "model", "trial"]
+    assert "_get_output_dir" in vars(Trainer)  # where _save_checkpoint writes (swapped there)
+    # the penalty's share under gradient accumulation mirrors Trainer.training_step's own scaling decision
+    source = inspect.getsource(Trainer.training_step)
+    for name in ("loss_is_scaled_for_ga", "model_accepts_loss_kwargs", "current_gradient_accumulation_steps"):
+        assert name in source, name
+    assert "average_tokens_across_devices" in vars(TrainingArguments)["__dataclass_fields__"]
+    assert "num_processes" in inspect.getsource(Trainer.compute_loss)  # the task loss's scaling by processes
+
+
+def test_under_fsdp2_the_optimizer_is_built_before_the_scheduler() -> None:
+    """tether defers its setup to create_scheduler (after the sharding) and builds groups from structure alone in
+    create_optimizer: both rely on this order, which tests/test_step_order.py replays through train()."""
+    source = inspect.getsource(Trainer._prepare_for_training)
+    assert source.index("self.create_optimizer(") < source.index("self.create_scheduler(")
+    assert "is_fsdp2" in source
+    assert RegularizedMixin.create_scheduler is not Trainer.create_scheduler
