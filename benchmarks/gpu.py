@@ -97,7 +97,7 @@ CONFIGS: list[tuple[str, str, list[dict[str, Any]]]] = [  # (kind, name, regular
     ("full", "llrd", [{"name": "llrd", "decay": 0.9}]),
     ("full", "weight_decay", [{"name": "weight_decay", "strength": 0.01}]),
     ("full", "ema", [{"name": "ema"}]),
-    ("full", "neftune", [{"name": "neftune", "strength": 5.0}]),
+    ("full", "neftune", [{"name": "neftune", "alpha": 5.0}]),
     ("full", "kl (frozen fp32 copy)", [{"name": "kl", "reference": NEW_ROWS}]),
     ("full", "kl (frozen bf16 copy)", [{"name": "kl", "reference": {**NEW_ROWS, "dtype": "bfloat16"}}]),
     ("LoRA", "l2_sp (LoRA: on B A)", [{"name": "l2_sp", "strength": 1.0}]),

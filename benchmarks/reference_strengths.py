@@ -22,7 +22,7 @@ SWEEP: list[tuple[str, list[dict[str, Any]]]] = [
     ("replay 0.1 + distill 1", [{"name": "replay", "ratio": 0.1}, {"name": "distill", "strength": 1}]),
     ("replay 0.1 + kl 1", [{"name": "replay", "ratio": 0.1}, {"name": "kl", "strength": 1}]),
     ("label_smoothing 0.1", [{"name": "label_smoothing", "strength": 0.1}]),
-    ("neftune 5", [{"name": "neftune", "strength": 5}]),
+    ("neftune 5", [{"name": "neftune", "alpha": 5}]),
     ("ema 0.99", [{"name": "ema", "decay": 0.99}]),
     ("wise_ft (least_forgetting, 5%)", [{"name": "wise_ft"}]),
 ]

@@ -30,7 +30,7 @@ CASES: dict[str, tuple[dict[str, Any], bool]] = {
     "weight_decay": ({"strength": 0.5}, True),
     "llrd": ({"decay": 0.5}, True),
     "dropout": ({"attention": 0.5}, True),
-    "neftune": ({"strength": 5.0}, True),
+    "neftune": ({"alpha": 5.0}, True),
     "distill": ({"strength": 1.0}, True),
     "kl": ({"strength": 1.0}, True),
     "label_smoothing": ({"strength": 0.3}, True),

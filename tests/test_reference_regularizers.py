@@ -539,7 +539,7 @@ def test_neftune_noise_scales_with_each_rows_own_length():
 
 def test_neftune_adds_noise_in_training_only_and_is_batch_independent():
     model = model_of()
-    stack_of(model, {"name": "neftune", "strength": 8.0})
+    stack_of(model, {"name": "neftune", "alpha": 8.0})
     seen = []
     model.get_input_embeddings().register_forward_hook(lambda m, a, out: seen.append(out.detach()))
     batch = batch_of(3)

@@ -16,18 +16,18 @@ import torch
 from pydantic import Field
 from torch import nn
 
-from tether.regularizers.base import Regularizer, RegularizerConfig, SetupContext, register
+from tether.regularizers.base import NoPenaltyConfig, Regularizer, SetupContext, register
 
 
-class NEFTuneConfig(RegularizerConfig):
-    strength: float = Field(5.0, gt=0)
-    """alpha, the noise scale; the paper uses 5-15 (5 for 7B chat models)."""
+class NEFTuneConfig(NoPenaltyConfig):
+    alpha: float = Field(5.0, gt=0)
+    """The noise scale; the paper uses 5-15 (5 for 7B chat models)."""
 
 
 @register("neftune", NEFTuneConfig)
 class NEFTune(Regularizer):
     def __init__(self, config: NEFTuneConfig) -> None:
-        self.alpha = config.strength
+        self.alpha = config.alpha
         self._mask: torch.Tensor | None = None
         self.handles: list[Any] = []
 

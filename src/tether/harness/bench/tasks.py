@@ -77,7 +77,7 @@ METHODS = (
     Method("replay", "ratio", (0.01, 0.05, 0.25), (0.01, 0.05), _reg("replay", "ratio")),
     Method("label_smoothing", "strength", (0.05, 0.1, 0.2), (0.1,), _reg("label_smoothing")),
     Method("dropout", "attention", (0.05, 0.1, 0.3), (0.1,), _reg("dropout", "attention")),
-    Method("neftune", "strength", (1.0, 5.0, 15.0), (5.0,), _reg("neftune")),
+    Method("neftune", "alpha", (1.0, 5.0, 15.0), (5.0,), _reg("neftune", "alpha")),
     Method("llrd", "decay", (0.5, 0.8, 0.95), (0.8,), _reg("llrd", "decay")),
     Method("lora", "r", (4, 16, 64), (16,), lambda r: {"lora": {"r": int(r), "alpha": 2 * r}}),  # alpha/r fixed
     Method("ema", "decay", (0.9, 0.97, 0.99), (0.97,), _reg("ema", "decay")),
