@@ -222,7 +222,8 @@ def main() -> None:
     except typer.TyperException as e:  # usage errors (a missing argument, an unknown option): one line, exit 2
         err_console.print(f"[bold red]error:[/] {e.format_message()}", highlight=False, soft_wrap=True)
         sys.exit(2)
-    sys.exit(code if isinstance(code, int) else 0)
+    if isinstance(code, int) and code:  # success returns: a caller of main() in-process goes on
+        sys.exit(code)
 
 
 if __name__ == "__main__":
