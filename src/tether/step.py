@@ -25,6 +25,7 @@ one micro-batch outside a Trainer (tests, benchmarks) through the same functions
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -39,12 +40,15 @@ def regularized_loss(
     inputs: dict[str, Any],
     outputs: Any,
     task_loss: torch.Tensor,
-    share: float | torch.Tensor = 1.0,
+    share: Callable[[], float | torch.Tensor] | None = None,
 ) -> torch.Tensor:
-    """Step 3: the task loss plus this micro-batch's weighted autograd penalties times `share`; a NaN/inf result is
-    flagged on the stack (one device sync per micro-batch), which skips or stops the coming optimizer step."""
+    """Step 3: the task loss plus this micro-batch's weighted autograd penalties times share() (1 without it; asked
+    only when there is a penalty, so steps without one pay nothing); a NaN/inf result is flagged on the stack (one
+    device sync per micro-batch), which skips or stops the coming optimizer step."""
     penalty = stack.penalty(model, inputs, outputs)
-    loss = task_loss if penalty is None else task_loss + penalty * share
+    loss = task_loss
+    if penalty is not None:
+        loss = task_loss + (penalty if share is None else penalty * share())
     if not torch.isfinite(loss.detach()):
         stack.flag_non_finite(non_finite_term(stack, task_loss))
     return loss

@@ -49,7 +49,7 @@ class RegularizedMixin:
             self.stack.prefetch(inputs)
         task_loss, outputs = super().compute_loss(model, inputs, True, num_items_in_batch)
         with self.accelerator.autocast():
-            share = self._penalty_scale(inputs, num_items_in_batch)
+            share = lambda: self._penalty_scale(inputs, num_items_in_batch)  # noqa: E731 (asked only with a penalty)
             loss = regularized_loss(self.stack, model, inputs, outputs, task_loss, share)
         return (loss, outputs) if return_outputs else loss
 
