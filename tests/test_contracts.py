@@ -29,3 +29,14 @@ def test_under_fsdp2_the_optimizer_is_built_before_the_scheduler() -> None:
     assert source.index("self.create_optimizer(") < source.index("self.create_scheduler(")
     assert "is_fsdp2" in source
     assert RegularizedMixin.create_scheduler is not Trainer.create_scheduler
+
+
+def test_a_finished_run_is_restored_as_train_leaves_it() -> None:
+    """tether.run.restore_end: a run killed after training ended is rebuilt from its last checkpoint with the
+    Trainer's own loaders, and training_ended reads the control the Trainer saved with it."""
+    assert list(inspect.signature(Trainer._load_from_checkpoint).parameters)[:2] == ["self", "resume_from_checkpoint"]
+    assert list(inspect.signature(Trainer._load_best_model).parameters) == ["self"]
+    finalize = inspect.getsource(Trainer._finalize_training)
+    assert "load_best_model_at_end" in finalize and "self._load_best_model()" in finalize
+    save = inspect.getsource(Trainer._save_checkpoint)  # the control (should_training_stop) goes into the state
+    assert "[self.control]" in save and "stateful_callbacks" in save

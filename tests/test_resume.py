@@ -289,3 +289,49 @@ def test_a_damaged_last_checkpoint_is_set_aside(raw_config, tmp_path, caplog, da
     assert "checkpoint-8 is incomplete or damaged" in caplog.text
     assert [p.name.split("-")[2] for p in (tmp_path / "run").glob(".incomplete-*")] == ["8"]
     assert resumed["target"]["val_loss"] == straight["target"]["val_loss"]  # resumed from checkpoint-4, exactly
+
+
+@pytest.mark.parametrize(
+    ("early_stopping", "scheduler"),
+    # ran to the end; stopped at step 8 with step 4 best (watching the loss rise, as an accuracy would be watched)
+    [({"patience": 10}, "linear"), ({"patience": 1, "mode": "max"}, "constant")],
+    ids=["last-step", "stopped-early"],
+)
+@pytest.mark.parametrize("killed_in", ["measure", "after_training"])  # the final evaluation / EMA and WiSE-FT
+def test_a_kill_after_training_ended_finishes_without_another_step(
+    raw_config, tmp_path, monkeypatch, early_stopping, scheduler, killed_in
+):
+    raw = _config(raw_config)
+    raw["early_stopping"] = early_stopping
+    raw["training"]["lr_scheduler_type"] = scheduler
+    raw["regularizers"] += [{"name": "ema", "decay": 0.8}, {"name": "wise_ft", "alphas": [0.5]}]
+    cfg = validate_config(raw)
+    straight = train(cfg, tmp_path / "straight")
+
+    import tether.run
+    from tether.regularizers.stack import RegularizerStack
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as m:
+        if killed_in == "measure":
+            m.setattr(tether.run, "measure", killed)
+        else:
+            m.setattr(RegularizerStack, "after_training", killed)
+        with pytest.raises(KeyboardInterrupt):
+            train(cfg, tmp_path / "killed")
+    steps = sorted(int(p.name.split("-")[1]) for p in (tmp_path / "killed").glob("checkpoint-*"))
+    resumed = train(cfg, tmp_path / "killed")
+    assert sorted(int(p.name.split("-")[1]) for p in (tmp_path / "killed").glob("checkpoint-*")) == steps
+    assert resumed["global_step"] == straight["global_step"] == steps[-1]
+    if early_stopping["patience"] == 1:
+        assert straight["stopped_early"] and straight["best_step"] < straight["global_step"]
+    for model in ("model", "model_ema", "model_wise_ft"):
+        a, b = _weights(tmp_path / "straight", model), _weights(tmp_path / "killed", model)
+        for name in a:
+            torch.testing.assert_close(a[name], b[name], rtol=0, atol=0, msg=f"{model}: {name}")
+    runtime = {"train_runtime_s"}
+    assert {k: v for k, v in resumed.items() if k not in runtime} == {
+        k: v for k, v in straight.items() if k not in runtime
+    }

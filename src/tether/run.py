@@ -19,7 +19,8 @@ from typing import Any
 import torch
 from rich.console import Console
 from torch import nn
-from transformers import TrainerCallback
+from transformers import TrainerCallback, TrainerState
+from transformers.trainer import TRAINER_STATE_NAME
 
 from tether.config import RunConfig, dump_config, parse_yaml
 from tether.data import Collator, Datasets, load_datasets, load_split
@@ -329,6 +330,9 @@ def _fit(trainer: Any, resume_from: str | None, output_dir: Path) -> None:
     if resume_from is not None:
         log.warning("resuming from %s", resume_from)
         trainer.stack.load_state_dict(load_stack_state(Path(resume_from)))
+        if training_ended(Path(resume_from), trainer.args):
+            restore_end(trainer, resume_from)
+            return
     trainer.add_callback(SharedCheckpoints())
     try:
         trainer.train(resume_from_checkpoint=resume_from)
@@ -342,6 +346,31 @@ def _fit(trainer: Any, resume_from: str | None, output_dir: Path) -> None:
         kept = f"last checkpoint: {last}" if last else "no checkpoint was written yet"
         step, steps = trainer.state.global_step, trainer.state.max_steps
         raise Interrupted(f"stopped at step {step} of {steps} ({kept})", last) from None
+
+
+def training_ended(checkpoint: Path, args: Any) -> bool:
+    """Whether the checkpoint was saved as training ended (its last step, or early stopping's stop): a run killed
+    after it (final evaluation, EMA, WiSE-FT) only has its measurements left to do. The Trainer saves the control
+    it stopped with; a max_steps raised since (--accept-changes) means more steps to train."""
+    state = TrainerState.load_from_json(str(checkpoint / TRAINER_STATE_NAME))
+    control = state.stateful_callbacks.get("TrainerControl", {})
+    if not control.get("args", {}).get("should_training_stop"):
+        return False
+    stopped_early = state.global_step < state.max_steps
+    return stopped_early or args.max_steps <= 0 or args.max_steps <= state.global_step
+
+
+def restore_end(trainer: Any, checkpoint: str) -> None:
+    """The trainer as trainer.train() leaves it, from the checkpoint saved at the end of training, without another
+    step: its state (log history, best step), its weights, then the best ones when early stopping restores them."""
+    log.warning("training had ended at %s: finishing the measurements without another step", checkpoint)
+    if trainer.pending_setup is not None:  # FSDP's deferred setup: WiSE-FT and the measurements need the anchors
+        setup, trainer.pending_setup = trainer.pending_setup, None
+        setup()
+    trainer.state = TrainerState.load_from_json(str(Path(checkpoint) / TRAINER_STATE_NAME))
+    trainer._load_from_checkpoint(checkpoint)  # the Trainer's own loader (full weights or adapters)
+    if trainer.args.load_best_model_at_end and trainer.state.best_model_checkpoint is not None:
+        trainer._load_best_model()
 
 
 class SharedCheckpoints(TrainerCallback):
