@@ -137,6 +137,10 @@ def test_the_lock_of_a_killed_run_is_taken_over(raw_config, tmp_path, caplog):
         ("training.lr_scheduler_type=warp", "training: warp is not a valid SchedulerType"),
         ("training.max_steps=" + "1" * 100_000, "--set training.max_steps: the value cannot be read (Exceeds"),
         ("training.learning_rate=[1", "--set training.learning_rate: the value cannot be read (not valid YAML)"),
+        # what a regularizer's setup refuses from the model is refused by validate from the config
+        ("regularizers.0={name: kl, reference: {adapter: clone}}", "regularizers[0]: kl.reference.adapter applies"),
+        ("regularizers.0={name: ewc, fisher_path: /no/f.safetensors}", "regularizers[0]: ewc.fisher_path: /no/f."),
+        ("regularizers.0={name: l2_sp, strength: 1000}", "regularizers[0]: l2_sp.strength: lr * strength = 3 >= 1"),
     ],
 )
 def test_validate_rejects_what_train_rejects_with_the_same_line(raw_config, tmp_path, monkeypatch, capsys, override,

@@ -307,12 +307,10 @@ def validate_config(raw: dict[str, Any]) -> RunConfig:
     except ValidationError as e:
         raise ConfigError(_one_line(e)) from None
     _check_training_keys(cfg.training)
-    from tether.regularizers import parse_entries  # late: the registry imports every regularizer module
+    from tether.regularizers import RunFacts, parse_entries  # late: the registry imports every regularizer module
 
-    for i, regularizer in enumerate(parse_entries(cfg.regularizers)):
-        message = regularizer.without_reference_data() if cfg.data.reference is None else None
-        if message is not None:
-            raise ConfigError(f"regularizers[{i}]: {message}")
+    learning_rate = float(cfg.training_arguments()["learning_rate"])  # a number: _check_training_keys said so
+    parse_entries(cfg.regularizers, RunFacts(cfg.data.reference is not None, cfg.lora is not None, learning_rate))
     _check_files(cfg)
     if cfg.sweep is not None:
         _check_sweep(cfg, cfg.sweep)

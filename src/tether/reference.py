@@ -76,6 +76,17 @@ class ReferenceOptions(Section):
     """Host memory (MB) for the reference's outputs on rows already seen: a row met again costs no forward. A loss
     token takes hidden_size values (vocabulary size for classification heads and soft-capped logits). 0: off."""
 
+    def conflict(self, lora: bool) -> str | None:
+        """What to change when these options do not apply to the run's kind of fine-tuning (None: they do)."""
+        if lora and (self.dtype is not None or self.offload):
+            return (
+                "reference.dtype / reference.offload apply to the frozen copy of full fine-tuning; under LoRA the "
+                "reference is the same model: remove them"
+            )
+        if not lora and self.adapter != "auto":
+            return "reference.adapter applies under LoRA only: remove it for full fine-tuning"
+        return None
+
 
 def merge_options(options: list[ReferenceOptions]) -> ReferenceOptions:
     """The one set of options of a run: those that differ from the defaults, which must agree where given twice."""
@@ -120,14 +131,10 @@ class Reference:
     @classmethod
     def _of(cls, model: nn.Module, options: ReferenceOptions) -> Reference:
         peft = is_peft(model)
-        if peft and (options.dtype is not None or options.offload):
-            raise ConfigError(
-                "reference.dtype / reference.offload apply to the frozen copy of full fine-tuning; under LoRA the "
-                "reference is the same model: remove them"
-            )
+        message = options.conflict(peft)
+        if message is not None:
+            raise ConfigError(message)
         if not peft:
-            if options.adapter != "auto":
-                raise ConfigError("reference.adapter applies under LoRA only: remove it for full fine-tuning")
             device = "cpu" if options.offload else None
             frozen = frozen_copy(model, DTYPES.get(options.dtype or ""), device)
             return cls(model, "copy", frozen=frozen, offload=options.offload)

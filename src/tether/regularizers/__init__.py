@@ -17,7 +17,15 @@ from tether.regularizers import (  # noqa: F401  (registers them)
     weight_decay,
     wise_ft,
 )
-from tether.regularizers.base import REGISTRY, FinishContext, Regularizer, RegularizerConfig, SetupContext, register
+from tether.regularizers.base import (
+    REGISTRY,
+    FinishContext,
+    Regularizer,
+    RegularizerConfig,
+    RunFacts,
+    SetupContext,
+    register,
+)
 from tether.regularizers.stack import RegularizerStack, parse_entries
 
 __all__ = [
@@ -26,6 +34,7 @@ __all__ = [
     "Regularizer",
     "RegularizerConfig",
     "RegularizerStack",
+    "RunFacts",
     "SetupContext",
     "parse_entries",
     "register",

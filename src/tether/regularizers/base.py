@@ -45,6 +45,17 @@ if TYPE_CHECKING:
     from tether.reference import Reference, ReferenceOptions
 
 
+@dataclass(frozen=True)
+class RunFacts:
+    """What a regularizer's config is checked against before anything is loaded (RegularizerConfig.check_run)."""
+
+    reference_data: bool
+    """The run has reference rows (data.reference, or rows given to the stack)."""
+    lora: bool
+    """The model trains through LoRA adapters."""
+    learning_rate: float
+
+
 class RegularizerConfig(Section):
     """Fields every regularizer has; each regularizer's config subclasses this with its own documented fields."""
 
@@ -55,9 +66,18 @@ class RegularizerConfig(Section):
     """Multiplier of the penalty (lambda); for optimizer-level regularizers, its documented meaning."""
 
     def without_reference_data(self) -> str | None:
-        """What to change when the run has no data.reference and this regularizer needs it (None: it does not);
-        checked with the config, before anything is loaded or written."""
+        """What to change when the run has no data.reference and this regularizer needs it (None: it does not)."""
         return None
+
+    def check_run(self, run: RunFacts) -> str | None:
+        """What to change when this regularizer cannot act in this run (None: it can). parse_entries asks it from
+        the config, so `tether validate` and `train` refuse alike before anything is loaded or written; setup asks
+        it again from the model (SetupContext.facts) for callers that build the stack themselves."""
+        return None if run.reference_data else self.without_reference_data()
+
+
+def _cannot_read(path: str, field: str) -> Callable[..., Iterable[dict[str, torch.Tensor]]]:
+    raise ConfigError(f"{field}: this caller cannot read data files: pass the rows as the reference data")
 
 
 @dataclass
@@ -79,6 +99,15 @@ class SetupContext:
     """Names (as in the un-wrapped model, see base_name) of the parameters that loading initialized because the
     checkpoint lacked them (a new classification head): the pulls toward the pre-trained weights leave them out.
     RegularizerStack.setup fills it in from the stack's own."""
+    read_batches: Callable[[str, str], Callable[..., Iterable[dict[str, torch.Tensor]]]] = _cannot_read
+    """read_batches(path, field) reads and encodes another data file as the reference data is read (ewc.data) and
+    returns a batches(shard=True) callable like reference_batches."""
+
+    def facts(self) -> RunFacts:
+        """The run as RegularizerConfig.check_run sees it, from the model and data at hand."""
+        from tether.reference import is_peft  # late: tether.reference imports this module
+
+        return RunFacts(self.reference_batches is not None, is_peft(self.model), self.learning_rate)
 
 
 @dataclass

@@ -39,7 +39,7 @@ from torch import nn
 
 from tether.errors import ConfigError
 from tether.reference import Reference, ReferenceOptions, TeacherLogits, at_positions, loss_positions
-from tether.regularizers.base import Regularizer, RegularizerConfig, SetupContext, register
+from tether.regularizers.base import Regularizer, RegularizerConfig, RunFacts, SetupContext, register
 
 Divergence = Literal["forward", "reverse", "jsd"]
 
@@ -57,6 +57,10 @@ class DistillConfig(RegularizerConfig):
     """Loss positions per chunk: fp32 work memory is about 5 x chunk_size x vocab x 4 bytes (128 x 32k: 80 MB)."""
     reference: ReferenceOptions = Field(default_factory=ReferenceOptions)
     """How the original model is kept (see tether.reference); shared with kl: give the same options or one."""
+
+    def check_run(self, run: RunFacts) -> str | None:
+        message = self.reference.conflict(run.lora)
+        return None if message is None else f"{self.name}.{message}"
 
 
 @register("distill", DistillConfig)

@@ -61,11 +61,12 @@ from tether.regularizers.anchor import (
     snapshot,
     trainable,
 )
-from tether.regularizers.base import Regularizer, RegularizerConfig, SetupContext, nbytes, register
+from tether.regularizers.base import Regularizer, RegularizerConfig, RunFacts, SetupContext, nbytes, register
 
 Batch = dict[str, torch.Tensor]
 SAMPLING_SEED = 0  # the sampled estimator draws its labels from its own generators, so a run repeats exactly
 RUN_FISHER = "fisher.safetensors"  # in the run directory
+MISSING_FISHER = "does not exist: give the file an earlier run wrote with ewc.save_path"
 
 
 class EWCConfig(RegularizerConfig):
@@ -94,6 +95,11 @@ class EWCConfig(RegularizerConfig):
 
 @register("ewc", EWCConfig)
 class EWC(Regularizer):
+    def check_run(self, run: RunFacts) -> str | None:
+        if self.fisher_path is not None and not Path(self.fisher_path).is_file():
+            return f"ewc.fisher_path: {self.fisher_path} {MISSING_FISHER}"
+        return super().check_run(run)
+
     touches_parameters = True
 
     def __init__(self, config: EWCConfig) -> None:
@@ -301,7 +307,7 @@ def load_fisher(path: str | Path, named: list[tuple[str, nn.Parameter]]) -> list
 
     where = f"ewc.fisher_path: {path}"
     if not Path(path).is_file():
-        raise ConfigError(f"{where} does not exist: give the file an earlier run wrote with ewc.save_path")
+        raise ConfigError(f"{where} {MISSING_FISHER}")
     try:
         loaded = load_file(str(path))
     except (SafetensorError, OSError) as e:

@@ -43,7 +43,7 @@ from tether.regularizers.anchor import (
     snapshot,
     trainable,
 )
-from tether.regularizers.base import Regularizer, RegularizerConfig, SetupContext, nbytes, register
+from tether.regularizers.base import Regularizer, RegularizerConfig, RunFacts, SetupContext, nbytes, register
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -65,6 +65,12 @@ class L2SPConfig(RegularizerConfig):
         if isinstance(data, dict) and "strength" not in data and data.get("form") == "penalty":
             return {**data, "strength": 0.01}
         return data
+
+    def check_run(self, run: RunFacts) -> str | None:
+        lr_lambda = run.learning_rate * self.strength
+        if self.form == "decoupled" and lr_lambda >= 1:
+            return f"l2_sp.strength: lr * strength = {lr_lambda:g} >= 1 overshoots theta_0 every step: lower strength"
+        return None
 
 
 @dataclass
@@ -158,11 +164,9 @@ class L2SP(Regularizer):
         return {"anchor": nbytes(self.anchors), "work buffer": scratch_bytes(self.views)}
 
     def setup(self, ctx: SetupContext) -> None:
-        lr_lambda = ctx.learning_rate * self.config.strength
-        if self.decoupled and lr_lambda >= 1:
-            raise ConfigError(
-                f"l2_sp.strength: lr * strength = {lr_lambda:g} >= 1 overshoots theta_0 every step: lower strength"
-            )
+        message = self.config.check_run(ctx.facts())
+        if message is not None:
+            raise ConfigError(message)
         self.lora = lora_groups(ctx.model)
         in_pairs = {id(p) for group in self.lora for p in (*group.a, *group.b)}
         self.params = [p for _, p in trainable(ctx.model, ctx.new_parameters) if id(p) not in in_pairs]

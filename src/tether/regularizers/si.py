@@ -39,7 +39,7 @@ from tether.regularizers.anchor import (
     snapshot,
     trainable,
 )
-from tether.regularizers.base import Regularizer, RegularizerConfig, SetupContext, nbytes, register
+from tether.regularizers.base import Regularizer, RegularizerConfig, RunFacts, SetupContext, nbytes, register
 from tether.regularizers.ewc import Batch, model_inputs
 
 
@@ -53,6 +53,11 @@ class SIConfig(RegularizerConfig):
 
     def without_reference_data(self) -> str | None:
         return "si measures importance on the reference data: set data.reference"
+
+    def check_run(self, run: RunFacts) -> str | None:
+        if not run.learning_rate > 0:
+            return "si takes its setup steps at the training learning rate: set training.learning_rate > 0"
+        return super().check_run(run)
 
 
 @register("si", SIConfig)
@@ -68,10 +73,9 @@ class SI(Regularizer):
         """Omega, the per-entry weights of the penalty (fp32, mean 1 in every tensor, 0 where gradients were noise)."""
 
     def setup(self, ctx: SetupContext) -> None:
-        if ctx.reference_batches is None:
-            raise ConfigError(self.config.without_reference_data())
-        if not ctx.learning_rate > 0:
-            raise ConfigError("si takes its setup steps at the training learning rate: set training.learning_rate > 0")
+        message = self.config.check_run(ctx.facts())
+        if message is not None:
+            raise ConfigError(message)
         self.params = [p for _, p in trainable(ctx.model, ctx.new_parameters)]
         self.anchors = snapshot(self.params)
         # every process takes the same steps on the same batches: the importance must be identical everywhere

@@ -21,6 +21,7 @@ from tether.regularizers.base import (
     FinishContext,
     Regularizer,
     RegularizerConfig,
+    RunFacts,
     SetupContext,
     base_name,
     config_error,
@@ -31,8 +32,9 @@ log = logging.getLogger(__name__)
 SKIPPED = "stack.skipped_steps"  # a key no regularizer name can produce (names have no dots)
 
 
-def parse_entries(entries: list[RegularizerEntry]) -> list[RegularizerConfig]:
-    """Validate each `regularizers:` item against its registered config class; errors name the item and field."""
+def parse_entries(entries: list[RegularizerEntry], run: RunFacts | None = None) -> list[RegularizerConfig]:
+    """Validate each `regularizers:` item against its registered config class and, given the run's facts, whether it
+    can act in that run (RegularizerConfig.check_run); errors name the item and field."""
     configs = []
     for i, entry in enumerate(entries):
         if entry.name not in REGISTRY:
@@ -51,6 +53,10 @@ def parse_entries(entries: list[RegularizerEntry]) -> list[RegularizerConfig]:
     for name in set(names):
         if names.count(name) > 1:
             raise config_error(names.index(name), f"'{name}' appears twice: merge the entries into one")
+    for i, config in enumerate(configs):
+        message = None if run is None else config.check_run(run)
+        if message is not None:
+            raise config_error(i, message)
     return configs
 
 
