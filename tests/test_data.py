@@ -1,10 +1,14 @@
-"""Data: formats and loss masking, bad rows reported with file and line, seeded splits, padding."""
+"""Data: formats and loss masking, long rows in windows, bad rows reported with file and line, seeded splits,
+padding, what was split or cut counted."""
 
 from __future__ import annotations
+
+import json
 
 import pytest
 
 from tether.data import IGNORE, Collator, encode, load_split, read_rows, split_off
+from tether.packing import windows
 from tether.errors import DataError
 from tether.synthetic import char_tokenizer
 
@@ -17,7 +21,7 @@ def tok():
 
 
 def test_prompt_completion_masks_the_prompt(tok):
-    enc = encode({"prompt": "2+2=", "completion": "4"}, "prompt_completion", "causal_lm", tok, 64)
+    (enc,) = encode({"prompt": "2+2=", "completion": "4"}, "prompt_completion", "causal_lm", tok, 64)
     n_prompt = len(tok("2+2=")["input_ids"])
     assert enc["labels"][:n_prompt] == [IGNORE] * n_prompt
     assert enc["labels"][n_prompt:] == enc["input_ids"][n_prompt:]
@@ -26,27 +30,38 @@ def test_prompt_completion_masks_the_prompt(tok):
 
 
 def test_text_format_trains_on_every_token(tok):
-    enc = encode({"text": "hello"}, "text", "causal_lm", tok, 64)
+    (enc,) = encode({"text": "hello"}, "text", "causal_lm", tok, 64)
     assert IGNORE not in enc["labels"]
     assert enc["labels"] == enc["input_ids"]
 
 
-def test_chat_format_trains_on_last_assistant_turn_only(tok):
+def test_chat_format_trains_on_the_assistant_turn(tok):
     messages = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]
-    enc = encode({"messages": messages}, "chat", "causal_lm", tok, 128)
+    (enc,) = encode({"messages": messages}, "chat", "causal_lm", tok, 128)
     target = [i for i, lab in zip(enc["input_ids"], enc["labels"]) if lab != IGNORE]
     assert tok.decode(target[:-1]).strip() == "yo"
 
 
-def test_truncation_and_rows_without_target(tok):
-    enc = encode({"prompt": "x" * 40, "completion": "y"}, "prompt_completion", "causal_lm", tok, 16)
-    assert enc is None  # the prompt fills max_length: nothing to learn from
-    enc = encode({"text": "z" * 40}, "text", "causal_lm", tok, 16)
-    assert len(enc["input_ids"]) == 16
+def test_rows_without_target_are_dropped_and_long_text_is_windowed(tok):
+    assert encode({"prompt": "x" * 40, "completion": "y"}, "prompt_completion", "causal_lm", tok, 16) == []
+    pieces = encode({"text": "z" * 40}, "text", "causal_lm", tok, 16)
+    assert [len(p["input_ids"]) for p in pieces] == [16, 16, 9]  # 40 characters + eos: nothing cut
+
+
+@pytest.mark.parametrize("overlap", [0, 1, 5])
+def test_windows_cover_every_token_and_train_each_once(overlap):
+    ids = list(range(100, 147))
+    pieces = windows(ids, list(ids), 16, overlap)
+    assert all(len(p["input_ids"]) <= 16 for p in pieces)
+    trained = [t for p in pieces for t, lab in zip(p["input_ids"][1:], p["labels"][1:]) if lab != IGNORE]
+    # each window's first token is predicted from nothing; with overlap it was trained in the window before
+    expected = ids[1:] if overlap else [t for i, t in enumerate(ids) if i % 16]
+    assert trained == expected
+    assert pieces[-1]["input_ids"][-1] == ids[-1]
 
 
 def test_classification_rows(tok):
-    enc = encode({"text": "good film", "label": 1}, "text", "sequence_classification", tok, 64)
+    (enc,) = encode({"text": "good film", "label": 1}, "text", "sequence_classification", tok, 64)
     assert enc["labels"] == 1
 
 
@@ -71,8 +86,8 @@ def test_bad_rows_name_file_and_line(tmp_path, tok, content, expected):
 
 
 def test_bad_classification_label(tmp_path, tok):
-    path = write_jsonl(tmp_path / "c.jsonl", [{"text": "a", "label": "pos"}])
-    with pytest.raises(DataError, match="'label' must be an integer"):
+    path = write_jsonl(tmp_path / "c.jsonl", [{"text": "a", "label": 0}, {"text": "a", "label": 1.5}])
+    with pytest.raises(DataError, match=r"c.jsonl:2: 'label' must be a class id \(integer from 0\) or name"):
         load_split(str(path), "train", "text", "sequence_classification", tok, 32)
 
 
@@ -95,8 +110,8 @@ def test_split_is_seeded_disjoint_and_complete(tmp_path, tok, data_files):
 
 
 def test_collator_pads_with_ignore(tok):
-    rows = [encode({"prompt": "1+1=", "completion": "2"}, "prompt_completion", "causal_lm", tok, 32),
-            encode({"prompt": "10+10=", "completion": "20"}, "prompt_completion", "causal_lm", tok, 32)]  # fmt: skip
+    rows = [*encode({"prompt": "1+1=", "completion": "2"}, "prompt_completion", "causal_lm", tok, 32),
+            *encode({"prompt": "10+10=", "completion": "20"}, "prompt_completion", "causal_lm", tok, 32)]  # fmt: skip
     batch = Collator(tok.pad_token_id)(rows)
     assert batch["input_ids"].shape == batch["labels"].shape == batch["attention_mask"].shape
     short = len(rows[0]["input_ids"])
@@ -110,3 +125,34 @@ def test_read_rows_from_saved_dataset_dir(tmp_path):
 
     datasets.Dataset.from_list([{"text": "a"}, {"text": "b"}]).save_to_disk(str(tmp_path / "ds"))
     assert [r["text"] for r in read_rows(str(tmp_path / "ds"), "train")] == ["a", "b"]
+
+
+def test_jsonl_strings_may_hold_unicode_line_separators(tmp_path):
+    path = tmp_path / "u.jsonl"
+    path.write_text(json.dumps({"text": "a\u2028b\u0085c\u2029d"}, ensure_ascii=False) + "\r\n" + '{"text": "e"}\n')
+    rows = read_rows(str(path), "train")
+    assert [r["text"] for r in rows] == ["a\u2028b\u0085c\u2029d", "e"] and [r["_line"] for r in rows] == [1, 2]
+
+
+def test_windows_of_a_row_stay_on_one_side_of_the_split(tmp_path, tok):
+    path = write_jsonl(tmp_path / "t.jsonl", [{"text": f"{i} " + "w" * (10 * i)} for i in range(12)])
+    split = load_split(str(path), "train", "text", "causal_lm", tok, 16)
+    train, val = split_off(split, 0.25, seed=0)
+    assert len(train.encoded) + len(val.encoded) == len(split.encoded) > 12
+    assert not {r["_line"] for r in train.rows} & {r["_line"] for r in val.rows}
+    assert val.stats.rows == 3 and train.stats.rows == 9
+
+
+def test_stats_count_windows_cut_and_dropped_rows(tmp_path, tok):
+    text = write_jsonl(tmp_path / "t.jsonl", [{"text": "short"}, {"text": "x" * 40}, {"text": "y" * 15}])
+    stats = load_split(str(text), "train", "text", "causal_lm", tok, 16).stats
+    assert (stats.rows, stats.examples, stats.split, stats.truncated, stats.dropped) == (3, 5, 1, 0, 0)
+    assert stats.tokens == 6 + 41 + 16
+    rows = [
+        {"prompt": "p" * 20, "completion": "c"},
+        {"prompt": "p", "completion": "c" * 20},
+        {"prompt": "a", "completion": "b"},
+    ]
+    pc = write_jsonl(tmp_path / "pc.jsonl", rows)
+    stats = load_split(str(pc), "train", "prompt_completion", "causal_lm", tok, 16).stats
+    assert (stats.rows, stats.examples, stats.split, stats.truncated, stats.dropped) == (3, 2, 0, 1, 1)

@@ -65,8 +65,9 @@ class ModelConfig(Section):
     """Run model code shipped with the checkpoint. Off unless you trust its source."""
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     """Dtype the weights are loaded in."""
-    num_labels: int = Field(2, ge=2)
-    """Number of classes for task sequence_classification."""
+    num_labels: int | None = Field(None, ge=2)
+    """Number of classes for task sequence_classification; unset: read from the data (the distinct names, or the
+    largest class id + 1). Set it when some class has no row yet."""
 
     @model_validator(mode="after")
     def _one_source(self) -> ModelConfig:
@@ -86,14 +87,31 @@ class DataConfig(Section):
     """General data the model must not forget (e.g. a fact set). Measured before and after; used by EWC, replay."""
     format: Literal["text", "prompt_completion", "chat"] = "prompt_completion"
     """Row format: text {text}; prompt_completion {prompt, completion} with the loss on the completion only;
-    chat {messages} through the tokenizer's chat template, loss on the last assistant turn.
-    For task sequence_classification rows are {text, label} and format must be text."""
+    chat {messages} through the tokenizer's chat template, the loss on the assistant turns (chat_loss).
+    For task sequence_classification rows are {text, label} (a class id from 0, or a class name) and format
+    must be text."""
     reference_format: Literal["text", "prompt_completion", "chat"] | None = None
     """Format of the reference data; defaults to `format`. prompt_completion reference data also gets fact recall."""
     max_length: int = Field(256, ge=8)
-    """Rows are truncated to this many tokens."""
+    """Tokens per example. A longer text row is split into windows (none of it is lost); prompt_completion, chat
+    and classification rows are cut. What was split or cut is counted and printed before training."""
+    window_overlap: int = Field(0, ge=0)
+    """Tokens each window of a long text row repeats from the one before, as context without loss (every token
+    still carries loss once); 0: windows follow each other, and a window's first token is predicted from nothing."""
+    packing: bool = False
+    """causal_lm: pack short training examples together into max_length tokens (fewer padding tokens, faster
+    steps); attention stays inside each example (restarting position_ids, as transformers'
+    DataCollatorWithFlattening) and loss masks are kept. Evaluation runs unpacked."""
+    chat_loss: Literal["all", "last"] = "all"
+    """format chat: the loss on every assistant turn (all) or on the last one only (last)."""
     seed: int = 0
     """Seed of the validation split."""
+
+    @model_validator(mode="after")
+    def _windows_advance(self) -> DataConfig:
+        if self.window_overlap >= self.max_length // 2:
+            raise ValueError(f"window_overlap must be less than half of max_length ({self.max_length})")
+        return self
 
 
 class LoraSection(Section):
@@ -227,6 +245,7 @@ class RegularizerEntry(BaseModel):
     name: str
 
 
+CLASSIFICATION_METRICS = ("eval_accuracy", "eval_f1", "accuracy", "f1")  # early stopping: the Trainer adds eval_
 TRAINER_OWNED = {"output_dir", "load_best_model_at_end", "metric_for_best_model", "greater_is_better"}
 _TRAINING_DEFAULTS: dict[str, Any] = {
     "learning_rate": 5e-5,
@@ -271,6 +290,15 @@ class RunConfig(Section):
     def _consistent(self) -> RunConfig:
         if self.task == "sequence_classification" and self.data.format != "text":
             raise ValueError("data.format must be text for task sequence_classification (rows are {text, label})")
+        if self.data.packing and self.task != "causal_lm":
+            raise ValueError("data.packing is for task causal_lm: remove it (classification rows are one text each)")
+        if self.data.packing and any(r.name == "neftune" for r in self.regularizers):
+            raise ValueError("neftune scales its noise by each row's length, which packing hides: drop one of them")
+        if self.early_stopping and self.early_stopping.metric in CLASSIFICATION_METRICS and self.task == "causal_lm":
+            raise ValueError(
+                f"early_stopping.metric {self.early_stopping.metric} is measured for task sequence_classification "
+                "only: use eval_loss"
+            )
         if self.model.synthetic and self.task == "causal_lm" and self.model.synthetic.arch in ("bert", "roberta"):
             raise ValueError(
                 f"model.synthetic.arch {self.model.synthetic.arch} is an encoder: use task sequence_classification"

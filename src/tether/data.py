@@ -1,33 +1,56 @@
-"""Loading, checking, formatting and splitting datasets; the collator that pads batches.
+"""Loading, checking, formatting and splitting datasets; the collator that pads (or packs) batches.
 
-Rows become {input_ids, attention_mask, labels}. For causal LM, labels are the input ids with every position that
-should carry no loss (the prompt, everything before the last assistant turn) set to -100.
+Rows become examples {input_ids, attention_mask, labels}. For causal LM, labels are the input ids with every position
+that should carry no loss (the prompt, user and system turns, window context) set to -100. A `text` row longer than
+max_length becomes several windows (tether.packing.windows); other rows are cut at max_length, and what was split,
+cut or dropped is counted (SplitStats).
 """
 
 from __future__ import annotations
 
 import json
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from tether.config import DataConfig
+from tether.config import DataConfig, RunConfig
 from tether.errors import DataError
+from tether.packing import IGNORE, pack, padding_share, windows
 
-IGNORE = -100
 REQUIRED = {"text": ("text",), "prompt_completion": ("prompt", "completion"), "chat": ("messages",)}
+__all__ = ["IGNORE", "Collator", "Datasets", "Labels", "Split", "encode", "label_space", "load_datasets"]
+
+
+@dataclass
+class SplitStats:
+    """What reading a split did to its rows."""
+
+    rows: int = 0
+    """Rows read."""
+    examples: int = 0
+    """Examples made (a long text row gives several windows)."""
+    tokens: int = 0
+    """Tokens of the examples (window context counted in each window)."""
+    split: int = 0
+    """Text rows longer than max_length, cut into windows."""
+    truncated: int = 0
+    """Rows cut at max_length (their tail lost)."""
+    dropped: int = 0
+    """Rows left with no token to learn from (a prompt as long as max_length)."""
 
 
 @dataclass
 class Split:
-    """Raw rows (for generation-based metrics) and their encoded form (for training and losses)."""
+    """Raw rows (for generation-based metrics) and their encoded examples (for training and losses); rows[i] is the
+    row encoded[i] came from (a windowed row is repeated once per window)."""
 
     rows: list[dict[str, Any]]
     encoded: list[dict[str, Any]]
     format: str
+    stats: SplitStats = field(default_factory=SplitStats)
 
 
 @dataclass
@@ -35,6 +58,37 @@ class Datasets:
     train: Split
     validation: Split
     reference: Split | None
+
+
+@dataclass(frozen=True)
+class Labels:
+    """The classes of a classification run: how many, and their names when the data labels them by name."""
+
+    num_labels: int
+    names: tuple[str, ...] | None = None
+
+    def id_of(self, label: Any, where: str) -> int:
+        """The class id of a row's label, or a DataError naming the row."""
+        if self.names is not None:
+            if label not in self.names:
+                raise DataError(f"{where}: label {label!r} is not one of {', '.join(self.names)}: fix the row")
+            return self.names.index(label)
+        _check_label_value(label, where)
+        if isinstance(label, str):
+            raise DataError(f"{where}: label {label!r} is a name but the classes are numbered: use an integer")
+        if label >= self.num_labels:
+            raise DataError(
+                f"{where}: label {label} is out of range for {self.num_labels} classes (0..{self.num_labels - 1}): "
+                "fix the row or set model.num_labels"
+            )
+        return label
+
+    @classmethod
+    def of_model(cls, config: Any) -> Labels:
+        """The classes a saved classifier was trained with (named when its config names them)."""
+        names = tuple(config.id2label[i] for i in range(config.num_labels))
+        numbered = all(name == f"LABEL_{i}" for i, name in enumerate(names))
+        return cls(config.num_labels, None if numbered else names)
 
 
 def read_rows(source: str, field: str) -> list[dict[str, Any]]:
@@ -63,7 +117,8 @@ def _read_jsonl(path: Path, field: str) -> list[dict[str, Any]]:
         line = path.read_bytes()[: e.start].count(b"\n") + 1
         raise DataError(f"data.{field}: {path}:{line}: not UTF-8 text: re-encode the file as UTF-8") from None
     rows = []
-    for line_no, line in enumerate(text.splitlines(), 1):
+    # Lines end at \n only: str.splitlines would also split at U+2028, U+0085 and others, which JSON strings may hold.
+    for line_no, line in enumerate(text.split("\n"), 1):
         if not line.strip():
             continue
         try:
@@ -83,6 +138,10 @@ def _read_jsonl(path: Path, field: str) -> list[dict[str, Any]]:
     return rows
 
 
+def _where(field: str, source: str, row: dict[str, Any], index: int) -> str:
+    return f"data.{field}: {source}:{row.get('_line', index + 1)}"
+
+
 def check_row(row: dict[str, Any], fmt: str, task: str, where: str) -> None:
     """Raise a DataError naming the row when it lacks a field or has one of the wrong type."""
     needed = ("text", "label") if task == "sequence_classification" else REQUIRED[fmt]
@@ -90,8 +149,7 @@ def check_row(row: dict[str, Any], fmt: str, task: str, where: str) -> None:
         if key not in row:
             raise DataError(f"{where}: missing field '{key}' (format {fmt} needs {', '.join(needed)})")
     if task == "sequence_classification":
-        if not isinstance(row["label"], int) or isinstance(row["label"], bool):
-            raise DataError(f"{where}: 'label' must be an integer class id, got {row['label']!r}")
+        _check_label_value(row["label"], where)
     elif fmt == "chat":
         msgs = row["messages"]
         ok = (
@@ -107,89 +165,267 @@ def check_row(row: dict[str, Any], fmt: str, task: str, where: str) -> None:
             raise DataError(f"{where}: '{key}' must be a string, got {type(row[key]).__name__}")
 
 
-def encode(row: dict[str, Any], fmt: str, task: str, tokenizer: Any, max_length: int) -> dict[str, Any] | None:
-    """Token ids and labels of one checked row; None when truncation leaves no position with a loss."""
+def _check_label_value(label: Any, where: str) -> None:
+    """A class label is a class id (an integer from 0) or a class name (a string)."""
+    if isinstance(label, str):
+        if not label:
+            raise DataError(f"{where}: 'label' is empty: give the class name or id")
+        return
+    if not isinstance(label, int) or isinstance(label, bool):
+        raise DataError(f"{where}: 'label' must be a class id (integer from 0) or name (string), got {label!r}")
+    if label == IGNORE:
+        raise DataError(f"{where}: label {IGNORE} is not a class (every row needs its class): fix or remove the row")
+    if label < 0:
+        raise DataError(f"{where}: label {label} is negative: class ids start at 0")
+
+
+def label_space(cfg: DataConfig, num_labels: int | None) -> Labels:
+    """The classes of the train and validation data: named (sorted names) when labels are strings, else numbered
+    0..max; checked against model.num_labels when it is set. Every bad label is a DataError naming file:line."""
+    found: dict[str, list[tuple[Any, str]]] = {"int": [], "str": []}
+    for name in ("train", "validation"):
+        source = getattr(cfg, name)
+        if source is None:
+            continue
+        for i, row in enumerate(read_rows(source, name)):
+            where = _where(name, source, row, i)
+            check_row(row, "text", "sequence_classification", where)
+            found["str" if isinstance(row["label"], str) else "int"].append((row["label"], where))
+    if found["int"] and found["str"]:
+        label, where = found["str"][0] if found["int"][0][1] < found["str"][0][1] else found["int"][0]
+        raise DataError(f"{where}: label {label!r}: the data mixes class names and ids: use one kind")
+    if found["str"]:
+        names = tuple(sorted({label for label, _ in found["str"]}))
+        if num_labels is not None and num_labels != len(names):
+            raise DataError(
+                f"data.train: the data names {len(names)} classes ({', '.join(names)}) but model.num_labels is "
+                f"{num_labels}: remove model.num_labels or fix the data"
+            )
+        return _at_least_two(Labels(len(names), names))
+    if num_labels is not None:
+        labels = Labels(num_labels)
+        for label, where in found["int"]:
+            labels.id_of(label, where)
+        return labels
+    return _at_least_two(Labels(1 + max(label for label, _ in found["int"])))
+
+
+def _at_least_two(labels: Labels) -> Labels:
+    if labels.num_labels < 2:
+        raise DataError("data.train: the data has a single class: add rows of other classes or set model.num_labels")
+    return labels
+
+
+def encode(
+    row: dict[str, Any], fmt: str, task: str, tokenizer: Any, max_length: int, *, overlap: int = 0,
+    chat_loss: str = "all", labels: Labels | None = None,
+) -> list[dict[str, Any]]:  # fmt: skip
+    """The examples of one checked row: windows for a long text row, else one example cut at max_length; none when
+    cutting leaves no position with a loss."""
     if task == "sequence_classification":
         ids = tokenizer(row["text"], add_special_tokens=True)["input_ids"][:max_length]
-        return {"input_ids": ids, "attention_mask": [1] * len(ids), "labels": row["label"]}
+        label = row["label"] if labels is None else labels.id_of(row["label"], "row")
+        return [{"input_ids": ids, "attention_mask": [1] * len(ids), "labels": label}]
+    ids, targets = _tokens(row, fmt, tokenizer, chat_loss)
     if fmt == "text":
-        prompt_ids, target_ids = [], tokenizer(row["text"])["input_ids"]
-    elif fmt == "prompt_completion":
+        return windows(ids, targets, max_length, overlap)
+    ids, targets = ids[:max_length], targets[:max_length]
+    if all(label == IGNORE for label in targets[1:]):  # labels[0] is never predicted
+        return []
+    return [{"input_ids": ids, "attention_mask": [1] * len(ids), "labels": targets}]
+
+
+def _tokens(row: dict[str, Any], fmt: str, tokenizer: Any, chat_loss: str) -> tuple[list[int], list[int]]:
+    """The whole row's token ids and labels (-100 where no loss), with the end-of-text token."""
+    eos = [tokenizer.eos_token_id]
+    if fmt == "text":
+        ids = tokenizer(row["text"])["input_ids"] + eos
+        return ids, list(ids)
+    if fmt == "prompt_completion":
         # The prompt is tokenized as generation will see it (the tokenizer adds BOS if it does so by itself).
-        prompt_ids, target_ids = tokenizer(row["prompt"])["input_ids"], _ids(tokenizer, row["completion"])
-    else:
-        prompt_ids, target_ids = _chat_ids(tokenizer, row["messages"])
-    ids = (prompt_ids + target_ids + [tokenizer.eos_token_id])[:max_length]
-    labels = ([IGNORE] * len(prompt_ids) + target_ids + [tokenizer.eos_token_id])[:max_length]
-    if all(label == IGNORE for label in labels):
-        return None
-    return {"input_ids": ids, "attention_mask": [1] * len(ids), "labels": labels}
+        prompt, target = tokenizer(row["prompt"])["input_ids"], _ids(tokenizer, row["completion"]) + eos
+        return prompt + target, [IGNORE] * len(prompt) + target
+    return _chat_tokens(tokenizer, row["messages"], chat_loss)
 
 
 def _ids(tokenizer: Any, text: str) -> list[int]:
     return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
-def _chat_ids(tokenizer: Any, messages: list[dict[str, str]]) -> tuple[list[int], list[int]]:
-    """Everything up to the last assistant turn is the prompt; the loss is on that turn only."""
-    prompt = tokenizer.apply_chat_template(messages[:-1], tokenize=False, add_generation_prompt=True)
-    full = tokenizer.apply_chat_template(messages, tokenize=False)
-    if not full.startswith(prompt):
-        raise DataError("the tokenizer's chat template does not extend the prompt with the answer: use format text")
-    return tokenizer(prompt)["input_ids"], _ids(tokenizer, full[len(prompt) :])
+def _chat_tokens(tokenizer: Any, messages: list[dict[str, str]], chat_loss: str) -> tuple[list[int], list[int]]:
+    """The conversation through the tokenizer's chat template, the loss on every assistant turn (chat_loss all) or
+    the last one. A turn's span is what rendering it adds after the generation prompt of the turns before it, so
+    its closing tokens (<|im_end|>, <|eot_id|>) carry loss and the header the prompt ends with does not. Pieces
+    are tokenized in order, as generation sees them (the prompt, then the answer's tokens)."""
+    full = _render(tokenizer, messages, False)
+    turns = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
+    cuts = []  # (start, end) of each assistant span with loss, as character offsets in `full`
+    for i in turns[-1:] if chat_loss == "last" else turns:
+        prompt, turn = _render(tokenizer, messages[:i], True), _render(tokenizer, messages[: i + 1], False)
+        if not (full.startswith(turn) and turn.startswith(prompt)):
+            raise DataError(
+                "the tokenizer's chat template does not extend the prompt with the answer: use format text"
+            )
+        cuts.append((len(prompt), len(turn)))
+    ids, labels, at = [], [], 0
+    for start, end in cuts:
+        context, answer = _ids(tokenizer, full[at:start]), _ids(tokenizer, full[start:end])
+        ids += context + answer
+        labels += [IGNORE] * len(context) + answer
+        at = end
+    rest = _ids(tokenizer, full[at:])
+    ids, labels = ids + rest, labels + [IGNORE] * len(rest)
+    if tokenizer.eos_token not in full[cuts[-1][0] :]:  # a template that does not close the turn with eos
+        ids, labels = [*ids, tokenizer.eos_token_id], [*labels, tokenizer.eos_token_id]
+    return ids, labels
 
 
-def load_split(source: str, field: str, fmt: str, task: str, tokenizer: Any, max_length: int) -> Split:
+def _render(tokenizer: Any, messages: list[dict[str, str]], generation_prompt: bool) -> str:
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
+
+
+def load_split(
+    source: str, field: str, fmt: str, task: str, tokenizer: Any, max_length: int, *, overlap: int = 0,
+    chat_loss: str = "all", labels: Labels | None = None,
+) -> Split:  # fmt: skip
+    """Read, check and encode one data source, counting what was split into windows, cut or dropped."""
     rows = read_rows(source, field)
-    kept, encoded = [], []
+    kept, encoded, stats = [], [], SplitStats(rows=len(rows))
     for i, row in enumerate(rows):
-        where = f"data.{field}: {source}:{row.get('_line', i + 1)}"
+        where = _where(field, source, row, i)
         check_row(row, fmt, task, where)
-        enc = encode(row, fmt, task, tokenizer, max_length)
-        if enc is not None:  # a prompt longer than max_length leaves nothing to learn from
-            kept.append(row)
-            encoded.append(enc)
+        classes = row
+        if task == "sequence_classification":
+            labels = labels or _labels_of_rows(rows)
+            classes = {**row, "label": labels.id_of(row["label"], where)}
+        examples = encode(classes, fmt, task, tokenizer, max_length, overlap=overlap, chat_loss=chat_loss)
+        _count(stats, examples, row, fmt, task, tokenizer, max_length, chat_loss)
+        kept += [row] * len(examples)
+        encoded += examples
     if not encoded:
         raise DataError(f"data.{field}: no row keeps a target token within max_length={max_length}: raise it")
-    return Split(kept, encoded, fmt)
+    return Split(kept, encoded, fmt, stats)
 
 
-def load_datasets(cfg: DataConfig, task: str, tokenizer: Any) -> Datasets:
+def _labels_of_rows(rows: list[dict[str, Any]]) -> Labels:
+    """Labels of a split read without a label space (a test's, replay's): names sorted, or any id from 0."""
+    names = sorted({row["label"] for row in rows if isinstance(row.get("label"), str)})
+    return Labels(len(names), tuple(names)) if names else Labels(2**31)
+
+
+def _count(stats: SplitStats, examples: list[dict], row: dict, fmt: str, task: str, tokenizer: Any,
+           max_length: int, chat_loss: str) -> None:  # fmt: skip
+    stats.examples += len(examples)
+    stats.tokens += sum(len(e["input_ids"]) for e in examples)
+    if not examples:
+        stats.dropped += 1
+    elif len(examples) > 1:
+        stats.split += 1
+    elif len(examples[0]["input_ids"]) == max_length and (fmt != "text" or task == "sequence_classification"):
+        stats.truncated += _full_length(row, fmt, task, tokenizer, chat_loss) > max_length
+
+
+def _full_length(row: dict, fmt: str, task: str, tokenizer: Any, chat_loss: str) -> int:
+    if task == "sequence_classification":
+        return len(tokenizer(row["text"], add_special_tokens=True)["input_ids"])
+    return len(_tokens(row, fmt, tokenizer, chat_loss)[0])
+
+
+def load_datasets(cfg: DataConfig, task: str, tokenizer: Any, labels: Labels | None = None) -> Datasets:
     """Train, validation (a file or a seeded split of train) and optional reference data, encoded."""
-    train = load_split(cfg.train, "train", cfg.format, task, tokenizer, cfg.max_length)
+    kw = {"overlap": cfg.window_overlap, "chat_loss": cfg.chat_loss, "labels": labels}
+    train = load_split(cfg.train, "train", cfg.format, task, tokenizer, cfg.max_length, **kw)
     if cfg.validation is not None:
-        validation = load_split(cfg.validation, "validation", cfg.format, task, tokenizer, cfg.max_length)
+        validation = load_split(cfg.validation, "validation", cfg.format, task, tokenizer, cfg.max_length, **kw)
     else:
         train, validation = split_off(train, cfg.validation_fraction, cfg.seed)
     reference = None
     if cfg.reference is not None:
         fmt = cfg.reference_format or cfg.format
-        reference = load_split(cfg.reference, "reference", fmt, task, tokenizer, cfg.max_length)
+        reference = load_split(cfg.reference, "reference", fmt, task, tokenizer, cfg.max_length, **kw)
     return Datasets(train, validation, reference)
 
 
 def split_off(split: Split, fraction: float, seed: int) -> tuple[Split, Split]:
-    """Seeded random split of rows into (train, validation); both keep at least one row."""
-    if len(split.encoded) < 2:
+    """Seeded random split of rows into (train, validation); both keep at least one row. The windows of a row stay
+    together (a window in each would leak the text between them)."""
+    groups: list[list[int]] = []
+    for i, row in enumerate(split.rows):
+        if groups and split.rows[groups[-1][0]] is row:
+            groups[-1].append(i)
+        else:
+            groups.append([i])
+    if len(groups) < 2:
         raise DataError("data.train has fewer than 2 usable rows: add rows or give data.validation")
-    order = list(range(len(split.encoded)))
+    order = list(range(len(groups)))
     random.Random(seed).shuffle(order)
     n_val = min(max(1, round(fraction * len(order))), len(order) - 1)
     val_idx, train_idx = sorted(order[:n_val]), sorted(order[n_val:])
 
     def take(idx: list[int]) -> Split:
-        return Split([split.rows[i] for i in idx], [split.encoded[i] for i in idx], split.format)
+        members = [i for g in idx for i in groups[g]]
+        part = Split([split.rows[i] for i in members], [split.encoded[i] for i in members], split.format)
+        part.stats = SplitStats(rows=len(idx), examples=len(members))
+        part.stats.tokens = sum(len(e["input_ids"]) for e in part.encoded)
+        return part
 
     return take(train_idx), take(val_idx)
 
 
+def describe(name: str, split: Split, batch_size: int, packed: list[dict[str, Any]] | None = None) -> str:
+    """One line of what a split holds: rows, tokens, windows and cut rows, and the padding its batches carry (or,
+    packed, how full the packed examples are)."""
+    s = split.stats
+    parts = [f"{name}: {s.rows} rows", f"{s.tokens:,} tokens"]
+    if s.split:
+        parts.append(f"{s.split} long rows split into windows ({s.examples} examples)")
+    if s.truncated:
+        parts.append(f"{s.truncated} rows cut at max_length")
+    if s.dropped:
+        parts.append(f"{s.dropped} rows dropped (nothing to learn within max_length)")
+    lengths = [len(e["input_ids"]) for e in split.encoded]
+    if packed is None:
+        parts.append(f"padding {padding_share(lengths, batch_size):.0%} of batch tokens")
+    else:
+        widths = [len(e["input_ids"]) for e in packed]
+        fill = sum(lengths) / (len(packed) * max(widths))
+        pad = padding_share(widths, batch_size)
+        parts.append(f"packed into {len(packed)} examples, {fill:.0%} full, padding {pad:.0%} of batch tokens")
+    return ", ".join(parts)
+
+
+def data_summary(data: Datasets, batch_size: int, packed: list[dict[str, Any]] | None = None) -> list[str]:
+    """One line per split (describe); `packed`: the packed training examples."""
+    lines = [describe("train", data.train, batch_size, packed), describe("validation", data.validation, batch_size)]
+    if data.reference is not None:
+        lines.append(describe("reference", data.reference, batch_size))
+    return lines
+
+
+def check_data(cfg: RunConfig) -> list[str]:
+    """Read and check the data as `tether train` would (the tokenizer, every row, the class labels) and return the
+    data summary: `tether validate` calls it, so that what train would refuse, validate refuses with the same line."""
+    from tether.models import load_tokenizer
+
+    tokenizer = load_tokenizer(cfg.model, cfg.task)
+    labels = label_space(cfg.data, cfg.model.num_labels) if cfg.task == "sequence_classification" else None
+    data = load_datasets(cfg.data, cfg.task, tokenizer, labels)
+    batch_size = cfg.training_arguments()["per_device_train_batch_size"]
+    return data_summary(data, batch_size, pack(data.train.encoded, cfg.data.max_length) if cfg.data.packing else None)
+
+
 @dataclass
 class Collator:
-    """Right-pads input_ids (pad id), attention_mask (0) and token labels (-100); class labels become a tensor."""
+    """Right-pads input_ids (pad id), attention_mask (0) and token labels (-100); class labels become a tensor.
+    Packed examples (with position_ids) get no attention_mask: their padding is one more row, with its own
+    position_ids from 0. With `flatten` a packed batch becomes one row (what flash attention reads)."""
 
     pad_token_id: int
+    flatten: bool = False
 
     def __call__(self, features: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        if "position_ids" in features[0]:
+            return self._packed(features)
         width = max(len(f["input_ids"]) for f in features)
         batch = {
             "input_ids": torch.tensor([_pad(f["input_ids"], width, self.pad_token_id) for f in features]),
@@ -201,6 +437,21 @@ class Collator:
         else:
             batch["labels"] = torch.tensor([_pad(lab, width, IGNORE) for lab in labels])
         return batch
+
+    def _packed(self, features: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        if self.flatten:
+            features = [{k: [v for f in features for v in f[k]] for k in ("input_ids", "labels", "position_ids")}]
+        width = max(len(f["input_ids"]) for f in features)
+        rows = [
+            (
+                _pad(f["input_ids"], width, self.pad_token_id),
+                _pad(f["labels"], width, IGNORE),
+                f["position_ids"] + list(range(width - len(f["position_ids"]))),
+            )
+            for f in features
+        ]
+        ids, labels, positions = (torch.tensor(list(column)) for column in zip(*rows))
+        return {"input_ids": ids, "labels": labels, "position_ids": positions}
 
 
 def _pad(values: list[int], width: int, fill: int) -> list[int]:

@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import logging
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import torch
 from torch import nn
 
 from tether.config import LoraSection, ModelConfig
 from tether.errors import ConfigError
+
+if TYPE_CHECKING:
+    from tether.data import Labels
 
 log = logging.getLogger(__name__)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -23,13 +26,18 @@ class Loaded(NamedTuple):
     head on a language model. Not pre-trained, so never pulled toward their initial values (RegularizerStack)."""
 
 
-def load_model(cfg: ModelConfig, task: str) -> Loaded:
-    """(model, tokenizer, new parameters); the tokenizer always has a pad token and the model config knows its id."""
-    loaded = _synthetic(cfg, task) if cfg.synthetic is not None else _pretrained(cfg, task)
+def load_model(cfg: ModelConfig, task: str, labels: Labels | None = None) -> Loaded:
+    """(model, tokenizer, new parameters); the tokenizer always has a pad token and the model config knows its id.
+    A classifier gets `labels`' number of classes (else model.num_labels, else 2), and their names as
+    id2label / label2id (saved with the model)."""
+    num_labels = labels.num_labels if labels is not None else cfg.num_labels or 2
+    loaded = _synthetic(cfg, task, num_labels) if cfg.synthetic is not None else _pretrained(cfg, task, num_labels)
     model, tokenizer, new = loaded
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token  # decoder-only checkpoints often ship without one
+    prepare_tokenizer(tokenizer, task, cfg)
     model.config.pad_token_id = tokenizer.pad_token_id
+    if labels is not None and labels.names is not None:
+        model.config.id2label = dict(enumerate(labels.names))
+        model.config.label2id = {name: i for i, name in enumerate(labels.names)}
     if new:
         log.warning(
             "initialized by loading (not in the checkpoint), trained without an anchor: %s", ", ".join(sorted(new))
@@ -37,7 +45,34 @@ def load_model(cfg: ModelConfig, task: str) -> Loaded:
     return loaded
 
 
-def _synthetic(cfg: ModelConfig, task: str) -> Loaded:
+def load_tokenizer(cfg: ModelConfig, task: str) -> Any:
+    """The tokenizer alone, prepared as load_model prepares it (what `tether validate` checks)."""
+    if cfg.synthetic is not None:
+        from tether.synthetic import char_tokenizer
+
+        tokenizer = char_tokenizer()
+    else:
+        tokenizer = _auto_tokenizer(cfg)
+    prepare_tokenizer(tokenizer, task, cfg)
+    return tokenizer
+
+
+def prepare_tokenizer(tokenizer: Any, task: str, cfg: ModelConfig) -> None:
+    """Pad with eos when the tokenizer has no pad token (decoder-only checkpoints often ship without one); a
+    tokenizer with neither, or a causal LM's without eos (every text ends with it), is a ConfigError."""
+    where = f"model.path: the tokenizer of {cfg.path}"
+    if tokenizer.pad_token is None and tokenizer.eos_token is None:
+        need = '"pad_token" (and "eos_token")' if task == "causal_lm" else '"pad_token"'
+        raise ConfigError(f"{where} has no pad token and no eos token: set {need} in its tokenizer_config.json")
+    if task == "causal_lm" and tokenizer.eos_token is None:
+        raise ConfigError(
+            f'{where} has no eos token (every text ends with one): set "eos_token" in its tokenizer_config.json'
+        )
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+
+
+def _synthetic(cfg: ModelConfig, task: str, num_labels: int) -> Loaded:
     from tether.synthetic import char_tokenizer, tiny_model
 
     s = cfg.synthetic
@@ -46,30 +81,40 @@ def _synthetic(cfg: ModelConfig, task: str) -> Loaded:
     try:
         model = tiny_model(
             s.arch, task, len(tok), hidden_size=s.hidden_size, num_layers=s.num_layers, num_heads=s.num_heads,
-            seed=s.seed, num_labels=cfg.num_labels, **ids,
+            seed=s.seed, num_labels=num_labels, **ids,
         )  # fmt: skip
     except ValueError as e:
         raise ConfigError(f"model.synthetic: {e}") from None
     return Loaded(model.to(DTYPES[cfg.dtype]), tok)  # built whole: the synthetic world calls it pre-trained
 
 
-def _pretrained(cfg: ModelConfig, task: str) -> Loaded:
-    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+def _auto_tokenizer(cfg: ModelConfig) -> Any:
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(cfg.path, trust_remote_code=cfg.trust_remote_code)
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"model.path: cannot load '{cfg.path}': {_first_line(e)}") from None
+
+
+def _first_line(e: Exception) -> str:
+    return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+
+
+def _pretrained(cfg: ModelConfig, task: str, num_labels: int) -> Loaded:
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
     if cfg.trust_remote_code:
         log.warning("model.trust_remote_code is on: code shipped with %s will run on this machine", cfg.path)
     kwargs = {"trust_remote_code": cfg.trust_remote_code, "dtype": DTYPES[cfg.dtype], "output_loading_info": True}
+    tokenizer = _auto_tokenizer(cfg)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(cfg.path, trust_remote_code=cfg.trust_remote_code)
         if task == "causal_lm":
             model, info = AutoModelForCausalLM.from_pretrained(cfg.path, **kwargs)
         else:
-            model, info = AutoModelForSequenceClassification.from_pretrained(
-                cfg.path, num_labels=cfg.num_labels, **kwargs
-            )
+            model, info = AutoModelForSequenceClassification.from_pretrained(cfg.path, num_labels=num_labels, **kwargs)
     except (OSError, ValueError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ConfigError(f"model.path: cannot load '{cfg.path}': {first}") from None
+        raise ConfigError(f"model.path: cannot load '{cfg.path}': {_first_line(e)}") from None
     new = set(info["missing_keys"]) | {key for key, *_ in info["mismatched_keys"]}
     return Loaded(model, tokenizer, frozenset(new & {n for n, _ in model.named_parameters()}))
 
