@@ -20,7 +20,7 @@ from tether.errors import ConfigError
 from tether.reference import Reference, ReferenceOptions, TeacherLogits, at_positions, loss_positions, row_keys
 from tether.regularizers import REGISTRY, FinishContext, RegularizerStack, SetupContext, parse_entries
 from tether.regularizers.distill import divergence
-from tether.regularizers.dropout import KNOBS
+from tether.regularizers.dropout import knobs
 from tether.regularizers.ema import EMA
 from tether.regularizers.label_smoothing import uniform_minus_nll
 from tether.regularizers.neftune import noise_like
@@ -488,10 +488,10 @@ MATRIX = [(arch, "sequence_classification" if arch in ENCODER_ONLY else "causal_
 @pytest.mark.parametrize(("arch", "task"), MATRIX, ids=[a for a, _ in MATRIX])
 def test_dropout_sets_every_module_and_acts_in_training_only(arch: str, task: str):
     model = model_of(arch, task)
-    roles = KNOBS[model.config.model_type]
+    roles = knobs(model)
     stack_of(model, {"name": "dropout", **dict.fromkeys(roles, 0.3)})
-    for role, (keys, _, _) in roles.items():
-        assert all(getattr(model.config, key) == 0.3 for key in keys), role
+    for role, knob in roles.items():
+        assert all(getattr(model.config, key) == 0.3 for key in knob.keys), role
     rates = [m.p for m in model.modules() if isinstance(m, nn.Dropout)]
     rates += [m.attention_dropout for m in model.modules() if isinstance(vars(m).get("attention_dropout"), float)]
     assert rates and all(r == 0.3 for r in rates), rates
