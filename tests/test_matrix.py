@@ -34,6 +34,8 @@ CASES: dict[str, tuple[dict[str, Any], bool]] = {
     "distill": ({"strength": 1.0}, True),
     "kl": ({"strength": 1.0}, True),
     "label_smoothing": ({"strength": 0.3}, True),
+    "dft": ({"strength": 1.0}, True),
+    "eaft": ({"strength": 1.0}, True),
     "replay": ({}, False),
     "ema": ({}, False),
     "wise_ft": ({"alphas": [0.5]}, False),

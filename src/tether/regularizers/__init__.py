@@ -1,8 +1,10 @@
 """Regularizers, each registered by name in its own module; importing this package registers them all."""
 
 from tether.regularizers import (  # noqa: F401  (registers them)
+    dft,
     distill,
     dropout,
+    eaft,
     ema,
     ewc,
     kl,

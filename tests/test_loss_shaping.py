@@ -1,0 +1,116 @@
+"""dft and eaft: the loss with the penalty equals the published token-reweighted cross-entropy computed naively, token
+by token (value and gradient), at strength 1 and as a mix in between; and they change what training learns."""
+
+from __future__ import annotations
+
+import math
+import random
+
+import pytest
+import torch
+from torch import nn
+
+from tether.data import IGNORE, Collator
+from tether.regularizers import REGISTRY, RegularizerStack, SetupContext
+from tether.synthetic import tiny_model
+
+VOCAB = 40
+
+
+def model_of(task: str = "causal_lm") -> nn.Module:
+    return tiny_model("llama", task, VOCAB, hidden_size=16, num_layers=2, num_heads=2, seed=0)
+
+
+def batch_of(n: int, task: str = "causal_lm") -> dict[str, torch.Tensor]:
+    """Padded rows whose first 3 positions are a prompt without loss (causal LM), or class labels."""
+    rng = random.Random(0)
+    rows = []
+    for _ in range(n):
+        ids = [rng.randrange(4, VOCAB) for _ in range(rng.randint(5, 10))]
+        labels = rng.randrange(2) if task != "causal_lm" else [IGNORE] * 3 + ids[3:]
+        rows.append({"input_ids": ids, "attention_mask": [1] * len(ids), "labels": labels})
+    return Collator(0)(rows)
+
+
+def stack_of(model: nn.Module, entry: dict) -> RegularizerStack:
+    stack = RegularizerStack.from_configs([REGISTRY[entry["name"]].config(**entry)])
+    stack.setup(SetupContext(model, None, 1e-2))
+    return stack
+
+
+def naive_tokens(logits: torch.Tensor, labels: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(logits, label) of every loss token, one at a time (causal LM: logits at t against the label at t + 1)."""
+    out = []
+    for b in range(labels.shape[0]):
+        if labels.ndim == 1:
+            out.append((logits[b], labels[b]))
+            continue
+        for t in range(labels.shape[1] - 1):
+            if labels[b, t + 1] != IGNORE:
+                out.append((logits[b, t], labels[b, t + 1]))
+    return out
+
+
+def dft_weight(z: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return torch.softmax(z.double(), -1)[y]
+
+
+def eaft_weight(z: torch.Tensor, y: torch.Tensor, k: int = 5) -> torch.Tensor:
+    k = min(k, len(z))  # two classes: the entropy of both, over log 2
+    top = sorted(z.double().tolist(), reverse=True)[:k]
+    p = [math.exp(v) / sum(math.exp(u) for u in top) for v in top]
+    return torch.tensor(-sum(q * math.log(q) for q in p) / math.log(k), dtype=torch.float64)
+
+
+def naive_loss(logits: torch.Tensor, labels: torch.Tensor, weight, strength: float) -> torch.Tensor:
+    """mean over tokens of ((1 - s) + s * sg(w)) * NLL, in fp64, a token at a time."""
+    terms = []
+    for z, y in naive_tokens(logits, labels):
+        nll = -torch.log_softmax(z.double(), -1)[y]
+        w = weight(z.detach(), y)
+        terms.append(((1 - strength) + strength * w) * nll)
+    return torch.stack(terms).mean()
+
+
+CASES = [("dft", dft_weight, {}), ("eaft", eaft_weight, {"top_k": 5})]
+
+
+@pytest.mark.parametrize("task", ["causal_lm", "sequence_classification"])
+@pytest.mark.parametrize("strength", [1.0, 0.4])
+@pytest.mark.parametrize(("name", "weight", "fields"), CASES, ids=[c[0] for c in CASES])
+def test_the_loss_is_the_reweighted_cross_entropy(name, weight, fields, strength, task):
+    model = model_of(task)
+    batch = batch_of(4, task=task)
+    if task == "causal_lm":
+        batch["labels"][1, 6:] = IGNORE  # an ignored tail: those positions carry no loss
+    stack = stack_of(model, {"name": name, "strength": strength, "chunk_size": 3, **fields})  # several chunks
+    out = model(**batch)
+    total = out.loss + stack.penalty(model, batch, out)  # the stack weighs by strength
+    want = naive_loss(out.logits, batch["labels"], weight, strength)
+    torch.testing.assert_close(total.double(), want, rtol=1e-5, atol=1e-6)
+    params = [p for p in model.parameters() if p.requires_grad]
+    got = torch.autograd.grad(total, params, retain_graph=True, allow_unused=True)
+    ref = torch.autograd.grad(want, params, allow_unused=True)
+    for g, w in zip(got, ref):
+        if w is not None:
+            torch.testing.assert_close(g.double(), w.double(), rtol=1e-4, atol=1e-6)
+
+
+def test_dft_keeps_unlikely_tokens_from_dominating():
+    """DFT's point: a token the model finds unlikely pulls the weights far less than under plain cross-entropy."""
+    model = model_of()
+    batch = batch_of(1)
+    out = model(**batch)
+    plain = torch.autograd.grad(out.loss, model.lm_head.weight, retain_graph=True)[0].norm()
+    stack = stack_of(model, {"name": "dft", "strength": 1.0})
+    shaped = torch.autograd.grad(out.loss + stack.penalty(model, batch, out), model.lm_head.weight)[0].norm()
+    assert shaped < 0.2 * plain  # p(label) ~ 1/VOCAB for an untrained model: the gradient shrinks by about that
+    assert VOCAB > 5
+
+
+def test_eaft_weights_are_entropy_normalized():
+    from tether.regularizers.eaft import top_k_entropy
+
+    z = torch.tensor([[0.0] * 8, [50.0] + [0.0] * 7])
+    w = top_k_entropy(z, 4)
+    torch.testing.assert_close(w, torch.tensor([1.0, 0.0]), atol=1e-6, rtol=0)  # uniform top-4: 1; one-hot: 0
