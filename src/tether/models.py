@@ -120,14 +120,79 @@ def _pretrained(cfg: ModelConfig, task: str, num_labels: int) -> Loaded:
 
 
 def apply_lora(model: nn.Module, cfg: LoraSection, task: str) -> nn.Module:
-    """Wrap the model in a fresh PEFT LoRA adapter; only the adapter (and a classifier head) trains."""
+    """Wrap the model in a fresh PEFT LoRA adapter; only the adapter (and a classifier head) trains.
+
+    With `all-linear`, tether also adapts what PEFT's own `all-linear` leaves out or refuses:
+      - fused experts: MoE models keep each layer's experts as 3-D tensors (transformers 5: mixtral, qwen2_moe,
+        qwen3_moe `experts.gate_up_proj`), which are no nn.Linear; they are adapted per expert (PEFT's
+        target_parameters). PEFT cannot put dropout before a fused expert's adapter, so those adapters run without
+        it and every nn.Linear adapter gets `lora.dropout` (the saved adapter_config.json says lora_dropout 0);
+      - classification heads: PEFT trains the head whole (modules_to_save, every module whose name ends in
+        classifier or score), so such modules get no adapter (DistilBERT's pre_classifier would get both).
+    Any other refusal by PEFT is one line naming the lora field to change.
+    """
     from peft import LoraConfig, TaskType, get_peft_model
+    from peft.utils.constants import SEQ_CLS_HEAD_NAMES
 
     task_type = TaskType.CAUSAL_LM if task == "causal_lm" else TaskType.SEQ_CLS
+    all_linear = cfg.target_modules == "all-linear"
+    experts = sorted({name for _, name in fused_experts(model)}) if all_linear else []
+    extra: dict[str, Any] = {"target_parameters": experts} if experts else {}
+    if all_linear and task_type == TaskType.SEQ_CLS:
+        extra["exclude_modules"] = rf".*({'|'.join(SEQ_CLS_HEAD_NAMES)})"
     lora = LoraConfig(
-        r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, target_modules=cfg.target_modules, task_type=task_type
-    )
+        r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=0.0 if experts else cfg.dropout,
+        target_modules=cfg.target_modules, task_type=task_type, **extra,
+    )  # fmt: skip
     try:
-        return get_peft_model(model, lora)
-    except ValueError as e:
-        raise ConfigError(f"lora.target_modules: {str(e).splitlines()[0]}") from None
+        wrapped = get_peft_model(model, lora)
+    except (ValueError, TypeError, RuntimeError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        field = "lora.dropout" if "dropout" in first else "lora.target_modules"
+        hint = "list the modules to adapt" if field == "lora.target_modules" else "set it to 0, or use all-linear"
+        raise ConfigError(f"{field}: PEFT refuses this model's LoRA: {first}: {hint}") from None
+    if experts:
+        restore_lora_dropout(wrapped, cfg.dropout)
+    left = sorted({name for name, _ in fused_experts(wrapped)})
+    if left:
+        log.warning("lora: the fused expert weights %s get no adapter (lora.target_modules)", ", ".join(left))
+    return wrapped
+
+
+def fused_experts(model: nn.Module) -> list[tuple[str, str]]:
+    """(module name, parameter name) of the 3-D weights that modules of the model itself hold directly (fused MoE
+    experts), not wrapped by a LoRA adapter; torch's own layers (conv kernels) are not experts."""
+    from tether.reference import is_peft
+
+    wrapped = set()
+    if is_peft(model):
+        from peft.tuners.lora.layer import ParamWrapper
+
+        modules = model.named_modules()
+        wrapped = {(unwrapped(name), m.parameter_name) for name, m in modules if isinstance(m, ParamWrapper)}
+    out = []
+    for name, module in model.named_modules():
+        if type(module).__module__.startswith("torch.") or ".lora_" in f".{name}":
+            continue
+        for p_name, p in module.named_parameters(recurse=False):
+            if p.ndim == 3 and (unwrapped(name), p_name) not in wrapped:
+                out.append((name, p_name))
+    return out
+
+
+def unwrapped(name: str) -> str:
+    """A module's name without the `.base_layer` parts that PEFT's (nested) wrappers add at its end."""
+    while name.endswith(".base_layer"):
+        name = name.removesuffix(".base_layer")
+    return name
+
+
+def restore_lora_dropout(model: nn.Module, rate: float) -> None:
+    """Give each nn.Linear adapter its lora.dropout (built without it because fused experts cannot take one)."""
+    from peft.tuners.lora.layer import Linear
+
+    if rate:
+        for module in model.modules():
+            if isinstance(module, Linear):
+                for name in module.lora_dropout:
+                    module.lora_dropout[name] = nn.Dropout(rate)
