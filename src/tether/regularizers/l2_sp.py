@@ -15,8 +15,12 @@ W + s * B @ A. The pull is then on that change, 1/2 * s^2 * ||B A - B_0 A_0||_F^
 this is ||Delta W||^2), not on A and B themselves (A is random and its size says nothing about Delta W). It is
 computed from r x r products only: ||B A||^2 = trace((B^T B)(A A^T)), and so are its gradients
 s^2 (B A - B_0 A_0) A^T for B and s^2 B^T (B A - B_0 A_0) for A; the d x d matrix is never formed. Each active
-adapter of a layer is pulled on its own. Other trainable tensors (a classifier head, modules_to_save, embedding or
-conv adapters, DoRA magnitudes) are pulled elementwise toward their values at setup.
+adapter of a layer is pulled on its own. Fused MoE experts (one 3-D weight for all of a layer's experts, adapted by
+PEFT's ParamWrapper with A: (E r) x in and B: out x (r E)) are pulled per expert, sum_e ||B_e A_e - ...||^2, with
+A_e and B_e the expert's rows and columns as PEFT's get_delta_weight takes them: the change of each expert's
+matrix, not of one matrix made of all of them (whose cross terms mix experts). Other trainable tensors (a classifier
+head, modules_to_save, embedding or conv adapters, DoRA magnitudes) are pulled elementwise toward their values at
+setup.
 
 Under FSDP2 the elementwise pull runs on each process's shards. A and B are small (r rows or columns): each pair's
 pull gathers them whole (one all-gather of each per pull), and each process applies its shard of the result.
@@ -84,19 +88,21 @@ class LoraGroup:
     a0: torch.Tensor  # [n, r, in], fp32, as at setup
     b0: torch.Tensor  # [n, out, r]
     c0: torch.Tensor  # [n]: ||B_0 A_0||^2
+    experts: int = 1  # E: each A holds E experts' r rows, each B their r columns interleaved (PEFT's ParamWrapper)
 
     @classmethod
-    def of(cls, a: list[nn.Parameter], b: list[nn.Parameter], scalings: list[float]) -> LoraGroup:
-        a0 = torch.stack([full(p).detach().float() for p in a])
-        b0 = torch.stack([full(p).detach().float() for p in b])
+    def of(cls, a: list[nn.Parameter], b: list[nn.Parameter], scalings: list[float], experts: int = 1) -> LoraGroup:
+        a0, b0 = per_expert(torch.stack([full(p).detach().float() for p in a]),
+                            torch.stack([full(p).detach().float() for p in b]), experts)  # fmt: skip
         c0 = ((b0.mT @ b0) * (a0 @ a0.mT)).sum((1, 2))
-        return cls(a, b, torch.tensor(scalings, device=a0.device).square(), a0, b0, c0)
+        s2 = torch.tensor(scalings, device=a0.device).square().repeat_interleave(experts)
+        return cls(a, b, s2, a0, b0, c0, experts)
 
     def whole(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Every adapter's A and B stacked, fp32, whole (gathered from the shards under FSDP2)."""
+        """Every adapter's (every expert's) A and B stacked, fp32, whole (gathered from the shards under FSDP2)."""
         a = torch.stack([full(p) for p in self.a]).float()
         b = torch.stack([full(p) for p in self.b]).float()
-        return a, b
+        return per_expert(a, b, self.experts)
 
     def value(self) -> torch.Tensor:
         """1/2 sum s^2 ||B A - B_0 A_0||^2 from r x r products: ||BA||^2 - 2 <BA, B_0 A_0> + ||B_0 A_0||^2."""
@@ -112,9 +118,34 @@ class LoraGroup:
         s2 = self.s2[:, None, None]
         grad_a = s2 * (btb @ a - btb0 @ self.a0)
         grad_b = s2 * (b @ aat - self.b0 @ a0at)
+        grad_a, grad_b = per_adapter(grad_a, grad_b, self.experts)
         grads_a = [shard_like(g, p) for g, p in zip(grad_a.unbind(0), self.a)]
         grads_b = [shard_like(g, p) for g, p in zip(grad_b.unbind(0), self.b)]
         return grads_a, grads_b
+
+
+def per_expert(a: torch.Tensor, b: torch.Tensor, experts: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """[n, E r, in], [n, out, r E] -> [n E, r, in], [n E, out, r]: each expert's A_e and B_e (as PEFT's
+    ParamWrapper.get_delta_weight reads them: A's rows in expert blocks, B's columns interleaved)."""
+    if experts == 1:
+        return a, b
+    n, rows, width = a.shape
+    out = b.shape[1]
+    a = a.reshape(n * experts, rows // experts, width)
+    b = b.reshape(n, out, rows // experts, experts).permute(0, 3, 1, 2).reshape(n * experts, out, rows // experts)
+    return a, b
+
+
+def per_adapter(a: torch.Tensor, b: torch.Tensor, experts: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The inverse of per_expert: per-expert tensors back to each adapter's A and B layout."""
+    if experts == 1:
+        return a, b
+    total, r, width = a.shape
+    out = b.shape[1]
+    n = total // experts
+    a = a.reshape(n, experts * r, width)
+    b = b.reshape(n, experts, out, r).permute(0, 2, 3, 1).reshape(n, out, r * experts)
+    return a, b
 
 
 def lora_groups(model: nn.Module) -> list[LoraGroup]:
@@ -122,11 +153,13 @@ def lora_groups(model: nn.Module) -> list[LoraGroup]:
     if "peft" not in sys.modules:  # no PEFT imported, so no LoRA layer can exist: skip its slow import
         return []
     from peft.tuners.lora import LoraLayer
+    from peft.tuners.lora.layer import ParamWrapper
 
     by_shape: dict[tuple, tuple[list, list, list]] = {}
     for module in model.modules():
         if not isinstance(module, LoraLayer):
             continue
+        experts = module.num_experts if isinstance(module, ParamWrapper) else 1
         for name in module.active_adapters:
             if name not in module.lora_A:
                 continue
@@ -137,12 +170,12 @@ def lora_groups(model: nn.Module) -> list[LoraGroup]:
                 and a.weight.requires_grad
                 and b.weight.requires_grad
             ):
-                key = (tuple(a.weight.shape), tuple(b.weight.shape), a.weight.dtype, a.weight.device)
+                key = (tuple(a.weight.shape), tuple(b.weight.shape), a.weight.dtype, a.weight.device, experts)
                 members = by_shape.setdefault(key, ([], [], []))
                 members[0].append(a.weight)
                 members[1].append(b.weight)
                 members[2].append(float(module.scaling[name]))
-    return [LoraGroup.of(*members) for members in by_shape.values()]
+    return [LoraGroup.of(*members, experts=key[-1]) for key, members in by_shape.items()]
 
 
 @register("l2_sp", L2SPConfig)
