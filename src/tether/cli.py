@@ -181,6 +181,24 @@ def sweep(
     console.print(f"[green]done[/]: {out}/sweep.json, {out}/sweep.html")
 
 
+@app.command("inspect")
+def inspect_(
+    config: Path,
+    json_: Annotated[bool, typer.Option("--json", help="Print the plan as JSON.")] = False,
+    set_: SetOpt = [],  # noqa: B006  (typer reads the default, never mutates it)
+) -> None:
+    """Show what a run will do, without training: optimizer groups, llrd depths, dropout, new heads, anchors."""
+    from tether.config import load_config
+    from tether.inspect import inspect_run, render
+
+    plan = inspect_run(load_config(config, set_))
+    if json_:
+        sys.stdout.write(json.dumps(plan, indent=2) + "\n")  # plain: a pipe or a test parses it
+        return
+    for line in render(plan):
+        console.print(line, highlight=False, markup=False)
+
+
 @app.command()
 def demo(
     output_dir: Annotated[Path, typer.Option(help="Where the demo's runs go.")] = Path("runs/demo"),
