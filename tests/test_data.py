@@ -4,12 +4,15 @@ padding, what was split or cut counted."""
 from __future__ import annotations
 
 import json
+import sys
+from pathlib import Path
 
 import pytest
+import yaml
 
 from tether.data import IGNORE, Collator, encode, load_split, read_rows, split_off
-from tether.packing import windows
 from tether.errors import DataError
+from tether.packing import windows
 from tether.synthetic import char_tokenizer
 
 from .conftest import write_jsonl
@@ -156,3 +159,68 @@ def test_stats_count_windows_cut_and_dropped_rows(tmp_path, tok):
     pc = write_jsonl(tmp_path / "pc.jsonl", rows)
     stats = load_split(str(pc), "train", "prompt_completion", "causal_lm", tok, 16).stats
     assert (stats.rows, stats.examples, stats.split, stats.truncated, stats.dropped) == (3, 2, 0, 1, 1)
+
+
+def cli(monkeypatch, capsys, *args: str) -> tuple[int | None, str, str]:
+    """tether's main() in this process: exit code (None when it returned), stdout and stderr."""
+    from tether.cli import main
+
+    monkeypatch.setattr(sys, "argv", ["tether", *args])
+    try:
+        main()
+        code = None
+    except SystemExit as e:
+        code = e.code
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def saved_model(directory: Path, pad: bool, eos: bool) -> Path:
+    from tether.synthetic import tiny_model
+
+    tok = char_tokenizer()
+    tiny_model("llama", "causal_lm", len(tok), pad_token_id=0, bos_token_id=1, eos_token_id=2).save_pretrained(
+        directory
+    )
+    if not pad:
+        tok.pad_token = None
+    if not eos:
+        tok.eos_token = None
+    tok.save_pretrained(directory)
+    return directory
+
+
+def test_a_tokenizer_without_pad_and_eos_is_one_line_in_validate_and_train(tmp_path, monkeypatch, capsys, raw_config):
+    raw_config["model"] = {"path": str(saved_model(tmp_path / "m", pad=False, eos=False))}
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(raw_config))
+    capsys.readouterr()  # the save's progress bar
+    for command in ("validate", "train"):
+        code, _, err = cli(monkeypatch, capsys, command, str(path))
+        assert code == 2 and len(err.strip().splitlines()) == 1, err
+        assert (
+            'has no pad token and no eos token: set "pad_token" (and "eos_token") in its tokenizer_config.json' in err
+        )
+    assert not Path(raw_config["output_dir"]).exists()
+    raw_config["model"] = {"path": str(saved_model(tmp_path / "m2", pad=False, eos=True))}  # pad from eos
+    path.write_text(yaml.safe_dump(raw_config))
+    code, out, _ = cli(monkeypatch, capsys, "validate", str(path))
+    assert code is None and "data train: 48 rows" in out
+
+
+def test_eval_scores_any_file_and_names_it(tmp_path, monkeypatch, capsys, raw_config, data_files):
+    raw_config["training"].update(max_steps=2, eval_steps=2)
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(raw_config))
+    assert cli(monkeypatch, capsys, "train", str(path))[0] is None
+    model = str(Path(raw_config["output_dir"]) / "model")
+    code, out, err = cli(
+        monkeypatch, capsys, "eval", str(path), "--model", model, "--data", str(data_files["reference"])
+    )
+    result = json.loads(out)
+    assert code is None and result["data"] == str(data_files["reference"]) and result["rows"] == 12
+    assert result["loss"] > 0
+    code, out, _ = cli(monkeypatch, capsys, "eval", str(path), "--model", model)
+    assert json.loads(out)["data"] == str(data_files["validation"])
+    code, _, err = cli(monkeypatch, capsys, "eval", str(path), "--model", model, "--data", str(tmp_path / "no.jsonl"))
+    assert code == 2 and "--data" in err and "does not exist" in err

@@ -182,7 +182,7 @@ def _check_label_value(label: Any, where: str) -> None:
 def label_space(cfg: DataConfig, num_labels: int | None) -> Labels:
     """The classes of the train and validation data: named (sorted names) when labels are strings, else numbered
     0..max; checked against model.num_labels when it is set. Every bad label is a DataError naming file:line."""
-    found: dict[str, list[tuple[Any, str]]] = {"int": [], "str": []}
+    found: dict[type, list[tuple[Any, str]]] = {int: [], str: []}
     for name in ("train", "validation"):
         source = getattr(cfg, name)
         if source is None:
@@ -190,12 +190,12 @@ def label_space(cfg: DataConfig, num_labels: int | None) -> Labels:
         for i, row in enumerate(read_rows(source, name)):
             where = _where(name, source, row, i)
             check_row(row, "text", "sequence_classification", where)
-            found["str" if isinstance(row["label"], str) else "int"].append((row["label"], where))
-    if found["int"] and found["str"]:
-        label, where = found["str"][0] if found["int"][0][1] < found["str"][0][1] else found["int"][0]
-        raise DataError(f"{where}: label {label!r}: the data mixes class names and ids: use one kind")
-    if found["str"]:
-        names = tuple(sorted({label for label, _ in found["str"]}))
+            kind = str if isinstance(row["label"], str) else int
+            if found[str if kind is int else int]:  # the first row of the other kind
+                raise DataError(f"{where}: label {row['label']!r}: the data mixes class names and ids: use one kind")
+            found[kind].append((row["label"], where))
+    if found[str]:
+        names = tuple(sorted({label for label, _ in found[str]}))
         if num_labels is not None and num_labels != len(names):
             raise DataError(
                 f"data.train: the data names {len(names)} classes ({', '.join(names)}) but model.num_labels is "
@@ -204,10 +204,10 @@ def label_space(cfg: DataConfig, num_labels: int | None) -> Labels:
         return _at_least_two(Labels(len(names), names))
     if num_labels is not None:
         labels = Labels(num_labels)
-        for label, where in found["int"]:
+        for label, where in found[int]:
             labels.id_of(label, where)
         return labels
-    return _at_least_two(Labels(1 + max(label for label, _ in found["int"])))
+    return _at_least_two(Labels(1 + max(label for label, _ in found[int])))
 
 
 def _at_least_two(labels: Labels) -> Labels:

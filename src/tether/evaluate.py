@@ -57,6 +57,14 @@ def dataset_metrics(
     return out
 
 
+def classification_metrics(prediction: Any) -> dict[str, float]:
+    """The Trainer's compute_metrics for classifiers: accuracy and macro F1 of an evaluation's logits, logged as
+    eval_accuracy and eval_f1 (what early stopping and sweeps can watch)."""
+    logits = prediction.predictions[0] if isinstance(prediction.predictions, tuple) else prediction.predictions
+    preds, golds = logits.argmax(-1).tolist(), prediction.label_ids.tolist()
+    return {"accuracy": sum(p == g for p, g in zip(preds, golds)) / len(golds), "f1": macro_f1(preds, golds)}
+
+
 def macro_f1(preds: list[int], golds: list[int]) -> float:
     """Unweighted mean of per-class F1 over the classes present in gold or predictions."""
     scores = []

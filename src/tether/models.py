@@ -28,9 +28,9 @@ class Loaded(NamedTuple):
 
 def load_model(cfg: ModelConfig, task: str, labels: Labels | None = None) -> Loaded:
     """(model, tokenizer, new parameters); the tokenizer always has a pad token and the model config knows its id.
-    A classifier gets `labels`' number of classes (else model.num_labels, else 2), and their names as
-    id2label / label2id (saved with the model)."""
-    num_labels = labels.num_labels if labels is not None else cfg.num_labels or 2
+    A classifier gets `labels`' number of classes (else model.num_labels, else the checkpoint's own), and their
+    names as id2label / label2id (saved with the model)."""
+    num_labels = labels.num_labels if labels is not None else cfg.num_labels
     loaded = _synthetic(cfg, task, num_labels) if cfg.synthetic is not None else _pretrained(cfg, task, num_labels)
     model, tokenizer, new = loaded
     prepare_tokenizer(tokenizer, task, cfg)
@@ -72,7 +72,7 @@ def prepare_tokenizer(tokenizer: Any, task: str, cfg: ModelConfig) -> None:
         tokenizer.pad_token = tokenizer.eos_token
 
 
-def _synthetic(cfg: ModelConfig, task: str, num_labels: int) -> Loaded:
+def _synthetic(cfg: ModelConfig, task: str, num_labels: int | None) -> Loaded:
     from tether.synthetic import char_tokenizer, tiny_model
 
     s = cfg.synthetic
@@ -81,7 +81,7 @@ def _synthetic(cfg: ModelConfig, task: str, num_labels: int) -> Loaded:
     try:
         model = tiny_model(
             s.arch, task, len(tok), hidden_size=s.hidden_size, num_layers=s.num_layers, num_heads=s.num_heads,
-            seed=s.seed, num_labels=num_labels, **ids,
+            seed=s.seed, num_labels=num_labels or 2, **ids,
         )  # fmt: skip
     except ValueError as e:
         raise ConfigError(f"model.synthetic: {e}") from None
@@ -101,7 +101,7 @@ def _first_line(e: Exception) -> str:
     return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
 
 
-def _pretrained(cfg: ModelConfig, task: str, num_labels: int) -> Loaded:
+def _pretrained(cfg: ModelConfig, task: str, num_labels: int | None) -> Loaded:
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
     if cfg.trust_remote_code:
@@ -112,7 +112,8 @@ def _pretrained(cfg: ModelConfig, task: str, num_labels: int) -> Loaded:
         if task == "causal_lm":
             model, info = AutoModelForCausalLM.from_pretrained(cfg.path, **kwargs)
         else:
-            model, info = AutoModelForSequenceClassification.from_pretrained(cfg.path, num_labels=num_labels, **kwargs)
+            classes = {} if num_labels is None else {"num_labels": num_labels}  # None: the checkpoint's own
+            model, info = AutoModelForSequenceClassification.from_pretrained(cfg.path, **classes, **kwargs)
     except (OSError, ValueError) as e:
         raise ConfigError(f"model.path: cannot load '{cfg.path}': {_first_line(e)}") from None
     new = set(info["missing_keys"]) | {key for key, *_ in info["mismatched_keys"]}

@@ -23,10 +23,17 @@ from transformers import TrainerCallback, TrainerState
 from transformers.trainer import TRAINER_STATE_NAME
 
 from tether.config import RunConfig, dump_config, parse_yaml
-from tether.data import Collator, Datasets, load_datasets, load_split
+from tether.data import Collator, Datasets, Labels, data_summary, label_space, load_datasets, load_split
 from tether.distributed import barrier, is_main_process, local, rank, world_size
 from tether.errors import ConfigError, Interrupted, NonFiniteError, TetherError
-from tether.evaluate import Progress, dataset_metrics, forgetting, reference_metrics, start_pass
+from tether.evaluate import (
+    Progress,
+    classification_metrics,
+    dataset_metrics,
+    forgetting,
+    reference_metrics,
+    start_pass,
+)
 from tether.models import apply_lora, load_model
 from tether.outputs import (
     RUN_STATE,
@@ -38,6 +45,7 @@ from tether.outputs import (
     write_jsonl,
     write_text_atomic,
 )
+from tether.packing import check_packing, pack
 from tether.progress import pass_progress
 from tether.regularizers import FinishContext, RegularizerStack, SetupContext, parse_entries
 from tether.regularizers.ewc import RUN_FISHER
@@ -248,11 +256,14 @@ def train(
     record_config(cfg, output_dir, resume_from, accept_changes)
     set_seed(args.seed)
     with nothing_left_on_error(output_dir):
-        model, tokenizer, new_parameters = load_model(cfg.model, cfg.task)
+        labels = label_space(cfg.data, cfg.model.num_labels) if cfg.task == "sequence_classification" else None
+        model, tokenizer, new_parameters = load_model(cfg.model, cfg.task, labels)
         model.to(args.device)
-        data = load_datasets(cfg.data, cfg.task, tokenizer)
+        data = load_datasets(cfg.data, cfg.task, tokenizer, labels)
         prepare_output_dir(output_dir, clear=overwrite and not resume, fresh=resume_from is None)
-        collator = Collator(tokenizer.pad_token_id)
+        collator = Collator(tokenizer.pad_token_id, flatten="flash" in model.config._attn_implementation)
+        if cfg.data.packing:
+            check_packing(model, collator)
         main_measures = data.reference is not None and is_main_process()  # only the main process measures and writes
         with pass_progress(console) as progress:
             before = reference_metrics(model, tokenizer, data.reference, collator, progress) if main_measures else None
@@ -260,6 +271,7 @@ def train(
             model = apply_lora(model, cfg.lora, cfg.task)
         stack = RegularizerStack.from_configs(parse_entries(cfg.regularizers), cfg.skip_non_finite, new_parameters)
         trainer = _trainer(cfg, model, tokenizer, args, data, collator, stack, list(callbacks or []))
+        show_data(cfg, data, trainer.train_dataset, args.per_device_train_batch_size, console)
         refs = reference_batches(data, collator, args.per_device_eval_batch_size, args.device)
         ctx = SetupContext(trainer.model, refs, args.learning_rate, output_dir=output_dir)
         if trainer.is_fsdp_enabled:  # FSDP shards the model inside trainer.train: set up on the shards there
@@ -279,6 +291,15 @@ def train(
         barrier()  # every process returns once the run is measured and written (and none exits under the others)
 
 
+def show_data(cfg: RunConfig, data: Datasets, train_rows: list, batch_size: int, console: Console | None) -> None:
+    """What the data holds before training: rows, tokens, windows and cut rows, padding (or the packed fill)."""
+    for line in data_summary(data, batch_size, train_rows if cfg.data.packing else None):
+        if console is not None and is_main_process():
+            console.print(f"data {line}", highlight=False)
+        else:
+            log.info("data %s", line)
+
+
 def setup_stack(stack: RegularizerStack, ctx: SetupContext, console: Console | None) -> None:
     """The regularizers' setup (anchors, Fisher, reference) with its progress, then the memory estimate."""
     with pass_progress(console) as progress:
@@ -295,7 +316,8 @@ def gathered_model(cfg: RunConfig, trainer: Any) -> nn.Module | None:
     state = get_model_state_dict(trainer.model, options=options)
     if not is_main_process():
         return None
-    model = load_model(cfg.model, cfg.task).model
+    labels = Labels.of_model(trainer.model.config) if cfg.task == "sequence_classification" else None
+    model = load_model(cfg.model, cfg.task, labels).model
     if cfg.lora is not None:
         model = apply_lora(model, cfg.lora, cfg.task)
     model.load_state_dict(state)
@@ -423,11 +445,14 @@ def _trainer(cfg: RunConfig, model: nn.Module, tokenizer: Any, args: Any, data: 
         callbacks.append(EarlyStoppingCallback(cfg.early_stopping.patience, cfg.early_stopping.threshold))
     reference_rows = data.reference.encoded if data.reference else None
     train_rows = stack.train_data(data.train.encoded, reference_rows, args.seed, _reader(cfg, tokenizer))
+    if cfg.data.packing:  # the training rows only: evaluation runs unpacked, so its numbers do not depend on it
+        train_rows = pack(train_rows, cfg.data.max_length)
     data = replace(data, train=replace(data.train, encoded=train_rows))  # the Trainer's; metrics use the original
+    metrics = classification_metrics if cfg.task == "sequence_classification" else None  # eval_accuracy, eval_f1
     try:
         trainer = RegularizedTrainer(
             model=model, args=args, train_dataset=data.train.encoded, eval_dataset=data.validation.encoded,
-            data_collator=collator, stack=stack, callbacks=callbacks,
+            data_collator=collator, stack=stack, callbacks=callbacks, compute_metrics=metrics,
         )  # fmt: skip
     except ValueError as e:  # the Trainer checks the arguments against the launch (e.g. fsdp needs processes)
         raise ConfigError(f"training: {str(e).strip().splitlines()[0]}: change the training section") from None
@@ -503,7 +528,8 @@ def _save_as(model: nn.Module, tokenizer: Any, directory: Path) -> Path:
 def _reader(cfg: RunConfig, tokenizer: Any) -> Callable[[str], list[dict]]:
     """Reads and encodes another data file (replay.source) as the reference data is read."""
     fmt = cfg.data.reference_format or cfg.data.format
-    return lambda path: load_split(path, "replay.source", fmt, cfg.task, tokenizer, cfg.data.max_length).encoded
+    kw = {"overlap": cfg.data.window_overlap, "chat_loss": cfg.data.chat_loss}
+    return lambda path: load_split(path, "replay.source", fmt, cfg.task, tokenizer, cfg.data.max_length, **kw).encoded
 
 
 def measure(
@@ -524,25 +550,39 @@ def measure(
     return metrics
 
 
-def evaluate_saved(cfg: RunConfig, model_dir: Path, progress: Progress | None = None) -> dict[str, Any]:
-    """`tether eval`: metrics of a saved model (a full model or a LoRA adapter over the configured base); with
+def evaluate_saved(
+    cfg: RunConfig, model_dir: Path, progress: Progress | None = None, data_file: Path | None = None
+) -> dict[str, Any]:
+    """`tether eval`: metrics of a saved model (a full model or a LoRA adapter over the configured base) on the
+    configured validation and reference data, or with `data_file` on that file alone (the result names it); with
     `progress`, each evaluation pass shows a display."""
     if not model_dir.is_dir():
         raise TetherError(f"--model {model_dir} is not a directory: pass a run's model/ directory")
+    classes = cfg.task == "sequence_classification"
     if (model_dir / "adapter_config.json").exists():
         from peft import PeftModel
 
-        base, tokenizer, _ = load_model(cfg.model, cfg.task)
+        labels = label_space(cfg.data, cfg.model.num_labels) if classes else None  # the classes it was trained on
+        base, tokenizer, _ = load_model(cfg.model, cfg.task, labels)
         model = PeftModel.from_pretrained(base, str(model_dir))
     else:
-        model, tokenizer, _ = load_model(
-            cfg.model.model_copy(update={"path": str(model_dir), "synthetic": None}), cfg.task
-        )
-    data = load_datasets(cfg.data, cfg.task, tokenizer)
+        saved = cfg.model.model_copy(update={"path": str(model_dir), "synthetic": None, "num_labels": None})
+        model, tokenizer, _ = load_model(saved, cfg.task)
+        labels = Labels.of_model(model.config) if classes else None
     collator = Collator(tokenizer.pad_token_id)
+    if data_file is not None:
+        kw = {"overlap": cfg.data.window_overlap, "chat_loss": cfg.data.chat_loss, "labels": labels}
+        split = load_split(str(data_file), "eval", cfg.data.format, cfg.task, tokenizer, cfg.data.max_length, **kw)
+        advance = start_pass(progress, str(data_file), len(split.encoded))
+        scores = dataset_metrics(model, split.encoded, collator, advance=advance)
+        return {"data": str(data_file), "rows": split.stats.rows, "examples": split.stats.examples, **scores}
+    data = load_datasets(cfg.data, cfg.task, tokenizer, labels)
     advance = start_pass(progress, "validation data", len(data.validation.encoded))
     val = dataset_metrics(model, data.validation.encoded, collator, advance=advance)
-    out: dict[str, Any] = {"target": {"val_loss": val["loss"], **{k: v for k, v in val.items() if k != "loss"}}}
+    scored = cfg.data.validation or f"{cfg.data.train} (the validation_fraction split off)"
+    out: dict[str, Any] = {
+        "data": scored, "target": {"val_loss": val["loss"], **{k: v for k, v in val.items() if k != "loss"}}
+    }  # fmt: skip
     if data.reference is not None:
         out["reference"] = reference_metrics(model, tokenizer, data.reference, collator, progress)
     return out
