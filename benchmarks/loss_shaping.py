@@ -1,4 +1,4 @@
-"""Token-reweighted losses (dft, eaft) against plain fine-tuning on the demo world: what is learned vs forgotten.
+"""Token- and row-reweighted losses (dft, eaft, flow) vs plain fine-tuning on the demo world (learned vs forgotten).
 
     .venv/bin/python benchmarks/loss_shaping.py
 
@@ -16,6 +16,8 @@ SWEEP: list[tuple[str, list[dict[str, Any]]]] = [
     ("plain", []),
     *[(f"dft {s}", [{"name": "dft", "strength": s}]) for s in (0.5, 1.0)],
     *[(f"eaft {s}", [{"name": "eaft", "strength": s}]) for s in (0.5, 1.0)],
+    ("flow 1 (tau: median)", [{"name": "flow"}]),
+    ("flow 1 tau 0.1", [{"name": "flow", "temperature": 0.1}]),
     ("dft 1 + kl 0.1 (ASFT)", [{"name": "dft", "strength": 1.0}, {"name": "kl", "strength": 0.1}]),
 ]
 

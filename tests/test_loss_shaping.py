@@ -114,3 +114,75 @@ def test_eaft_weights_are_entropy_normalized():
     z = torch.tensor([[0.0] * 8, [50.0] + [0.0] * 7])
     w = top_k_entropy(z, 4)
     torch.testing.assert_close(w, torch.tensor([1.0, 0.0]), atol=1e-6, rtol=0)  # uniform top-4: 1; one-hot: 0
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# flow: row weights from the original model's loss
+
+
+def rows_of(n: int, seed: int) -> list[dict]:
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        ids = [rng.randrange(4, VOCAB) for _ in range(rng.randint(5, 10))]
+        rows.append({"input_ids": ids, "attention_mask": [1] * len(ids), "labels": [IGNORE] * 2 + ids[2:]})
+    return rows
+
+
+def naive_row_weights(model: nn.Module, rows: list[dict], tau: float | None) -> list[float]:
+    """exp(-L_i / tau) normalized to mean 1, L_i each row's mean token loss, one row at a time, in fp64."""
+    losses = []
+    with torch.no_grad():
+        for row in rows:
+            logits = model(input_ids=torch.tensor([row["input_ids"]])).logits[0].double()
+            terms = [
+                -torch.log_softmax(logits[t], -1)[row["labels"][t + 1]]
+                for t in range(len(row["input_ids"]) - 1)
+                if row["labels"][t + 1] != IGNORE
+            ]
+            losses.append(float(torch.stack(terms).mean()))
+    tau = tau or sorted(losses)[(len(losses) - 1) // 2]  # torch's median: the lower middle value
+    w = [math.exp(-loss / tau) for loss in losses]
+    return [x * len(w) / sum(w) for x in w]
+
+
+@pytest.mark.parametrize("tau", [None, 0.5])
+@pytest.mark.parametrize("strength", [1.0, 0.4])
+def test_flow_is_the_row_weighted_cross_entropy(strength, tau):
+    model = model_of()
+    rows = rows_of(6, seed=1)
+    stack = RegularizerStack.from_configs([REGISTRY["flow"].config(name="flow", strength=strength, temperature=tau)])
+    assert stack.train_data(rows, None, 0) == rows  # the rows are weighed, not changed
+    stack.setup(SetupContext(model, None, 1e-2))
+    weights = naive_row_weights(model, rows, tau)
+    batch = Collator(0)(rows[1:5])  # a batch in another order and padding than at setup
+    out = model(**batch)
+    total = out.loss + stack.penalty(model, batch, out)
+    terms = []
+    for (z, y), b in zip(naive_tokens(out.logits, batch["labels"]), token_rows(batch["labels"])):
+        nll = -torch.log_softmax(z.double(), -1)[y]
+        terms.append(((1 - strength) + strength * weights[1 + b]) * nll)
+    want = torch.stack(terms).mean()
+    torch.testing.assert_close(total.double(), want, rtol=1e-5, atol=1e-6)
+    params = [p for p in model.parameters() if p.requires_grad]
+    for g, w in zip(torch.autograd.grad(total, params, retain_graph=True), torch.autograd.grad(want, params)):
+        torch.testing.assert_close(g.double(), w.double(), rtol=1e-4, atol=1e-6)
+
+
+def token_rows(labels: torch.Tensor) -> list[int]:
+    """The row of each loss token, in naive_tokens' order."""
+    return [b for b in range(labels.shape[0]) for t in range(labels.shape[1] - 1) if labels[b, t + 1] != IGNORE]
+
+
+def test_flow_refuses_rows_it_did_not_weigh():
+    from tether.errors import ConfigError
+
+    model = model_of()
+    stack = RegularizerStack.from_configs([REGISTRY["flow"].config(name="flow")])
+    with pytest.raises(ConfigError, match="flow weighs the training rows"):
+        stack.setup(SetupContext(model, None, 1e-2))
+    stack.train_data(rows_of(4, seed=1), None, 0)
+    stack.setup(SetupContext(model, None, 1e-2))
+    batch = Collator(0)(rows_of(2, seed=9))
+    with pytest.raises(ConfigError, match="a row it did not weigh at setup"):
+        stack.penalty(model, batch, model(**batch))

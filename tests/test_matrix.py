@@ -36,6 +36,7 @@ CASES: dict[str, tuple[dict[str, Any], bool]] = {
     "label_smoothing": ({"strength": 0.3}, True),
     "dft": ({"strength": 1.0}, True),
     "eaft": ({"strength": 1.0}, True),
+    "flow": ({"strength": 1.0, "temperature": 0.05}, True),
     "replay": ({}, False),
     "ema": ({}, False),
     "wise_ft": ({"alphas": [0.5]}, False),
@@ -62,10 +63,10 @@ def trained(
         report_to=[], use_cpu=True, seed=0, lr_scheduler_type="constant",
     )  # fmt: skip
     collate = Collator(0)
-    trainer = RegularizedTrainer(
-        model=model, args=args, train_dataset=rows_of(12, task, 1), data_collator=collate, stack=stack
-    )
-    reference = [collate(rows_of(4, task, 2)[i : i + 2]) for i in (0, 2)]
+    reference_rows = rows_of(4, task, 2)
+    train_rows = stack.train_data(rows_of(12, task, 1), reference_rows, 0)  # as tether.run and tether.api do
+    trainer = RegularizedTrainer(model=model, args=args, train_dataset=train_rows, data_collator=collate, stack=stack)
+    reference = [collate(reference_rows[i : i + 2]) for i in (0, 2)]
     stack.setup(SetupContext(trainer.model, lambda shard=True: iter(reference), LR))
     trainer.train()
     weights = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if p.requires_grad}

@@ -7,6 +7,7 @@ from tether.regularizers import (  # noqa: F401  (registers them)
     eaft,
     ema,
     ewc,
+    flow,
     kl,
     l1,
     l2,

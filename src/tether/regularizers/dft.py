@@ -23,8 +23,9 @@ from torch import nn
 from tether.reference import at_positions, loss_positions
 from tether.regularizers.base import Regularizer, RegularizerConfig, register
 
-TokenWeights = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
-"""(fp32 logits at the loss positions [n, vocab], their NLL [n]) -> detached weights [n]."""
+TokenWeights = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+"""(fp32 logits at the loss positions [n, vocab], their NLL [n], their rows in the batch [n]) -> weights [n]
+(computed without grad)."""
 
 
 class DFTConfig(RegularizerConfig):
@@ -43,7 +44,7 @@ class DFT(Regularizer):
         return reweighted_minus_nll(outputs.logits, inputs["labels"], probability, self.config.chunk_size)
 
 
-def probability(logits: torch.Tensor, nll: torch.Tensor) -> torch.Tensor:
+def probability(logits: torch.Tensor, nll: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
     """DFT's weight: the model's probability of the label, exp(-NLL)."""
     return torch.exp(-nll)
 
@@ -60,6 +61,6 @@ def reweighted_minus_nll(
         z = picked[start : start + chunk].float()
         nll = torch.logsumexp(z, -1) - z.gather(-1, targets[start : start + chunk, None]).squeeze(-1)
         with torch.no_grad():
-            w = weights(z, nll)
+            w = weights(z, nll, rows[start : start + chunk])
         total = total + ((w - 1) * nll).sum()
     return total / max(picked.shape[0], 1)

@@ -38,7 +38,7 @@ class EAFT(Regularizer):
 
     def penalty(self, model: nn.Module, inputs: dict[str, Any], outputs: Any) -> torch.Tensor:
         k = self.config.top_k
-        weights = lambda z, nll: top_k_entropy(z, k)  # noqa: E731
+        weights = lambda z, nll, rows: top_k_entropy(z, k)  # noqa: E731
         return reweighted_minus_nll(outputs.logits, inputs["labels"], weights, self.config.chunk_size)
 
 

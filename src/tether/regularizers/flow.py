@@ -1,0 +1,118 @@
+"""FLOW (arXiv 2502.02797): each training row's loss is weighted by how easy the original model already finds it,
+
+    w_i = exp(-L_i / tau) / mean_j exp(-L_j / tau),   L_i: the original model's mean token loss on row i
+
+so that rows far from what the model knows (which would pull it furthest) count less. The weights are computed once,
+at setup, by one forward pass of the model as loaded (before any training; under LoRA the adapters are still at
+their initial value) over the training rows after the regularizers before it in the list (replay rows included),
+and looked up by each row's content (tether.reference.row_keys), so a step costs one logsumexp per loss position.
+Normalized to mean 1 over the rows, so the learning rate keeps its meaning. tau: None takes the median row loss.
+
+As dft, the penalty is FLOW - CE with strength s: the loss is (1 - s) * CE + s * FLOW; exactly FLOW at s = 1.
+Each token of row i gets w_i (the row weight of the token mean), in fp32, chunked (tether.regularizers.dft).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from pydantic import Field
+from torch import nn
+
+from tether.data import IGNORE, Collator
+from tether.errors import ConfigError
+from tether.reference import row_keys
+from tether.regularizers.base import Regularizer, RegularizerConfig, SetupContext, register
+from tether.regularizers.dft import reweighted_minus_nll
+
+
+class FLOWConfig(RegularizerConfig):
+    strength: float = Field(1.0, ge=0, le=1)
+    """s: the loss is (1 - s) * CE + s * FLOW; 1 is FLOW as published, 0 plain SFT."""
+    temperature: float | None = Field(None, gt=0)
+    """tau in exp(-L / tau); lower: sharper preference for easy rows. None: the median of the rows' losses."""
+    batch_size: int = Field(16, ge=1)
+    """Rows per forward of the setup pass."""
+    chunk_size: int = Field(1024, ge=1)
+    """Loss positions per fp32 chunk: work memory is about chunk_size x vocab x 4 bytes (1024 x 32k: 128 MB)."""
+
+
+@register("flow", FLOWConfig)
+class FLOW(Regularizer):
+    def __init__(self, config: FLOWConfig) -> None:
+        self.config = config
+        self.rows: list[dict] | None = None
+        self.weights: dict[bytes, float] = {}
+
+    def train_data(
+        self,
+        train: list[dict],
+        reference: list[dict] | None,
+        seed: int,
+        load: Callable[[str], list[dict]] | None = None,
+    ) -> list[dict]:
+        self.rows = list(train)  # weighted at setup, where the model is at hand
+        return train
+
+    def setup(self, ctx: SetupContext) -> None:
+        if self.rows is None:
+            raise ConfigError(
+                "flow weighs the training rows: give them to the stack (RegularizerStack.train_data) before setup"
+            )
+        what = "flow: the original model's loss per training row"
+        advance = ctx.progress(what, len(self.rows)) if ctx.progress else None
+        keys, losses = row_losses(ctx.model, self.rows, self.config.batch_size, advance)
+        tau = self.config.temperature or float(losses.median().clamp(min=1e-6))
+        w = torch.exp(-(losses - losses.min()) / tau)  # shifted: the same weights once normalized, never all 0
+        w = w / w.mean()
+        self.weights = dict(zip(keys, w.tolist()))
+        self.rows = None  # the weights are all that is kept
+
+    def penalty(self, model: nn.Module, inputs: dict[str, Any], outputs: Any) -> torch.Tensor:
+        keys = row_keys(inputs)
+        missing = [i for i, k in enumerate(keys) if k not in self.weights]
+        if missing:
+            raise ConfigError(
+                "flow: a training batch holds a row it did not weigh at setup (another collator, packing, or rows "
+                "added after setup): train on the rows given to the stack, unpacked, or remove flow"
+            )
+        per_row = torch.tensor([self.weights[k] for k in keys], device=outputs.logits.device)
+        weights = lambda z, nll, rows: per_row[rows]  # noqa: E731
+        return reweighted_minus_nll(outputs.logits, inputs["labels"], weights, self.config.chunk_size)
+
+    def memory(self) -> dict[str, int]:
+        return {"row weights": 24 * len(self.weights)}
+
+
+@torch.no_grad()
+def row_losses(
+    model: nn.Module, rows: list[dict], batch_size: int, advance: Callable[[int], None] | None
+) -> tuple[list[bytes], torch.Tensor]:
+    """(row_keys, mean token cross-entropy) of every row under the model as it is, in eval mode."""
+    was_training, device = model.training, next(model.parameters()).device
+    model.eval()
+    collate, keys, losses = Collator(0), [], []
+    try:
+        for start in range(0, len(rows), batch_size):
+            batch = collate(rows[start : start + batch_size])
+            keys += row_keys(batch)
+            batch = {k: v.to(device) for k, v in batch.items()}
+            logits, labels = model(**{k: v for k, v in batch.items() if k != "labels"}).logits.float(), batch["labels"]
+            losses.append(per_row_loss(logits, labels))
+            if advance is not None:
+                advance(len(batch["labels"]))
+    finally:
+        model.train(was_training)
+    return keys, torch.cat(losses).cpu()
+
+
+def per_row_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy of each row over its loss positions (causal LM shifted; class labels: one per row)."""
+    if labels.ndim == 1:
+        return torch.nn.functional.cross_entropy(logits, labels, reduction="none")
+    logits, labels = logits[:, :-1], labels[:, 1:]
+    nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), labels, ignore_index=IGNORE, reduction="none")
+    mask = labels != IGNORE
+    return (nll * mask).sum(1) / mask.sum(1).clamp(min=1)
