@@ -92,14 +92,14 @@ class EWCConfig(RegularizerConfig):
         need = "for online ewc" if self.online else "or set ewc.fisher_path to a Fisher saved by an earlier run"
         return f"ewc estimates its Fisher on the reference data: set data.reference {need}"
 
-
-@register("ewc", EWCConfig)
-class EWC(Regularizer):
     def check_run(self, run: RunFacts) -> str | None:
         if self.fisher_path is not None and not Path(self.fisher_path).is_file():
             return f"ewc.fisher_path: {self.fisher_path} {MISSING_FISHER}"
         return super().check_run(run)
 
+
+@register("ewc", EWCConfig)
+class EWC(Regularizer):
     touches_parameters = True
 
     def __init__(self, config: EWCConfig) -> None:
