@@ -134,6 +134,49 @@ class EarlyStoppingConfig(Section):
     """Minimum improvement that counts."""
     mode: Literal["min", "max"] = "min"
     """Whether lower (loss) or higher (accuracy) is better."""
+    forgetting_budget: float | None = Field(None, ge=0)
+    """Choose on target and retention: only evaluations whose forgetting (`forgetting_measure`) is at most this count
+    as improvements; the best checkpoint is the best `metric` among them (none within: the least forgetting).
+    None: the metric alone."""
+    forgetting_measure: Literal["delta_loss", "probe_kl"] = "delta_loss"
+    """What the budget bounds: delta_loss, the measured reference loss minus the base model's (needs data.reference);
+    probe_kl, KL(original || model) per token on a fixed probe of training rows (needs no reference data)."""
+
+
+class LmEvalConfig(Section):
+    """lm-evaluation-harness tasks run on the base model and on the result (`pip install tether[lm_eval]`)."""
+
+    tasks: list[str] = Field(min_length=1)
+    """Task or group names, e.g. [tether_facts] (the shipped pack) or [arc_easy, hellaswag] from include_path."""
+    include_path: str | None = None
+    """A directory of task YAML files (local copies of standard suites: `dataset_path: json` + data_files)."""
+    limit: int | None = Field(None, ge=1)
+    """At most this many documents per task (a quick, noisier score)."""
+    num_fewshot: int | None = Field(None, ge=0)
+    """Few-shot examples per prompt; None: each task's own default."""
+    batch_size: int = Field(8, ge=1)
+    """Requests per forward."""
+
+
+class EvaluationConfig(Section):
+    """How forgetting is measured: which reference rows are measured, tracking during training, lm-eval."""
+
+    reference_holdout: float | None = Field(None, gt=0, lt=1)
+    """Share of data.reference held out of the measurement for the regularizers that read it without data of their
+    own (replay without source, ewc without data, si); seeded by data.seed. None: 0.5 when such a regularizer is
+    configured, else every row is measured. Set it in runs you compare, so that each measures the same rows."""
+    train_on_measured: bool = False
+    """Let those regularizers use every row of data.reference, the measured ones included. The forgetting then
+    flatters them: metrics.json (reference_roles.trained_on_measured) and the report say so."""
+    track: bool = True
+    """At every evaluation, measure the reference loss (and recall), and the KL to the original on a probe."""
+    probe_rows: int = Field(32, ge=0)
+    """Training rows (the first ones) of the KL probe; 0: no probe."""
+    probe_mb: int = Field(256, ge=1)
+    """Host memory for the original's logits on the probe (full fine-tuning without distill/kl): rows are dropped
+    from the probe until they fit."""
+    lm_eval: LmEvalConfig | None = None
+    """lm-evaluation-harness tasks, scored on the base model and on the result."""
 
 
 SWEEP_METRICS: dict[str, Literal["minimize", "maximize"]] = {  # metrics.json keys a sweep can use -> better way
@@ -278,6 +321,8 @@ class RunConfig(Section):
     """Regularizers, each {name, strength, ...}; see the README for every name and its fields."""
     early_stopping: EarlyStoppingConfig | None = None
     """Stop when validation stops improving and restore the best checkpoint."""
+    evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig)
+    """What forgetting is measured on, tracked during training, and lm-eval tasks."""
     skip_non_finite: int = Field(0, ge=0)
     """Optimizer steps whose loss (with its autograd penalties) is NaN/inf that may be skipped (update dropped) before
     the run stops; 0: stop at the first (a spike that repeats is a real problem: lower the lr or a strength)."""
@@ -303,7 +348,20 @@ class RunConfig(Section):
             raise ValueError(
                 f"model.synthetic.arch {self.model.synthetic.arch} is an encoder: use task sequence_classification"
             )
+        if self.early_stopping is not None and self.early_stopping.forgetting_budget is not None:
+            self._check_budget(self.early_stopping.forgetting_measure)
         return self
+
+    def _check_budget(self, measure: str) -> None:
+        if not self.evaluation.track:
+            raise ValueError("early_stopping.forgetting_budget needs evaluation.track: true (forgetting is tracked)")
+        if measure == "delta_loss" and not self.data.reference:
+            raise ValueError(
+                "early_stopping.forgetting_budget bounds the reference loss: set data.reference, or "
+                "early_stopping.forgetting_measure: probe_kl"
+            )
+        if measure == "probe_kl" and not self.evaluation.probe_rows:
+            raise ValueError("early_stopping.forgetting_measure probe_kl needs evaluation.probe_rows > 0")
 
     def training_arguments(self) -> dict[str, Any]:
         """TrainingArguments kwargs: tether's defaults, then the user's `training:` section."""

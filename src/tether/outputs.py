@@ -147,26 +147,59 @@ def _take_lock(fd: int, output_dir: Path) -> None:
 
 
 def plot_curves(history: list[dict[str, Any]], best_step: int | None, path: Path) -> None:
-    """curves.png: train and validation loss vs step, the restored best step marked."""
+    """curves.png: train and validation loss vs step, the restored best step marked; below, when forgetting was
+    tracked during training (tether.tracking), the forgetting panel (plot_forgetting)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    tracked = any(k in h for h in history for k in TRACKED)
+    fig, axes = plt.subplots(2 if tracked else 1, 1, figsize=(6, 6.5 if tracked else 4), sharex=True, squeeze=False)
+    ax = axes[0, 0]
     train = [(h["step"], h["loss"]) for h in history if "loss" in h and "step" in h]
     val = [(h["step"], h["eval_loss"]) for h in history if "eval_loss" in h]
-    fig, ax = plt.subplots(figsize=(6, 4))
     if train:
         ax.plot(*zip(*train), label="train loss")
     if val:
         ax.plot(*zip(*val), marker="o", label="validation loss")
     if best_step is not None:
         ax.axvline(best_step, color="grey", linestyle="--", label=f"best step {best_step}")
-    ax.set_xlabel("optimizer step")
     ax.set_ylabel("loss")
     ax.legend()
+    if tracked:
+        plot_forgetting(axes[1, 0], history, best_step)
+    axes[-1, 0].set_xlabel("optimizer step")
     fig.tight_layout()
     save_png(fig, path)
+
+
+TRACKED = {"eval_forgetting": "reference loss increase", "eval_probe_kl": "KL(original || model), probe"}
+
+
+def plot_forgetting(ax: Any, history: list[dict[str, Any]], best_step: int | None) -> None:
+    """The forgetting tracked at each evaluation: the reference loss increase and the probe KL (left axis), fact
+    recall (right axis, 0-1), evaluations over the forgetting budget hollow."""
+    for key, label in TRACKED.items():
+        points = [(h["step"], h[key]) for h in history if key in h]
+        if points:
+            line = ax.plot(*zip(*points), marker="o", label=label)[0]
+            over = [(h["step"], h[key]) for h in history if key in h and h.get("eval_within_budget") == 0.0]
+            if over:
+                ax.scatter(*zip(*over), s=80, facecolors="white", edgecolors=line.get_color(), zorder=3)
+    ax.axhline(0, color="black", linewidth=0.5)
+    ax.set_ylabel("forgetting")
+    recall = [(h["step"], h["eval_recall"]) for h in history if "eval_recall" in h]
+    if recall:
+        right = ax.twinx()
+        right.plot(*zip(*recall), marker="s", color="tab:green", label="fact recall")
+        right.set_ylim(0, 1.05)
+        right.set_ylabel("fact recall")
+        right.legend(loc="center right")
+    if best_step is not None:
+        ax.axvline(best_step, color="grey", linestyle="--")
+    ax.legend(loc="upper left", title="hollow: over the budget" if any("eval_within_budget" in h for h in history)
+              else None)  # fmt: skip
 
 
 def save_png(fig: Any, path: Path) -> None:

@@ -51,6 +51,8 @@ from tether.regularizers import FinishContext, RegularizerStack, SetupContext, p
 from tether.regularizers.ewc import RUN_FISHER
 from tether.report.runs import write_report
 from tether.report.tensorboard import write_final_scalars
+from tether.roles import assign_roles
+from tether.tracking import RunLog, budget_of, final_record, measure_base, start_tracking
 from tether.trainer import STACK_STATE
 
 log = logging.getLogger(__name__)
@@ -71,7 +73,9 @@ def training_args(cfg: RunConfig, output_dir: Path) -> Any:
     if cfg.early_stopping is not None:
         if kw.get("eval_strategy") == "no":
             raise ConfigError("early_stopping needs evaluations: set training.eval_strategy to steps or epoch")
-        kw.update(load_best_model_at_end=True, metric_for_best_model=cfg.early_stopping.metric)
+        budgeted = cfg.early_stopping.forgetting_budget is not None  # the choice on target and retention: tracking
+        metric = "eval_choice" if budgeted else cfg.early_stopping.metric
+        kw.update(load_best_model_at_end=True, metric_for_best_model=metric)
         kw.update(greater_is_better=cfg.early_stopping.mode == "max", save_strategy=kw["eval_strategy"])
         kw["save_steps"] = kw.get("eval_steps")  # the best model can only be restored from a saved step
     try:
@@ -251,6 +255,7 @@ def train(
     several processes only the main one writes, and the others return {}."""
     from transformers import set_seed
 
+    run_started = time.perf_counter()
     args = training_args(cfg, output_dir)
     resume_from = check_output_dir(output_dir, overwrite, resume)
     record_config(cfg, output_dir, resume_from, accept_changes)
@@ -260,24 +265,34 @@ def train(
         model, tokenizer, new_parameters = load_model(cfg.model, cfg.task, labels)
         model.to(args.device)
         data = load_datasets(cfg.data, cfg.task, tokenizer, labels)
+        roles = assign_roles(cfg, data.reference)  # measured rows vs the rows replay / ewc / si may read
+        data = replace(data, reference=roles.measured)
         prepare_output_dir(output_dir, clear=overwrite and not resume, fresh=resume_from is None)
         collator = Collator(tokenizer.pad_token_id, flatten="flash" in model.config._attn_implementation)
         if cfg.data.packing:
             check_packing(model, collator)
-        main_measures = data.reference is not None and is_main_process()  # only the main process measures and writes
+        # only the main process measures and writes; tracking (early stopping) needs the base's numbers on every one
+        main_measures = data.reference is not None and (is_main_process() or cfg.evaluation.track)
         with pass_progress(console) as progress:
             before = reference_metrics(model, tokenizer, data.reference, collator, progress) if main_measures else None
+            base = measure_base(cfg, model, tokenizer, data, collator, progress) if is_main_process() else {}
+        base.update(roles=roles.record, started=run_started)
         if cfg.lora is not None:
             model = apply_lora(model, cfg.lora, cfg.task)
         stack = RegularizerStack.from_configs(parse_entries(cfg.regularizers), cfg.skip_non_finite, new_parameters)
-        trainer = _trainer(cfg, model, tokenizer, args, data, collator, stack, list(callbacks or []))
+        run_log = RunLog(output_dir / "history.jsonl" if is_main_process() else None, budget_of(cfg))
+        for_regularizers = replace(data, reference=roles.regularizers)
+        callbacks = [run_log, *(callbacks or [])]
+        trainer = _trainer(cfg, model, tokenizer, args, for_regularizers, collator, stack, callbacks)
         show_data(cfg, data, trainer.train_dataset, args.per_device_train_batch_size, console)
-        refs = reference_batches(data, collator, args.per_device_eval_batch_size, args.device)
-        ctx = SetupContext(trainer.model, refs, args.learning_rate, output_dir=output_dir)
+        refs = reference_batches(for_regularizers, collator, args.per_device_eval_batch_size, args.device)
+        read = functools.partial(_read_batches, cfg, tokenizer, for_regularizers, collator, args)
+        ctx = SetupContext(trainer.model, refs, args.learning_rate, output_dir=output_dir, read_batches=read)
         if trainer.is_fsdp_enabled:  # FSDP shards the model inside trainer.train: set up on the shards there
             trainer.pending_setup = lambda: setup_stack(stack, replace(ctx, model=trainer.model), console)
         else:
             setup_stack(stack, ctx, console)
+        start_tracking(run_log, cfg, trainer, tokenizer, collator, data, before)
     started = time.perf_counter()
     _fit(trainer, resume_from, output_dir)
     runtime = time.perf_counter() - started
@@ -286,7 +301,7 @@ def train(
         if not is_main_process():
             return {}
         with pass_progress(console) as progress:
-            return _finish(cfg, output_dir, trainer, model, tokenizer, data, collator, before, runtime, progress)
+            return _finish(cfg, output_dir, trainer, model, tokenizer, data, collator, before, runtime, progress, base)
     finally:
         barrier()  # every process returns once the run is measured and written (and none exits under the others)
 
@@ -490,7 +505,7 @@ def check_fsdp(stack: RegularizerStack, fsdp_version: int, lora: bool) -> None:
 
 def _finish(cfg: RunConfig, output_dir: Path, trainer: Any, model: nn.Module, tokenizer: Any, data: Datasets,
             collator: Collator, before: dict | None, runtime: float, progress: Progress | None = None,
-            ) -> dict[str, Any]:  # fmt: skip
+            base: dict[str, Any] | None = None) -> dict[str, Any]:  # fmt: skip
     state = trainer.state
     metrics_extra = {"skipped_steps": trainer.stack.skipped} if trainer.stack.skip_budget else {}
     write_dir_atomic(output_dir / "model", lambda tmp: _save_model(model, tokenizer, tmp))
@@ -506,6 +521,10 @@ def _finish(cfg: RunConfig, output_dir: Path, trainer: Any, model: nn.Module, to
         lambda m, name: _save_as(m, tokenizer, output_dir / name),
     )
     metrics.update(trainer.stack.after_training(model, finish))  # ema, wise_ft: alternative final models
+    if base:  # the base model's target loss, what read data.reference, lm-eval before/after, the run's wall time
+        metrics["target"]["base_val_loss"] = base["val_loss"]
+        metrics.update(final_record(cfg, model, tokenizer, base))
+        metrics["wall_time_s"] = round(time.perf_counter() - base["started"], 2)
     write_text_atomic(output_dir / "config.yaml", dump_config(cfg))
     write_jsonl(output_dir / "history.jsonl", state.log_history)
     plot_curves(state.log_history, best_step, output_dir / "curves.png")
@@ -525,11 +544,19 @@ def _save_as(model: nn.Module, tokenizer: Any, directory: Path) -> Path:
     return directory
 
 
-def _reader(cfg: RunConfig, tokenizer: Any) -> Callable[[str], list[dict]]:
-    """Reads and encodes another data file (replay.source) as the reference data is read."""
+def _reader(cfg: RunConfig, tokenizer: Any, field: str = "replay.source") -> Callable[[str], list[dict]]:
+    """Reads and encodes another data file (replay.source, ewc.data) as the reference data is read."""
     fmt = cfg.data.reference_format or cfg.data.format
     kw = {"overlap": cfg.data.window_overlap, "chat_loss": cfg.data.chat_loss}
-    return lambda path: load_split(path, "replay.source", fmt, cfg.task, tokenizer, cfg.data.max_length, **kw).encoded
+    return lambda path: load_split(path, field, fmt, cfg.task, tokenizer, cfg.data.max_length, **kw).encoded
+
+
+def _read_batches(cfg: RunConfig, tokenizer: Any, data: Datasets, collator: Collator, args: Any, path: str,
+                  field: str) -> Any:  # fmt: skip
+    """SetupContext.read_batches: another data file (ewc.data) as batches, as reference_batches gives the reference."""
+    rows = _reader(cfg, tokenizer, field)(path)
+    split = replace(data.train, rows=[{}] * len(rows), encoded=rows)
+    return reference_batches(replace(data, reference=split), collator, args.per_device_eval_batch_size, args.device)
 
 
 def measure(
@@ -577,6 +604,7 @@ def evaluate_saved(
         scores = dataset_metrics(model, split.encoded, collator, advance=advance)
         return {"data": str(data_file), "rows": split.stats.rows, "examples": split.stats.examples, **scores}
     data = load_datasets(cfg.data, cfg.task, tokenizer, labels)
+    data = replace(data, reference=assign_roles(cfg, data.reference).measured)  # the rows the run measured
     advance = start_pass(progress, "validation data", len(data.validation.encoded))
     val = dataset_metrics(model, data.validation.encoded, collator, advance=advance)
     scored = cfg.data.validation or f"{cfg.data.train} (the validation_fraction split off)"

@@ -85,9 +85,12 @@ class EWCConfig(RegularizerConfig):
     """Online EWC: weight of the loaded (older) Fisher."""
     save_path: str | None = None
     """Write the Fisher used (before normalize) here as safetensors, for a later run's fisher_path."""
+    data: str | None = None
+    """Data to estimate the Fisher on (JSONL file, save_to_disk directory or hub id, read in the reference data's
+    format); None: the rows of data.reference held out of the measurement (evaluation.reference_holdout)."""
 
     def without_reference_data(self) -> str | None:
-        if self.fisher_path is not None and not self.online:
+        if (self.fisher_path is not None and not self.online) or self.data is not None:
             return None
         need = "for online ewc" if self.online else "or set ewc.fisher_path to a Fisher saved by an earlier run"
         return f"ewc estimates its Fisher on the reference data: set data.reference {need}"
@@ -140,13 +143,15 @@ class EWC(Regularizer):
         loaded = load_fisher(cfg.fisher_path, named) if cfg.fisher_path is not None else None
         if loaded is not None and not cfg.online:
             return loaded
-        if ctx.reference_batches is None:
+        source = ctx.reference_batches if cfg.data is None else ctx.read_batches(cfg.data, "ewc.data")
+        if source is None:
             raise ConfigError(cfg.without_reference_data())
         sharded = has_sharded_parameters(ctx.model)
         if sharded and cfg.estimator == "exact":
             raise ConfigError("ewc.estimator: exact (per-row torch.func) cannot run on FSDP: use sampled or empirical")
-        advance = ctx.progress(f"ewc: {cfg.estimator} Fisher on the reference data", None) if ctx.progress else None
-        batches = ctx.reference_batches(shard=not sharded)  # FSDP: every process runs every batch (module docstring)
+        what = "the reference data" if cfg.data is None else cfg.data
+        advance = ctx.progress(f"ewc: {cfg.estimator} Fisher on {what}", None) if ctx.progress else None
+        batches = source(shard=not sharded)  # FSDP: every process runs every batch (module docstring)
         new = estimate_fisher(ctx.model, named, batches, cfg.estimator, advance)
         return new if loaded is None else torch._foreach_add(torch._foreach_mul(loaded, cfg.decay), new)
 

@@ -31,6 +31,7 @@ th, td { border: 1px solid #d8dee8; padding: .25rem .6rem; text-align: left; }
 th { background: #f2f4f8; }
 td.num { text-align: right; font-variant-numeric: tabular-nums; }
 p.note { color: #5a6473; font-size: .9rem; }
+p.warning { background: #fff3e0; border-left: 4px solid #d0703c; padding: .4rem .7rem; }
 """
 
 

@@ -90,7 +90,10 @@ def run_sections(run: Run) -> list[tuple[str, str]]:
         ("Loss curves", loss_curves(run)),
         ("Regularizer terms", regularizer_terms(run)),
         ("Forgetting", forgetting_section(run)),
+        ("Forgetting during training", tracked_section(run)),
     ]
+    if "lm_eval" in run.metrics:
+        sections.append(("lm-evaluation-harness", lm_eval_section(run.metrics["lm_eval"])))
     alternatives = alternative_models(run)
     if alternatives:
         sections.append(("Alternative final models", alternatives))
@@ -101,8 +104,9 @@ def run_sections(run: Run) -> list[tuple[str, str]]:
 
 
 SUMMARY_COLUMNS = [
-    "run", "regularizers", "val_loss", "train_loss", "overfit_gap", "accuracy", "f1",
-    "reference_loss_after", "delta_loss", "recall_after", "best_step", "global_step",
+    "run", "regularizers", "base_val_loss", "val_loss", "train_loss", "overfit_gap", "accuracy", "f1",
+    "reference_loss_after", "delta_loss", "recall_after", "trained_on_measured", "best_step", "global_step",
+    "wall_time_s",
 ]  # fmt: skip
 
 
@@ -118,8 +122,10 @@ def summary_row(run: Run) -> dict[str, Any]:
         **m["target"],
         "overfit_gap": m.get("overfit_gap"),
         **m.get("forgetting", {}),
+        "trained_on_measured": m.get("reference_roles", {}).get("trained_on_measured") or None,
         "best_step": m.get("best_step"),
         "global_step": m.get("global_step"),
+        "wall_time_s": m.get("wall_time_s"),
     }
 
 
@@ -206,7 +212,56 @@ def forgetting_section(run: Run) -> str:
             ax.set_ylim(0, 1)  # a share of the facts: the full scale shows how much of it is left
     fig.tight_layout()
     alt = f"reference data before and after fine-tuning {run.name}"
-    return table_tag(rows, ["measure", "before", "after", "change"]) + figure_tag(fig, alt)
+    table = table_tag(rows, ["measure", "before", "after", "change"])
+    return roles_note(run.metrics.get("reference_roles")) + table + figure_tag(fig, alt)
+
+
+def roles_note(roles: dict[str, Any] | None) -> str:
+    """Which reference rows were measured and what the regularizers read; a warning when they trained on the
+    measured rows (the forgetting then flatters them)."""
+    if not roles:
+        return ""
+    read = "; ".join(f"{name} read {what}" for name, what in roles.get("readers", {}).items())
+    held = f", {roles['held_out_rows']} held out for the regularizers" if roles.get("held_out_rows") else ""
+    note = (
+        f'<p class="note">Measured on {roles["measured_rows"]} rows of data.reference{held}. {html.escape(read)}</p>'
+    )
+    if roles.get("trained_on_measured"):
+        note += (
+            '<p class="warning"><strong>Warning:</strong> this run trained on the measured reference rows (replay or '
+            "ewc read them): the forgetting below flatters it. Give the regularizers their own data "
+            "(replay.source, ewc.data) or leave evaluation.train_on_measured off.</p>"
+        )
+    return note
+
+
+def tracked_section(run: Run) -> str:
+    """The forgetting tracked at each evaluation (tether.tracking): a table and the forgetting panel."""
+    keys = ["step", "eval_loss", "eval_reference_loss", "eval_forgetting", "eval_recall", "eval_probe_kl"]
+    keys.append("eval_within_budget")
+    rows = [{k: h.get(k) for k in keys} for h in run.history if "eval_loss" in h and any(k in h for k in keys[2:])]
+    if not rows:
+        return '<p class="note">Not tracked (evaluation.track off, no evaluation, or a run from an older tether).</p>'
+    from tether.outputs import plot_forgetting
+
+    fig = Figure(figsize=(7, 3.5))
+    ax = fig.subplots()
+    plot_forgetting(ax, run.history, run.metrics.get("best_step"))
+    ax.set_xlabel("optimizer step")
+    fig.tight_layout()
+    budget = (run.config.get("early_stopping") or {}).get("forgetting_budget")
+    note = ""
+    if budget is not None:
+        measure = run.config["early_stopping"].get("forgetting_measure", "delta_loss")
+        note = f'<p class="note">Best checkpoint: the best target metric among evaluations with {measure} &le; '
+        note += f"{budget:g} (hollow points are over it).</p>"
+    return note + table_tag(rows, _present(rows, keys)) + figure_tag(fig, f"forgetting during training of {run.name}")
+
+
+def lm_eval_section(scores: dict[str, Any]) -> str:
+    rows = [{"task": task, "metric": metric, **values} for task, metrics in scores.items()
+            for metric, values in metrics.items()]  # fmt: skip
+    return table_tag(rows, ["task", "metric", "before", "after", "delta"])
 
 
 def alternative_models(run: Run) -> str:

@@ -1,0 +1,104 @@
+"""Who may use data.reference: the rows forgetting is measured on are never trained on by default.
+
+data.reference is what the run must not forget, and it is measured before and after. replay (mixing its rows into
+training), ewc (its Fisher) and si (its importance) would also read it when they have no data of their own
+(replay.source, ewc.data). Replaying the measured rows makes the measured forgetting flatter the method (the rows
+are learned again, not kept), so by default those rows are split: a seeded share (evaluation.reference_holdout,
+0.5 when such a regularizer is configured) goes to the regularizers and the rest is measured. The split, the row
+counts and what each regularizer read are written to metrics.json as `reference_roles`. Training on the measured
+rows happens only with evaluation.train_on_measured, or when a regularizer's own file is data.reference itself; the
+record then says trained_on_measured: true, and the report shows a warning.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from tether.config import RunConfig
+from tether.data import Split
+
+DEFAULT_HOLDOUT = 0.5  # half of the reference for the regularizers when they need it and no share is given
+
+
+@dataclass(frozen=True)
+class Roles:
+    measured: Split | None
+    """The rows forgetting is measured on (before, during and after training)."""
+    regularizers: Split | None
+    """The rows the regularizers without data of their own read (None: no such regularizer, or no reference)."""
+    record: dict[str, Any]
+    """metrics.json `reference_roles`."""
+
+
+def reference_readers(cfg: RunConfig) -> dict[str, str | None]:
+    """{regularizer name: its own data file, or None when it reads data.reference} for replay, ewc and si."""
+    from tether.regularizers import parse_entries
+    from tether.regularizers.ewc import EWCConfig
+    from tether.regularizers.replay import ReplayConfig
+
+    readers: dict[str, str | None] = {}
+    for reg in parse_entries(cfg.regularizers):
+        own = reg.source if isinstance(reg, ReplayConfig) else reg.data if isinstance(reg, EWCConfig) else None
+        if own is not None or reg.without_reference_data() is not None:
+            readers[reg.name] = own
+    return readers
+
+
+def assign_roles(cfg: RunConfig, reference: Split | None) -> Roles:
+    """Split data.reference between measurement and the regularizers that read it (see the module docstring)."""
+    readers = reference_readers(cfg)
+    if reference is None:
+        return Roles(None, None, {"measured_rows": 0, "readers": readers_text(readers, None, False)})
+    ev = cfg.evaluation
+    needing = [name for name, own in readers.items() if own is None]
+    share = ev.reference_holdout
+    if share is None and needing and not ev.train_on_measured:
+        share = DEFAULT_HOLDOUT
+    measured, held = (reference, None) if share is None else split_rows(reference, share, cfg.data.seed)
+    given = reference if ev.train_on_measured else held
+    same_file = [n for n, own in readers.items() if own is not None and _same(own, cfg.data.reference)]
+    trained_on_measured = bool(needing and ev.train_on_measured) or bool(same_file)
+    record = {
+        "measured_rows": len(measured.encoded),
+        "held_out_rows": 0 if held is None else len(held.encoded),
+        "holdout_share": share,
+        "split_seed": cfg.data.seed if share is not None else None,
+        "readers": readers_text(readers, given, ev.train_on_measured),
+        "trained_on_measured": trained_on_measured,
+    }
+    return Roles(measured, given if needing else None, record)
+
+
+def readers_text(readers: dict[str, str | None], given: Split | None, everything: bool) -> dict[str, str]:
+    """What each reader read, in words, for metrics.json and the report."""
+    rows = "" if given is None else f" ({len(given.encoded)} rows)"
+    shared = (
+        "every row of data.reference, the measured ones too" if everything else "the held-out rows of data.reference"
+    )
+    return {name: own if own is not None else shared + rows for name, own in readers.items()}
+
+
+def split_rows(split: Split, share: float, seed: int) -> tuple[Split, Split]:
+    """(measured, held out): a seeded random `share` of the rows held out; each part keeps at least one row."""
+    n = len(split.encoded)
+    if n < 2:
+        from tether.errors import DataError
+
+        raise DataError("data.reference has fewer than 2 rows: it cannot be split between measurement and "
+                        "regularizers: add rows, or give replay.source / ewc.data")  # fmt: skip
+    order = list(range(n))
+    random.Random(f"reference-roles-{seed}").shuffle(order)  # its own stream: not the validation split's order
+    n_held = min(max(1, round(share * n)), n - 1)
+    held, kept = sorted(order[:n_held]), sorted(order[n_held:])
+
+    def take(idx: list[int]) -> Split:
+        return Split([split.rows[i] for i in idx], [split.encoded[i] for i in idx], split.format)
+
+    return take(kept), take(held)
+
+
+def _same(path: str, reference: str | None) -> bool:
+    return reference is not None and Path(path).expanduser().resolve() == Path(reference).expanduser().resolve()

@@ -1,0 +1,109 @@
+"""The measured reference rows are never trained on unless asked; what replay and ewc read is recorded."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+from safetensors.torch import load_file
+from transformers import TrainerCallback
+
+from tests.conftest import write_jsonl
+from tether.config import validate_config
+from tether.roles import assign_roles
+from tether.run import evaluate_saved, train
+from tether.synthetic import char_tokenizer
+
+
+class _TrainRows(TrainerCallback):
+    """The rows the Trainer trains on (replay's mix included)."""
+
+    def __init__(self) -> None:
+        self.rows: list[tuple[int, ...]] = []
+
+    def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self.rows = [tuple(r["input_ids"]) for r in kwargs["train_dataloader"].dataset]
+
+
+def _facts(raw: dict[str, Any]) -> list[tuple[int, ...]]:
+    from tether.data import load_split
+
+    split = load_split(raw["data"]["reference"], "reference", "prompt_completion", "causal_lm", char_tokenizer(), 32)
+    return [tuple(e["input_ids"]) for e in split.encoded]
+
+
+def _train(raw: dict[str, Any], out: Path) -> tuple[dict[str, Any], set[tuple[int, ...]]]:
+    seen = _TrainRows()
+    metrics = train(validate_config(raw), out, overwrite=True, callbacks=[seen])
+    return metrics, set(seen.rows)
+
+
+@pytest.fixture
+def replay_config(raw_config: dict[str, Any]) -> dict[str, Any]:
+    raw_config["regularizers"] = [{"name": "replay", "ratio": 0.5}]
+    raw_config["training"].update(max_steps=4, eval_steps=4)
+    return raw_config
+
+
+def test_replay_reads_the_held_out_rows_only(replay_config: dict, tmp_path: Path) -> None:
+    cfg = validate_config(replay_config)
+    metrics, trained = _train(replay_config, tmp_path / "run")
+    roles = metrics["reference_roles"]
+    facts = set(_facts(replay_config))
+    replayed = trained & facts
+    assert roles["measured_rows"] == roles["held_out_rows"] == 6 and not roles["trained_on_measured"]
+    assert len(replayed) == 6  # every held-out fact is replayed (48 rows at ratio 0.5: 48 replayed, 8 passes)
+    from tether.data import load_split
+
+    ref = load_split(cfg.data.reference, "reference", "prompt_completion", "causal_lm", char_tokenizer(), 32)
+    measured = {tuple(e["input_ids"]) for e in assign_roles(cfg, ref).measured.encoded}
+    assert not measured & replayed and measured | replayed == facts
+
+
+def test_training_on_the_measured_rows_is_asked_for_and_flagged(replay_config: dict, tmp_path: Path) -> None:
+    replay_config["evaluation"] = {"train_on_measured": True}
+    metrics, trained = _train(replay_config, tmp_path / "run")
+    roles = metrics["reference_roles"]
+    assert roles["trained_on_measured"] and roles["measured_rows"] == 12 and roles["held_out_rows"] == 0
+    assert trained >= set(_facts(replay_config))  # all 12, the measured ones included
+    assert "trained on the measured" in (tmp_path / "run" / "report.html").read_text()
+
+
+def test_a_replay_source_that_is_the_reference_file_is_flagged(replay_config: dict, tmp_path: Path) -> None:
+    replay_config["regularizers"][0]["source"] = replay_config["data"]["reference"]
+    metrics, _ = _train(replay_config, tmp_path / "run")
+    assert metrics["reference_roles"]["trained_on_measured"]
+    assert metrics["reference_roles"]["measured_rows"] == 12  # replay has its own (same) file: nothing held out
+
+
+def test_same_holdout_measures_the_same_rows_with_and_without_replay(replay_config: dict, tmp_path: Path) -> None:
+    replay_config["evaluation"] = {"reference_holdout": 0.5}
+    with_replay, _ = _train(replay_config, tmp_path / "replay")
+    replay_config["regularizers"] = []
+    plain, _ = _train(replay_config, tmp_path / "plain")
+    assert plain["reference_roles"]["measured_rows"] == 6
+    assert plain["forgetting"]["reference_loss_before"] == with_replay["forgetting"]["reference_loss_before"]
+    cfg = validate_config(replay_config)
+    again = evaluate_saved(cfg, tmp_path / "plain" / "model")  # tether eval measures the run's rows
+    assert again["reference"]["loss"] == pytest.approx(plain["forgetting"]["reference_loss_after"], abs=1e-6)
+
+
+def test_ewc_data_is_the_fisher_of_that_file(raw_config: dict, tmp_path: Path) -> None:
+    other = write_jsonl(
+        tmp_path / "other.jsonl", [{"prompt": f"Item {i} sits in", "completion": f" r{i}."} for i in range(8)]
+    )
+    raw_config["training"].update(max_steps=2, eval_steps=2)
+    raw_config["regularizers"] = [{"name": "ewc", "strength": 0.3, "data": str(other)}]
+    own, _ = _train(raw_config, tmp_path / "own")
+    assert own["reference_roles"]["measured_rows"] == 12  # ewc has its own data: every fact is measured
+    assert own["reference_roles"]["readers"] == {"ewc": str(other)}
+    raw_config["regularizers"] = [{"name": "ewc", "strength": 0.3}]
+    raw_config["data"]["reference"] = str(other)
+    raw_config["evaluation"] = {"train_on_measured": True}
+    _train(raw_config, tmp_path / "as_reference")
+    a, b = (
+        load_file(tmp_path / "own" / "fisher.safetensors"),
+        load_file(tmp_path / "as_reference" / "fisher.safetensors"),
+    )
+    assert a.keys() == b.keys() and all((a[k] == b[k]).all() for k in a)
