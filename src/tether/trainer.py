@@ -12,11 +12,11 @@ import torch
 from torch import nn
 from transformers import Trainer, TrainerCallback
 from transformers.trainer import TRAINER_STATE_NAME
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint, rotate_checkpoints
 
 from tether.data import IGNORE
 from tether.distributed import barrier, has_sharded_parameters
-from tether.errors import NonFiniteError, TetherError
+from tether.errors import ConfigError, NonFiniteError, TetherError
 from tether.outputs import save_safetensors_atomic
 from tether.regularizers import RegularizerStack
 from tether.step import regularized_loss
@@ -26,12 +26,33 @@ STAGING = ".staging"  # checkpoints are written here, then renamed into the run 
 
 
 class RegularizedMixin:
-    """Mix into transformers.Trainer (or TRL's SFTTrainer): `class T(RegularizedMixin, SFTTrainer)`, then add the
-    StepEnd(stack) callback, as RegularizedTrainer does."""
+    """Mix into transformers.Trainer or a TRL trainer: `class T(RegularizedMixin, SFTTrainer)`, set `stack` (set up
+    on the model the trainer trains) and add the StepEnd(stack) callback, as RegularizedTrainer and
+    tether.regularize do. What the stack cannot do beside the trainer is refused when training starts."""
 
     stack: RegularizerStack
     pending_setup: Callable[[], None] | None = None
     """The stack's setup, when it must wait until FSDP has sharded the model (tether.run sets it)."""
+    resume_state: dict[str, torch.Tensor] | None = None
+    """The stack's state of the checkpoint train() resumes from, kept until the pending setup has run."""
+    reference_rows: list[dict[str, Any]] | None = None
+    """The reference data, encoded (tether.regularize sets it, for tether.finish)."""
+    reference_before: dict[str, float] | None = None
+    """What the model knew of the reference data before training, when ema or wise_ft measure their models."""
+    _hooked: torch.optim.Optimizer | None = None  # the optimizer the stack's hooks are attached to
+
+    def train(self, resume_from_checkpoint: str | bool | None = None, *args: Any, **kwargs: Any) -> Any:
+        """The Trainer's train(); resuming from a checkpoint also restores the regularizers' state (EMA average,
+        SI's importances, skipped steps) saved with it."""
+        if resume_from_checkpoint is True:
+            resume_from_checkpoint = get_last_checkpoint(self.args.output_dir)  # None: the Trainer says so
+        if resume_from_checkpoint:
+            state = load_stack_state(Path(resume_from_checkpoint))
+            if self.pending_setup is None:
+                self.stack.load_state_dict(state)
+            else:
+                self.resume_state = state
+        return super().train(resume_from_checkpoint or None, *args, **kwargs)
 
     def compute_loss(
         self,
@@ -40,18 +61,32 @@ class RegularizedMixin:
         return_outputs: bool = False,
         num_items_in_batch: torch.Tensor | int | None = None,
     ) -> torch.Tensor | tuple[torch.Tensor, Any]:
-        """Steps 1-3 of tether.step: prefetch, the Trainer's own task loss, the weighted autograd penalties."""
+        """Steps 1-3 of tether.step: prefetch, the Trainer's own task loss, the weighted autograd penalties. Without
+        an autograd penalty nothing needs the outputs: the trainer's own compute_loss, as asked."""
         if not model.training:  # evaluation never adds penalties
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        if not self.stack.penalty_names:
+            result = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+            task_loss = result[0] if return_outputs else result
+            loss = regularized_loss(self.stack, model, inputs, None, task_loss)
+            return (loss, result[1]) if return_outputs else loss
         # Accelerate's mixed precision wraps the model's forward only: the reference's own calls (its body, its
         # output layer per chunk inside the penalties) need the same autocast to be the model's own outputs.
         with self.accelerator.autocast():
             self.stack.prefetch(inputs)
-        task_loss, outputs = super().compute_loss(model, inputs, True, num_items_in_batch)
+        task_loss, outputs = self._task_loss_and_outputs(model, inputs, num_items_in_batch)
         with self.accelerator.autocast():
             share = lambda: self._penalty_scale(inputs, num_items_in_batch)  # noqa: E731 (asked only with a penalty)
             loss = regularized_loss(self.stack, model, inputs, outputs, task_loss, share)
         return (loss, outputs) if return_outputs else loss
+
+    def _task_loss_and_outputs(self, model: nn.Module, inputs: dict[str, Any], num_items_in_batch: Any) -> Any:
+        """The task loss and the outputs (with the logits, in the graph) of one forward. TRL's SFTTrainer computes
+        its loss through a fused head that makes no logits (and returns those of a second forward, without grad):
+        its NLL loss is the model's own loss, which transformers.Trainer.compute_loss computes in one forward."""
+        if loss_owner(type(self)) == "SFTTrainer":
+            return Trainer.compute_loss(self, model, {**inputs, "use_cache": False}, True, num_items_in_batch)
+        return super().compute_loss(model, inputs, True, num_items_in_batch)
 
     def _penalty_scale(self, inputs: dict[str, Any], num_items_in_batch: Any) -> float | torch.Tensor:
         """The weight of this micro-batch's autograd penalties (each a mean over its loss positions), so that they
@@ -75,14 +110,55 @@ class RegularizedMixin:
         return positions * processes / num_items_in_batch
 
     def create_optimizer(self, model: nn.Module | None = None) -> torch.optim.Optimizer:
-        """The Trainer's optimizer class and settings over the stack's parameter groups (weight decay, LLRD)."""
+        """The Trainer's optimizer class and settings over the stack's parameter groups (weight decay, LLRD), with
+        the stack's hooks attached; a user-supplied optimizer (Trainer(optimizers=...)) gets the hooks only."""
+        self.check_regularized()
         if self.optimizer is None:
             model = self.model if model is None else model
             cls, kwargs = self.get_optimizer_cls_and_kwargs(self.args, model)
             groups = self.stack.optimizer_groups(model, kwargs.get("lr", self.args.learning_rate))
             self.optimizer = cls(groups, **kwargs)
-            self.stack.attach(model, self.optimizer)
+        elif self._hooked is None and self.stack.group_names:
+            names = ", ".join(self.stack.group_names)
+            raise TetherError(
+                f"{names} set the optimizer's parameter groups, which a user-supplied optimizer already has: let the "
+                "Trainer build it (drop optimizers=..., set optim / learning_rate in the arguments) or drop them"
+            )
+        if self._hooked is not self.optimizer:
+            self.stack.attach(self.model if model is None else model, self.optimizer)
+            self._hooked = self.optimizer
         return self.optimizer
+
+    def check_regularized(self) -> None:
+        """Refuse, in one line each, what would make a regularizer do nothing or something else than it says."""
+        check_trainer(type(self), self.stack)
+        if self.stack.penalty_names and loss_owner(type(self)) == "SFTTrainer":
+            loss_type = self.args.loss_type
+            if loss_type != "nll" or self.compute_loss_func is not None or self.label_smoother is not None:
+                raise ConfigError(
+                    f"{', '.join(self.stack.penalty_names)} under SFTTrainer take the loss as the model's NLL: set "
+                    "loss_type='nll', no compute_loss_func and label_smoothing_factor=0 (tether has dft and "
+                    "label_smoothing regularizers)"
+                )
+        if not self.stack.is_set_up and self.pending_setup is None:
+            raise TetherError(
+                "the regularizer stack was never set up: install it with tether.regularize(trainer, ...), or call "
+                "stack.setup(SetupContext(trainer.model, ...)) before train()"
+            )
+        trained = frozenset(id(p) for p in self.model.parameters() if p.requires_grad)
+        if self.stack.is_set_up and not self.is_fsdp_enabled and trained != self.stack.set_up_on:
+            raise TetherError(
+                "the model's trainable parameters changed after the regularizers were set up (adapters added or "
+                "parameters frozen since?): install tether after wrapping the model (e.g. after get_peft_model, "
+                "or pass peft_config to the TRL trainer and regularize the trainer)"
+            )
+        weight_decay = self.args.weight_decay
+        decayed = next((reg.strength for reg, _ in self.stack.items if reg.name == "weight_decay"), 0.0)
+        if weight_decay and self.optimizer is None and decayed != weight_decay:
+            raise TetherError(
+                f"TrainingArguments.weight_decay={weight_decay} is not what the regularizers decay with: set it to 0 "
+                f"and add {{'name': 'weight_decay', 'strength': {weight_decay}}} (tether.regularize does so itself)"
+            )
 
     def create_scheduler(self, num_training_steps: int, optimizer: torch.optim.Optimizer | None = None) -> Any:
         """The Trainer calls this after Accelerate has sharded the model (FSDP2 shards it in place) and before it
@@ -94,6 +170,9 @@ class RegularizedMixin:
             if self.is_fsdp_enabled and not has_sharded_parameters(self.model):
                 raise TetherError("FSDP did not shard the model's parameters in place: tether needs FSDP2")
             setup()
+            if self.resume_state is not None:
+                self.stack.load_state_dict(self.resume_state)
+                self.resume_state = None
         return super().create_scheduler(num_training_steps, optimizer)
 
     def _save_checkpoint(self, model: nn.Module, trial: Any) -> None:
@@ -125,6 +204,8 @@ class RegularizedMixin:
         if final.exists():  # the same step saved again (a resumed run): replace it
             shutil.rmtree(final)
         os.replace(staged, final)
+        for left in staged.parent.iterdir():  # what a TRL trainer writes beside the checkpoint (its model card)
+            os.replace(left, final.parent / left.name)
         staged.parent.rmdir()
         limit, best = self.args.save_total_limit, self.state.best_model_checkpoint
         rotate_checkpoints(str(final.parent), save_total_limit=limit, best_model_checkpoint=best)
@@ -142,6 +223,46 @@ class RegularizedMixin:
         if "loss" in logs:
             logs.update(self._at_this_step(self.stack.pop_logs))
         super().log(logs, start_time)
+
+
+def loss_owner(cls: type) -> str:
+    """The name of the class whose compute_loss the mixin's super() calls ("Trainer" for transformers.Trainer)."""
+    mro = cls.__mro__
+    after = mro[mro.index(RegularizedMixin) + 1 :]
+    return next(c.__name__ for c in after if "compute_loss" in vars(c))
+
+
+# TRL trainers whose loss is not a per-token loss on labelled tokens, and their own way to hold the model close
+OWN_CONSTRAINT = {
+    "DPOTrainer": "its beta (the KL to the reference model inside the DPO loss)",
+    "GRPOTrainer": "its beta (the KL to the reference model) and epsilon (the ratio clipping)",
+    "KTOTrainer": "its beta",
+    "RLOOTrainer": "its beta",
+    "RewardTrainer": "its center_rewards_coefficient",
+}
+
+
+def check_trainer(cls: type, stack: RegularizerStack) -> None:
+    """The autograd penalties compare the model's logits at labelled tokens with the reference's: they need the
+    forward that makes the loss (transformers.Trainer, TRL's SFTTrainer); replay mixes labelled rows into the
+    training data. Beside a preference or RL loss neither applies: refused, naming what to use instead."""
+    owner = loss_owner(cls)
+    if owner in ("Trainer", "SFTTrainer"):
+        return
+    unfit = [name for name in stack.names if name in stack.penalty_names or name == "replay"]
+    if owner in OWN_CONSTRAINT and unfit:
+        raise ConfigError(
+            f"{', '.join(unfit)} cannot apply beside {owner}'s loss (no labelled tokens to compare or replay): use "
+            f"{OWN_CONSTRAINT[owner]} instead, or the parameter-space ones (l2_sp, ewc, si), and drop them"
+        )
+
+
+def load_stack_state(checkpoint: Path) -> dict[str, torch.Tensor]:
+    """The regularizers' state saved with a checkpoint ({} for a checkpoint written without regularizer state)."""
+    from safetensors.torch import load_file
+
+    path = checkpoint / STACK_STATE
+    return load_file(str(path)) if path.is_file() else {}
 
 
 class StepEnd(TrainerCallback):

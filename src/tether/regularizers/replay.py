@@ -9,7 +9,10 @@ dataset. Rows are drawn from the source in a seeded random order, the whole sour
 The mixed set is fixed for the run: every epoch replays the same rows (to replay more of the source, raise ratio).
 How many rows and tokens were replayed is written to metrics.json under `replay`. strength is unused.
 
-Rows of `source` are read in the reference data's format (data.reference_format, else data.format).
+Rows of `source` are read in the reference data's format (data.reference_format, else data.format). From Python
+(tether.regularize) the training and replayed rows may be lists or HF `datasets.Dataset`s (the mix is then a
+Dataset), and may come without labels: the tokens that carry loss are then the completion's or assistant's
+(`completion_mask`, `assistant_masks`, as TRL writes them), else every token after the first.
 """
 
 from __future__ import annotations
@@ -23,10 +26,12 @@ from pydantic import Field
 from torch import nn
 
 from tether.data import IGNORE
-from tether.errors import ConfigError
+from tether.errors import ConfigError, DataError
 from tether.regularizers.base import FinishContext, NoPenaltyConfig, Regularizer, register
 
 log = logging.getLogger(__name__)
+Rows = Any  # a list of dict rows, or a datasets.Dataset
+TOKEN_COLUMNS = {"input_ids", "attention_mask", "labels", "completion_mask", "assistant_masks", "position_ids"}
 
 
 class ReplayConfig(NoPenaltyConfig):
@@ -49,24 +54,21 @@ class Replay(Regularizer):
 
     def train_data(
         self,
-        train: list[dict],
-        reference: list[dict] | None,
+        train: Rows,
+        reference: Rows | None,
         seed: int,
         load: Callable[[str], list[dict]] | None = None,
-    ) -> list[dict]:
+    ) -> Rows:
         source = reference if self.config.source is None else _load(self.config.source, load)
-        if not source:
+        if source is None or len(source) == 0:
             raise ConfigError("replay needs rows to replay: set data.reference or a replay.source with rows")
         picked = mix(train, source, self.config.ratio, self.config.by, seed)
-        self.counts = {
-            "examples": len(picked),
-            "tokens": sum(map(loss_tokens, picked)),
-            "share_examples": len(picked) / (len(train) + len(picked)),
-        }
-        self.counts["share_tokens"] = self.counts["tokens"] / (self.counts["tokens"] + sum(map(loss_tokens, train)))
-        log.info("replay: %d rows (%d loss tokens) mixed into %d training rows", len(picked), self.counts["tokens"],
-                 len(train))  # fmt: skip
-        return train + picked
+        self.counts = {"examples": len(picked), "share_examples": len(picked) / (len(train) + len(picked))}
+        if picked and tokenized(picked[0]) and tokenized(train[0]):  # raw text rows (from Python) have no count
+            tokens = sum(map(loss_tokens, picked))
+            self.counts.update(tokens=tokens, share_tokens=tokens / (tokens + sum(map(loss_tokens, train))))
+        log.info("replay: %d rows mixed into %d training rows", len(picked), len(train))
+        return joined(train, picked)
 
     def after_training(self, model: nn.Module, ctx: FinishContext) -> dict[str, Any]:
         return self.counts
@@ -78,7 +80,23 @@ def _load(source: str, load: Callable[[str], list[dict]] | None) -> list[dict]:
     return load(source)
 
 
-def mix(train: list[dict], source: list[dict], ratio: float, by: str, seed: int) -> list[dict]:
+def joined(train: Rows, picked: list[dict]) -> Rows:
+    """train followed by the picked rows: a list, or a Dataset when train is one. A Dataset's columns that the
+    picked rows lack are left empty when they are raw ones (a TRL-prepared set keeps its prompt/completion beside
+    the input_ids and labels the collator reads); token columns must be there."""
+    if isinstance(train, list):
+        return train + picked
+    from datasets import Dataset, concatenate_datasets
+
+    columns = train.column_names
+    missing = sorted({c for row in picked for c in columns if c not in row})
+    if TOKEN_COLUMNS & set(missing):
+        raise DataError(f"replay: the replayed rows lack the training data's columns {missing}: give them alike")
+    added = [{c: row.get(c) for c in columns} for row in picked]
+    return concatenate_datasets([train, Dataset.from_list(added, features=train.features)])
+
+
+def mix(train: Rows, source: Rows, ratio: float, by: str, seed: int) -> list[dict]:
     """The rows to add so that they are `ratio` of train + them: n = round(r / (1 - r) * len(train)) rows, or, by
     tokens, rows until their loss tokens reach r / (1 - r) of the training rows' (overshooting by under one row)."""
     share = ratio / (1 - ratio)
@@ -92,7 +110,7 @@ def mix(train: list[dict], source: list[dict], ratio: float, by: str, seed: int)
     return picked
 
 
-def cycle_shuffled(rows: list[dict], seed: int) -> Iterator[dict]:
+def cycle_shuffled(rows: Rows, seed: int) -> Iterator[dict]:
     """Every row once in a seeded random order, then again in a fresh order, forever."""
     rng = random.Random(seed)
     while True:
@@ -101,8 +119,22 @@ def cycle_shuffled(rows: list[dict], seed: int) -> Iterator[dict]:
         yield from (rows[i] for i in order)
 
 
+def tokenized(row: dict) -> bool:
+    return "labels" in row or "input_ids" in row
+
+
 def loss_tokens(row: dict) -> int:
-    """Positions that carry loss: labels other than -100 (after the first, which no logit predicts); 1 for a class.
-    At least 1, so that drawing rows until a token count is reached always ends."""
-    labels = row["labels"]
-    return 1 if isinstance(labels, int) else max(sum(label != IGNORE for label in labels[1:]), 1)
+    """Positions that carry loss: labels other than -100 (after the first, which no logit predicts); 1 for a class;
+    without labels, the completion's or assistant's tokens (TRL's masks) or every token. At least 1, so that drawing
+    rows until a token count is reached always ends."""
+    labels = row.get("labels")
+    if isinstance(labels, int):
+        return 1
+    if labels is not None:
+        return max(sum(label != IGNORE for label in labels[1:]), 1)
+    if "input_ids" not in row:
+        raise DataError(
+            "replay by: tokens counts token ids, and these rows have none: tokenize them, or use by: examples"
+        )
+    mask = row.get("completion_mask") or row.get("assistant_masks") or [1] * len(row["input_ids"])
+    return max(sum(mask[1:]), 1)

@@ -83,6 +83,8 @@ class RegularizerStack:
         self._counts: dict[str, int] = {}
         self.sharded = False  # FSDP2: each process holds a shard of every parameter
         self.reference: Reference | None = None
+        self.set_up_on: frozenset[int] = frozenset()
+        """ids of the trainable parameters at setup: the trainer checks it trains those (no adapter added since)."""
 
     @classmethod
     def from_configs(
@@ -93,6 +95,16 @@ class RegularizerStack:
     @property
     def names(self) -> list[str]:
         return [reg.name for reg, _ in self.items]
+
+    @property
+    def penalty_names(self) -> list[str]:
+        """The regularizers with an autograd penalty (they need the logits of the forward that makes the loss)."""
+        return [reg.name for reg, _ in self.items if type(reg).penalty is not Regularizer.penalty]
+
+    @property
+    def group_names(self) -> list[str]:
+        """The optimizer-level regularizers (they shape the optimizer's parameter groups)."""
+        return [reg.name for reg, _ in self.items if type(reg).param_groups is not Regularizer.param_groups]
 
     def setup(self, ctx: SetupContext) -> None:
         """Builds the one frozen Reference first, when one is asked for: before any setup changes the model."""
@@ -106,6 +118,7 @@ class RegularizerStack:
         self.reference = ctx.reference
         for reg, _ in self.items:
             reg.setup(ctx)
+        self.set_up_on = frozenset(id(p) for p in ctx.model.parameters() if p.requires_grad)
         self.is_set_up = True
 
     def check_shardable(self) -> None:

@@ -1,0 +1,210 @@
+"""tether inside an existing training script: regularize a transformers or TRL trainer, measure forgetting.
+
+    trainer = SFTTrainer(model=model, args=args, train_dataset=train, peft_config=lora)   # the user's own
+    trainer = tether.regularize(trainer, [{"name": "l2_sp", "strength": 0.01}, {"name": "replay"}], reference=facts)
+    trainer.train()
+    tether.forgetting(trainer.model, tokenizer, facts)       # LoRA: against the same model with adapters disabled
+
+`regularize` installs the stack into the trainer it is given (its class becomes a subclass with RegularizedMixin)
+after the trainer has wrapped its model (PEFT), so the regularizers are set up on the model that trains; the
+trainer then refuses to train when something would make a regularizer do nothing (see RegularizedMixin).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from tether.config import RegularizerEntry
+from tether.data import REQUIRED, Collator, Split, encode, read_rows
+from tether.errors import ConfigError, TetherError
+from tether.evaluate import forgetting as forgetting_of
+from tether.evaluate import reference_metrics
+from tether.reference import is_peft
+from tether.regularizers import FinishContext, RegularizerConfig, RegularizerStack, SetupContext, parse_entries
+from tether.trainer import RegularizedMixin, StepEnd, check_trainer
+
+Reference = str | Path | list[dict[str, Any]] | Any  # a JSONL file, rows, or a datasets.Dataset
+MAX_LENGTH = 1024  # tokens per reference row when the trainer's arguments name no max_length
+
+
+def regularize(
+    trainer: Any,
+    regularizers: list[dict[str, Any] | RegularizerConfig],
+    reference: Reference | None = None,
+    *,
+    max_length: int | None = None,
+    skip_non_finite: int = 0,
+) -> Any:
+    """Install tether's regularizers into `trainer` (transformers.Trainer, TRL's SFTTrainer, DPOTrainer,
+    GRPOTrainer, ...) and return it, ready to train().
+
+    regularizers: entries as in the YAML config ({"name": "l2_sp", "strength": 0.01}) or config objects.
+    reference: what the model must not forget (the Fisher of ewc, replay's rows, kl / distill's reference is the
+    model itself): a JSONL path, a list of rows or a datasets.Dataset, with `text`, `prompt`/`completion` or
+    `messages` (or already tokenized: `input_ids`, optional `labels`). A nonzero TrainingArguments.weight_decay
+    becomes the weight_decay regularizer (biases and norms excluded, as transformers does).
+    The regularizers are set up now, on trainer.model as the trainer wraps it (under FSDP when it has sharded it):
+    call this after building the trainer, and wrap no adapter around its model afterwards (refused at train())."""
+    if isinstance(trainer, RegularizedMixin):
+        raise TetherError("this trainer is regularized already: call tether.regularize once, with every regularizer")
+    configs = _configs(regularizers, trainer.args.weight_decay)
+    tokenizer = trainer.processing_class
+    rows = _rows(reference)
+    if rows is None:
+        missing = [c.name for c in configs if c.without_reference_data() is not None]
+        if missing:
+            raise ConfigError(
+                f"{', '.join(missing)} need reference data: pass reference=<JSONL path, rows or Dataset>"
+            )
+    if rows is not None and tokenizer is None:
+        raise ConfigError("tether encodes the reference with the trainer's tokenizer: pass processing_class=tokenizer")
+    length = max_length or getattr(trainer.args, "max_length", None) or MAX_LENGTH  # TRL's configs have one
+    encoded = None if rows is None else encode_rows(rows, tokenizer, length)
+    stack = RegularizerStack.from_configs(configs, skip_non_finite)
+    cls = type(trainer)
+    regularized = type(f"Regularized{cls.__name__}", (RegularizedMixin, cls), {"__module__": cls.__module__})
+    check_trainer(regularized, stack)
+    if "replay" in stack.names:
+        trainer.train_dataset = stack.train_data(
+            trainer.train_dataset, _replayed(trainer, rows, encoded), trainer.args.seed
+        )
+    trainer.__class__ = regularized
+    trainer.stack = stack
+    trainer.reference_rows = encoded
+    refs = None if encoded is None else batches(encoded, Collator(tokenizer.pad_token_id), trainer.args.device)
+    ctx = SetupContext(trainer.model, refs, trainer.args.learning_rate)
+    if trainer.is_fsdp_enabled:  # FSDP shards the model inside train(): set up on the shards there
+        trainer.pending_setup = lambda: stack.setup(dataclasses.replace(ctx, model=trainer.model))
+    else:
+        stack.setup(ctx)
+    if encoded is not None and {"ema", "wise_ft"} & set(stack.names):  # their final models are measured too
+        trainer.reference_before = knowledge(trainer.model, tokenizer, encoded)
+    trainer.add_callback(StepEnd(stack))
+    trainer.check_regularized()  # what is known now is refused now, not at train()
+    return trainer
+
+
+def _configs(entries: list[dict[str, Any] | RegularizerConfig], weight_decay: float) -> list[RegularizerConfig]:
+    """The entries validated as the YAML's are; TrainingArguments.weight_decay merged in as weight_decay."""
+    given = [e for e in entries if isinstance(e, RegularizerConfig)]
+    parsed = parse_entries([RegularizerEntry(**e) for e in entries if not isinstance(e, RegularizerConfig)])
+    configs = [*given, *parsed]
+    decay = next((c for c in configs if c.name == "weight_decay"), None)
+    if weight_decay and decay is None:
+        configs += parse_entries([RegularizerEntry(name="weight_decay", strength=weight_decay)])
+    elif weight_decay and decay.strength != weight_decay:
+        raise ConfigError(
+            f"TrainingArguments.weight_decay={weight_decay} and the weight_decay regularizer's strength "
+            f"{decay.strength} differ: keep one of them"
+        )
+    return configs
+
+
+def _rows(reference: Reference | None) -> list[dict[str, Any]] | None:
+    if reference is None:
+        return None
+    if isinstance(reference, str | Path):
+        return read_rows(str(reference), "reference")
+    rows = [dict(row) for row in reference]  # a list, or a datasets.Dataset (its rows are dicts)
+    if not rows:
+        raise ConfigError("reference has no rows: give rows to hold on to, or leave it out")
+    return rows
+
+
+def encode_rows(rows: list[dict[str, Any]], tokenizer: Any, max_length: int) -> list[dict[str, Any]]:
+    """Rows as tether trains and measures them: input_ids, attention_mask and labels (-100 where no loss). Rows
+    already tokenized keep their ids; without labels every token carries loss."""
+    encoded = []
+    for row in rows:
+        if "input_ids" in row:
+            ids = list(row["input_ids"])[:max_length]
+            labels = list(row.get("labels", ids))[:max_length]
+            encoded.append({"input_ids": ids, "attention_mask": [1] * len(ids), "labels": labels})
+            continue
+        fmt = next((f for f, keys in REQUIRED.items() if set(keys) <= row.keys()), None)
+        if fmt is None:
+            raise ConfigError(f"reference row {row!r:.80}: give text, prompt and completion, messages or input_ids")
+        examples = encode(row, fmt, "causal_lm", tokenizer, max_length)
+        encoded += examples if isinstance(examples, list) else [examples] if examples else []  # a row or its windows
+    return encoded
+
+
+def _replayed(trainer: Any, rows: list[dict[str, Any]], encoded: list[dict[str, Any]]) -> Any:
+    """The reference rows in the form of the trainer's training rows: prepared as TRL's SFTTrainer prepares its
+    own (its tokenization, chat template and masks), tokenized when the training rows are, else as given."""
+    if any(c.__name__ == "SFTTrainer" for c in type(trainer).__mro__):
+        from datasets import Dataset
+
+        args = trainer.args
+        prepare = trainer._prepare_dataset  # TRL's own preparation, so the replayed rows match the others
+        return prepare(Dataset.from_list(rows), trainer.processing_class, args, args.packing, None, "replay")
+    return encoded if "input_ids" in trainer.train_dataset[0] else rows
+
+
+def batches(encoded: list[dict[str, Any]], collator: Collator, device: torch.device, size: int = 8) -> Any:
+    """reference_batches for SetupContext: the rows collated in batches of `size` on `device` (one process)."""
+
+    def each(shard: bool = True) -> Iterator[dict[str, torch.Tensor]]:
+        for start in range(0, len(encoded), size):
+            yield {k: v.to(device) for k, v in collator(encoded[start : start + size]).items()}
+
+    return each
+
+
+def knowledge(model: nn.Module, tokenizer: Any, rows: Reference, *, max_length: int = MAX_LENGTH) -> dict[str, float]:
+    """What `model` knows of `rows`: their loss (token-weighted), and greedy exact-match recall of the completions
+    for prompt/completion rows. Take it before training to measure forgetting after (see `forgetting`)."""
+    listed = _rows(rows)
+    facts = all({"prompt", "completion"} <= r.keys() for r in listed)  # recall is measured on these only
+    split = Split(listed, encode_rows(listed, tokenizer, max_length), "prompt_completion" if facts else "text")
+    return reference_metrics(model, tokenizer, split, Collator(tokenizer.pad_token_id))
+
+
+def forgetting(
+    model: nn.Module, tokenizer: Any, rows: Reference, before: dict[str, float] | nn.Module | None = None
+) -> dict[str, float]:
+    """How much of `rows` the model forgot: the forgetting.* of metrics.json (reference loss before and after and its
+    increase; recall before, after and its drop for prompt/completion rows). `before`: the `knowledge` taken before
+    training, or the original model; None under PEFT: the same model with its adapters disabled."""
+    if before is None:
+        if not is_peft(model):
+            raise TetherError(
+                "forgetting of a fully fine-tuned model needs before=: tether.knowledge(model, tokenizer, rows) "
+                "taken before training, or the original model"
+            )
+        with model.disable_adapter():
+            before = knowledge(model, tokenizer, rows)
+    elif isinstance(before, nn.Module):
+        before = knowledge(before, tokenizer, rows)
+    return forgetting_of(before, knowledge(model, tokenizer, rows))
+
+
+def finish(trainer: Any, output_dir: str | Path | None = None) -> dict[str, Any]:
+    """After train(): what ema and wise_ft do at the end of a run (their models measured on the trainer's eval data
+    and the reference, and saved under output_dir/model_ema, model_wise_ft); {name: results}."""
+    if not isinstance(trainer, RegularizedMixin):
+        raise TetherError("finish() takes a trainer that tether.regularize returned")
+    out = Path(output_dir or trainer.args.output_dir)
+    tokenizer = trainer.processing_class
+
+    def evaluate(model: nn.Module) -> dict[str, Any]:
+        if trainer.eval_dataset is None:
+            raise TetherError("ema and wise_ft measure their models on the eval data: give the trainer eval_dataset")
+        metrics: dict[str, Any] = {"target": {"val_loss": trainer.evaluate()["eval_loss"]}}
+        if trainer.reference_before is not None:
+            after = knowledge(model, tokenizer, trainer.reference_rows)
+            metrics["forgetting"] = forgetting_of(trainer.reference_before, after)
+        return metrics
+
+    def save(model: nn.Module, name: str) -> Path:
+        model.save_pretrained(out / name)
+        tokenizer.save_pretrained(out / name)
+        return out / name
+
+    return trainer.stack.after_training(trainer.model, FinishContext(out, evaluate, save))

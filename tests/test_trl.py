@@ -1,0 +1,161 @@
+"""tether inside TRL's trainers (trl in the dev extras): SFTTrainer with every kind of regularizer, DPOTrainer and
+GRPOTrainer with the parameter-space and optimizer-level ones; what cannot apply beside them is refused.
+
+Each regularizer's effect is shown on the trained weights (strength 0, or no regularizer, against > 0), never on a
+logged value: a penalty that is logged but not in the gradient changes no weight."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+pytest.importorskip("trl")
+from datasets import Dataset
+from peft import LoraConfig
+from trl import DPOConfig, DPOTrainer, GRPOConfig, GRPOTrainer, SFTConfig, SFTTrainer
+
+import tether
+from tether.errors import TetherError
+from tether.synthetic import char_tokenizer, tiny_model
+
+TOKENIZER = char_tokenizer()
+FACTS = [{"prompt": f"The color of item {i} is", "completion": f" c{i % 5}."} for i in range(8)]
+SFT_DATA = {
+    "text": [{"text": f"{a}+1={a + 1}"} for a in range(16)],
+    "prompt_completion": [{"prompt": f"{a}+1=", "completion": str(a + 1)} for a in range(16)],
+    "conversational": [
+        {"messages": [{"role": "user", "content": f"{a}+1?"}, {"role": "assistant", "content": str(a + 1)}]}
+        for a in range(16)
+    ],
+}
+COMMON = dict(per_device_train_batch_size=4, report_to=[], use_cpu=True, logging_steps=1, learning_rate=1e-2,
+              disable_tqdm=True, seed=0, save_strategy="no")  # fmt: skip
+LORA = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"])
+
+
+def model() -> Any:
+    return tiny_model("llama", "causal_lm", len(TOKENIZER), hidden_size=32)
+
+
+def trained(trainer: Any) -> torch.Tensor:
+    trainer.train()
+    return torch.cat([p.detach().flatten() for p in trainer.model.parameters() if p.requires_grad])
+
+
+def sft(out: Path, regularizers: list, data: str = "prompt_completion", peft: bool = False, **args: Any) -> Any:
+    config = SFTConfig(output_dir=str(out), max_length=32, **(COMMON | {"max_steps": 3} | args))
+    trainer = SFTTrainer(model=model(), args=config, train_dataset=Dataset.from_list(SFT_DATA[data]),
+                         processing_class=TOKENIZER, peft_config=LORA if peft else None)  # fmt: skip
+    return tether.regularize(trainer, regularizers, reference=FACTS)
+
+
+def dpo(out: Path, regularizers: list, **args: Any) -> Any:
+    rows = [{"prompt": f"{a}+1=", "chosen": str(a + 1), "rejected": str(a + 2)} for a in range(16)]
+    config = DPOConfig(output_dir=str(out), max_length=32, **(COMMON | {"max_steps": 3} | args))
+    trainer = DPOTrainer(model=model(), ref_model=model(), args=config, train_dataset=Dataset.from_list(rows),
+                         eval_dataset=Dataset.from_list(rows[:4]), processing_class=TOKENIZER)  # fmt: skip
+    return tether.regularize(trainer, regularizers, reference=FACTS)
+
+
+def grpo(out: Path, regularizers: list) -> Any:
+    def reward(completions: list[str], **_: Any) -> list[float]:
+        return [float(sum(map(ord, c)) % 7) for c in completions]  # varies, so the advantages are not all zero
+
+    config = GRPOConfig(output_dir=str(out), max_steps=2, num_generations=2, max_completion_length=4, **COMMON)
+    rows = Dataset.from_list([{"prompt": f"{a}+1="} for a in range(8)])
+    trainer = GRPOTrainer(model=model(), args=config, train_dataset=rows, processing_class=TOKENIZER,
+                          reward_funcs=reward)  # fmt: skip
+    return tether.regularize(trainer, regularizers, reference=FACTS)
+
+
+@pytest.mark.parametrize(
+    ("name", "data"), [("kl", "text"), ("distill", "prompt_completion"), ("label_smoothing", "conversational")]
+)
+def test_sft_autograd_penalties_change_the_weights_in_one_forward(tmp_path: Path, name: str, data: str) -> None:
+    """kl / distill / label_smoothing under SFTTrainer: the penalty goes through the gradient (the weights differ
+    from strength 0), from the outputs of the one forward that makes the loss (one model forward per micro-batch)."""
+    runs = []
+    for strength in (0.0, 0.5):
+        trainer = sft(tmp_path / str(strength), [{"name": name, "strength": strength}], data)
+        calls = []
+        hook = trainer.model.register_forward_hook(lambda *_, calls=calls: calls.append(1))
+        runs.append(trained(trainer))
+        hook.remove()
+        assert len(calls) == 3  # 3 steps x 1 micro-batch: no second forward for the logits
+    assert not torch.equal(*runs)
+
+
+def test_sft_with_trl_peft_config_and_replay(tmp_path: Path) -> None:
+    """TRL wraps the model in LoRA; tether sets up on the wrapped model (kl's reference: adapters disabled, no full
+    copy; l2_sp pulls the adapter) and replay's rows are prepared as TRL prepares the training rows."""
+    runs = []
+    for strength in (0.0, 1.0):
+        regs = [{"name": "kl", "strength": 0.1}, {"name": "l2_sp", "strength": strength}, {"name": "replay"}]
+        trainer = sft(tmp_path / str(strength), regs, peft=True)
+        assert trainer.stack.reference.mode == "disable"
+        assert len(trainer.train_dataset) == 16 + 2  # replay's 10%: round(16 / 9) rows
+        runs.append(trained(trainer))
+    assert not torch.equal(*runs)
+
+
+def test_sft_checkpoints_save_and_resume_with_the_stack_state(tmp_path: Path) -> None:
+    """TRL writes its model card beside the checkpoint (not into tether's staging folder); resuming through
+    train(resume_from_checkpoint=...) restores the EMA average, so the resumed run ends where the whole one does."""
+    regs = [{"name": "ema", "decay": 0.5}, {"name": "l2_sp", "strength": 0.01}]
+    whole = sft(tmp_path / "whole", regs, max_steps=4, save_strategy="steps", save_steps=2)
+    whole.train()
+    assert {p.name for p in (tmp_path / "whole").iterdir()} == {"README.md", "checkpoint-2", "checkpoint-4"}
+    resumed = sft(tmp_path / "resumed", regs, max_steps=4, save_strategy="steps", save_steps=2)
+    resumed.train(resume_from_checkpoint=str(tmp_path / "whole" / "checkpoint-2"))
+    ema_whole, ema_resumed = whole.stack.items[0][0], resumed.stack.items[0][0]
+    assert ema_resumed.steps == ema_whole.steps == 4
+    for a, b in zip(ema_whole.shadow, ema_resumed.shadow):
+        torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("name", ["kl", "distill", "label_smoothing", "replay"])
+def test_dpo_refuses_what_cannot_apply(tmp_path: Path, name: str) -> None:
+    with pytest.raises(TetherError, match="beside DPOTrainer's loss.*use its beta") as e:
+        dpo(tmp_path, [{"name": name}])
+    assert "\n" not in str(e.value)
+
+
+PARAM_SPACE = [
+    {"name": "l2_sp", "strength": 1.0},
+    {"name": "ewc", "strength": 100.0},
+    {"name": "si", "strength": 100.0},
+    {"name": "l1", "strength": 0.1},
+    {"name": "l2", "strength": 1.0},
+    {"name": "weight_decay", "strength": 10.0},
+    {"name": "llrd", "decay": 0.5},
+]
+
+
+def test_dpo_parameter_space_and_optimizer_regularizers_change_the_weights(tmp_path: Path) -> None:
+    plain = trained(dpo(tmp_path / "plain", []))
+    assert torch.equal(plain, trained(dpo(tmp_path / "again", [])))  # the comparison below is not noise
+    for entry in PARAM_SPACE:
+        regularized = trained(dpo(tmp_path / entry["name"], [entry]))
+        assert not torch.equal(plain, regularized), entry["name"]
+
+
+def test_dpo_ema_and_wise_ft_models(tmp_path: Path) -> None:
+    """ema and wise_ft at the end of a DPO run (tether.finish): measured on the eval data, saved."""
+    trainer = dpo(tmp_path, [{"name": "ema", "decay": 0.5}, {"name": "wise_ft", "alphas": [0.0, 1.0]}])
+    trainer.train()
+    results = tether.finish(trainer)
+    assert results["ema"]["steps"] == 3 and "delta_loss" in results["ema"]["forgetting"]
+    assert [row["alpha"] for row in results["wise_ft"]["alphas"]] == [0.0, 1.0]
+    assert (tmp_path / "model_ema" / "model.safetensors").is_file()
+    assert (tmp_path / "model_wise_ft").is_dir()
+
+
+def test_grpo_regularizers_change_the_weights_and_kl_is_refused(tmp_path: Path) -> None:
+    plain = trained(grpo(tmp_path / "plain", []))
+    for entry in ({"name": "l2_sp", "strength": 10.0}, {"name": "weight_decay", "strength": 10.0}):
+        assert not torch.equal(plain, trained(grpo(tmp_path / entry["name"], [entry]))), entry["name"]
+    with pytest.raises(TetherError, match="beside GRPOTrainer's loss.*use its beta"):
+        grpo(tmp_path / "kl", [{"name": "kl"}])
