@@ -59,7 +59,8 @@ def _regularizers(configs: list[RegularizerConfig]) -> list[str]:
 def _results(metrics: dict[str, Any]) -> list[str]:
     target, forgot = metrics.get("target", {}), metrics.get("forgetting", {})
     rows = ["| metric | value |", "| --- | --- |"]
-    rows += [f"| target {key.replace('_', ' ')} | {value:.4f} |" for key, value in target.items()]
+    numbers = {key: value for key, value in target.items() if isinstance(value, int | float)}
+    rows += [f"| target {key.replace('_', ' ')} | {value:.4f} |" for key, value in numbers.items()]
     if "overfit_gap" in metrics:
         rows.append(f"| overfitting gap (val - train loss) | {metrics['overfit_gap']:.4f} |")
     if forgot:

@@ -22,6 +22,7 @@ from torch import nn
 from transformers import TrainerCallback, TrainerState
 from transformers.trainer import TRAINER_STATE_NAME
 
+from tether.card import run_card
 from tether.config import RunConfig, dump_config, parse_yaml
 from tether.data import Collator, Datasets, Labels, data_summary, label_space, load_datasets, load_split
 from tether.distributed import barrier, is_main_process, local, rank, world_size
@@ -268,7 +269,8 @@ def train(
         roles = assign_roles(cfg, data.reference)  # measured rows vs the rows replay / ewc / si may read
         data = replace(data, reference=roles.measured)
         prepare_output_dir(output_dir, clear=overwrite and not resume, fresh=resume_from is None)
-        collator = Collator(tokenizer.pad_token_id, flatten="flash" in model.config._attn_implementation)
+        # flash attention finds packed rows in one flattened row only (transformers' _is_packed_sequence)
+        collator = Collator(tokenizer.pad_token_id, flatten="flash" in str(model.config._attn_implementation))
         if cfg.data.packing:
             check_packing(model, collator)
         # only the main process measures and writes; tracking (early stopping) needs the base's numbers on every one
@@ -528,6 +530,7 @@ def _finish(cfg: RunConfig, output_dir: Path, trainer: Any, model: nn.Module, to
     write_text_atomic(output_dir / "config.yaml", dump_config(cfg))
     write_jsonl(output_dir / "history.jsonl", state.log_history)
     plot_curves(state.log_history, best_step, output_dir / "curves.png")
+    write_text_atomic(output_dir / "model" / "README.md", run_card(cfg, metrics))
     write_json(output_dir / "metrics.json", metrics)
     write_final_scalars(trainer, metrics)  # TensorBoard, when training.report_to has it
     write_report([output_dir], output_dir / "report.html")

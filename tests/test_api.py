@@ -1,0 +1,191 @@
+"""The Python API: tether.regularize on a stock transformers.Trainer, what it refuses instead of doing nothing, resume
+through train(resume_from_checkpoint=...), knowledge/forgetting, the model card, the examples and the README's
+Python API section (run as written)."""
+
+from __future__ import annotations
+
+import re
+import runpy
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from datasets import Dataset
+from peft import LoraConfig, get_peft_model
+from transformers import DataCollatorForLanguageModeling, Trainer, TrainingArguments
+
+import tether
+from tether.config import RegularizerEntry
+from tether.errors import TetherError
+from tether.regularizers import RegularizerStack, parse_entries
+from tether.synthetic import char_tokenizer, tiny_model
+from tether.trainer import RegularizedMixin, StepEnd
+
+ROOT = Path(__file__).parent.parent
+TOKENIZER = char_tokenizer()
+FACTS = [{"prompt": f"The color of item {i} is", "completion": f" c{i % 5}."} for i in range(8)]
+ARGS = dict(max_steps=3, per_device_train_batch_size=4, learning_rate=1e-2, report_to=[], use_cpu=True,
+            logging_steps=1, save_strategy="no", disable_tqdm=True, seed=0)  # fmt: skip
+
+
+def rows() -> Dataset:
+    """Tokenized addition rows without labels: the collator makes them (every token carries loss)."""
+    encoded = [TOKENIZER(f"{a}+1={a + 1}") for a in range(16)]
+    return Dataset.from_list([{"input_ids": e["input_ids"], "attention_mask": e["attention_mask"]} for e in encoded])
+
+
+def trainer(out: Path, model: Any = None, optimizers: Any = (None, None), **args: Any) -> Trainer:
+    model = model if model is not None else tiny_model("llama", "causal_lm", len(TOKENIZER), hidden_size=32)
+    return Trainer(model=model, args=TrainingArguments(str(out), **(ARGS | args)), train_dataset=rows(),
+                   data_collator=DataCollatorForLanguageModeling(TOKENIZER, mlm=False), processing_class=TOKENIZER,
+                   optimizers=optimizers)  # fmt: skip
+
+
+def weights(trainer: Trainer) -> torch.Tensor:
+    trainer.train()
+    return torch.cat([p.detach().flatten() for p in trainer.model.parameters() if p.requires_grad])
+
+
+def test_regularize_a_stock_trainer_with_dataset_reference(tmp_path: Path) -> None:
+    """l2_sp + ewc + kl + replay from a datasets.Dataset reference; strength 0 against > 0 changes the weights."""
+    runs = []
+    for strength in (0.0, 1.0):
+        regs = [{"name": "l2_sp", "strength": strength}, {"name": "ewc", "strength": strength},
+                {"name": "kl", "strength": strength}, {"name": "replay", "ratio": 0.2}]  # fmt: skip
+        t = tether.regularize(trainer(tmp_path / str(strength)), regs, reference=Dataset.from_list(FACTS))
+        assert len(t.train_dataset) == 16 + 4
+        runs.append(weights(t))
+    assert not torch.equal(*runs)
+
+
+def test_replay_into_rows_without_labels(tmp_path: Path) -> None:
+    """Training rows without labels (the collator makes them), counted by tokens: no KeyError, rows of the
+    training set's columns added, and training runs on the mix."""
+    t = tether.regularize(trainer(tmp_path), [{"name": "replay", "by": "tokens"}], reference=FACTS)
+    assert t.train_dataset.column_names == ["input_ids", "attention_mask"] and len(t.train_dataset) > 16
+    t.train()
+
+
+def test_a_stack_never_set_up_is_refused(tmp_path: Path) -> None:
+    class T(RegularizedMixin, Trainer):
+        pass
+
+    t = trainer(tmp_path)
+    t.__class__ = T
+    t.stack = RegularizerStack.from_configs(
+        parse_entries([RegularizerEntry(name="l2_sp", strength=1.0)])
+    )  # no setup()
+    t.add_callback(StepEnd(t.stack))
+    with pytest.raises(TetherError, match="never set up"):
+        t.train()
+
+
+def test_a_user_optimizer_gets_the_pulls_and_refuses_group_regularizers(tmp_path: Path) -> None:
+    runs = []
+    for strength in (0.0, 10.0):
+        model = tiny_model("llama", "causal_lm", len(TOKENIZER), hidden_size=32)
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+        t = tether.regularize(trainer(tmp_path, model, optimizers=(optimizer, None)),
+                              [{"name": "l2_sp", "strength": strength}])  # fmt: skip
+        runs.append(weights(t))
+    assert not torch.equal(*runs)
+    model = tiny_model("llama", "causal_lm", len(TOKENIZER), hidden_size=32)
+    t = trainer(tmp_path, model, optimizers=(torch.optim.SGD(model.parameters(), lr=0.1), None))
+    with pytest.raises(TetherError, match="weight_decay set the optimizer's parameter groups"):
+        tether.regularize(t, [{"name": "weight_decay", "strength": 0.1}]).train()
+
+
+def test_training_arguments_weight_decay_becomes_the_regularizer(tmp_path: Path) -> None:
+    """TrainingArguments.weight_decay is the weight_decay regularizer (the same weights as naming it); two different
+    values, or the mixin without tether.regularize, are refused rather than one of them dropped."""
+    merged = tether.regularize(trainer(tmp_path / "a", weight_decay=5.0), [])
+    assert merged.stack.names == ["weight_decay"]
+    named = tether.regularize(trainer(tmp_path / "b"), [{"name": "weight_decay", "strength": 5.0}])
+    assert torch.equal(weights(merged), weights(named))
+    with pytest.raises(TetherError, match="differ"):
+        tether.regularize(trainer(tmp_path / "c", weight_decay=0.5), [{"name": "weight_decay", "strength": 0.1}])
+    t = tether.regularize(trainer(tmp_path / "d"), [{"name": "l2", "strength": 0.1}])
+    t.args.weight_decay = 0.5  # as a script that sets the mixin up by hand would leave it
+    with pytest.raises(TetherError, match="TrainingArguments.weight_decay=0.5"):
+        t.train()
+
+
+def test_adapters_added_after_setup_are_refused(tmp_path: Path) -> None:
+    t = tether.regularize(trainer(tmp_path), [{"name": "l2_sp", "strength": 1.0}])
+    t.model = get_peft_model(t.model, LoraConfig(r=4, target_modules=["q_proj"]))
+    with pytest.raises(TetherError, match="trainable parameters changed after the regularizers were set up"):
+        t.train()
+
+
+def test_resume_through_train_keeps_the_ema(tmp_path: Path) -> None:
+    regs = [{"name": "ema", "decay": 0.5}]
+    whole = tether.regularize(trainer(tmp_path / "w", max_steps=4, save_strategy="steps", save_steps=2), regs)
+    whole.train()
+    resumed = tether.regularize(trainer(tmp_path / "r", max_steps=4), regs)
+    resumed.train(resume_from_checkpoint=str(tmp_path / "w" / "checkpoint-2"))
+    a, b = whole.stack.items[0][0], resumed.stack.items[0][0]
+    assert a.steps == b.steps == 4
+    for x, y in zip(a.shadow, b.shadow):
+        torch.testing.assert_close(x, y)
+
+
+def test_forgetting_in_one_call(tmp_path: Path) -> None:
+    model = tiny_model("llama", "causal_lm", len(TOKENIZER), hidden_size=32)
+    before = tether.knowledge(model, TOKENIZER, FACTS)
+    assert set(before) == {"loss", "recall"}
+    with pytest.raises(TetherError, match="needs before="):
+        tether.forgetting(model, TOKENIZER, FACTS)
+    weights(trainer(tmp_path, model))
+    out = tether.forgetting(model, TOKENIZER, FACTS, before)
+    assert out["reference_loss_before"] == before["loss"] and out["delta_loss"] != 0
+    lora = get_peft_model(tiny_model("llama", "causal_lm", len(TOKENIZER), hidden_size=32),
+                          LoraConfig(r=4, target_modules=["q_proj"]))  # fmt: skip
+    assert tether.forgetting(lora, TOKENIZER, FACTS)["delta_loss"] == 0  # a fresh adapter: against itself off
+
+
+def test_model_card_of_a_run(raw_config: dict[str, Any], tmp_path: Path) -> None:
+    from tether.config import RunConfig
+    from tether.run import train
+
+    cfg = RunConfig.model_validate(raw_config | {"lora": {"r": 4, "target_modules": ["q_proj", "v_proj"]}})
+    metrics = train(cfg, tmp_path / "run")
+    card = (tmp_path / "run" / "model" / "README.md").read_text()
+    assert "base_model: synthetic llama" in card and "library_name: peft" in card
+    assert "| weight_decay | 0.01 |" in card and "| l2 | 0.0001 |" in card
+    assert f"{metrics['target']['val_loss']:.4f}" in card and "reference loss before -> after" in card
+    full = tether.model_card("org/base", parse_entries([RegularizerEntry(name="l2_sp", strength=0.1)]), {})
+    assert "library_name: transformers" in full and "| l2_sp | 0.1 |" in full and "Not measured." in full
+
+
+@pytest.mark.parametrize("script", ["trainer_regularized.py", "sft_regularized.py"])
+def test_examples_run(script: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: Any) -> None:
+    """The example scripts, as written, for a few steps (their early stopping and checkpoints included)."""
+    pytest.importorskip("trl")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("EXAMPLE_STEPS", "4")
+    runpy.run_path(str(ROOT / "examples" / script), run_name="__main__")
+    assert "forgetting: {'reference_loss_before'" in capsys.readouterr().out
+    added = [line for line in (ROOT / "examples" / script).read_text().splitlines() if line.endswith("# added")]
+    assert len(added) <= 10
+
+
+def test_readme_python_api_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every python block of the README's Python API section, in order, in one namespace."""
+    readme = (ROOT / "README.md").read_text()
+    section = readme[readme.index("## Python API") :]
+    section = section[: section.index("\n## ", 1)]
+    blocks = re.findall(r"```python\n(.*?)```", section, flags=re.S)
+    assert blocks
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("EXAMPLE_STEPS", "4")
+    namespace: dict[str, Any] = {}
+    for block in blocks:
+        exec(compile(block, "README.md: Python API", "exec"), namespace)
+
+
+def test_public_api_and_py_typed() -> None:
+    for name in tether.__all__:
+        assert getattr(tether, name) is not None
+    assert (ROOT / "src" / "tether" / "py.typed").is_file()
+    assert '[tool.setuptools.package-data]\ntether = ["py.typed"]' in (ROOT / "pyproject.toml").read_text()
