@@ -11,9 +11,10 @@ is the index after that list's name in its own name, which also holds under PEFT
 A tensor that several modules hold takes the smallest depth among them: input and output embeddings tied into one
 matrix get the embeddings' (slowest) lr, since a fast change of that matrix moves the input of every block, which
 is what llrd is there to prevent. Modules the probe does not reach, and every module when the probe cannot run
-(FSDP2 shards, a model the probe input does not fit), fall back to declaration order: nn.Embedding and whatever is
-declared before the blocks at depth 0, the rest after them at depth_max. Each incoming group is split by depth and
-keeps its other settings (weight decay), so the order of llrd and weight_decay in the list does not matter.
+(FSDP2 shards and ZeRO-3 partitions, whose forward gathers collectively; a model the probe input does not fit),
+fall back to declaration order: nn.Embedding and whatever is declared before the blocks at depth 0, the rest after
+them at depth_max. Each incoming group is split by depth and keeps its other settings (weight decay), so the order
+of llrd and weight_decay in the list does not matter.
 Parameters that loading initialized (the stack's "new" group: a fresh classification head) keep the full learning
 rate wherever they sit: they have nothing pre-trained to preserve.
 """
@@ -27,7 +28,7 @@ import torch
 from pydantic import Field
 from torch import nn
 
-from tether.distributed import has_sharded_parameters
+from tether.distributed import gathers_per_module, has_sharded_parameters
 from tether.errors import ConfigError
 from tether.reference import evaluating, probe_ids
 from tether.regularizers.base import NoPenaltyConfig, Regularizer, SetupContext, register
@@ -55,7 +56,7 @@ def block_list(model: nn.Module) -> tuple[str, nn.ModuleList]:
 def run_order(model: nn.Module) -> dict[str, int] | None:
     """{module name: position of its first call} in one probe forward; None when the probe cannot run. Cheap (eight
     tokens), under no_grad and eval mode, with the RNG state and each module's training mode restored after."""
-    if has_sharded_parameters(model):  # a forward of FSDP2 shards gathers collectively: not a side computation
+    if has_sharded_parameters(model) or gathers_per_module(model):  # FSDP2 / ZeRO-3 forwards gather collectively
         return None
     order: dict[str, int] = {}
 

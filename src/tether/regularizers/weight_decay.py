@@ -1,4 +1,9 @@
-"""Decoupled weight decay (AdamW): theta <- theta - lr * strength * theta, on weights only (no biases, no norms)."""
+"""Decoupled weight decay (AdamW): theta <- theta - lr * strength * theta, on weights only (no biases, no norms).
+
+Every tensor of two or more dimensions that is not a norm's is a weight and decays: that includes the fused experts
+of MoE models (one 3-D tensor holding a matrix per expert, decayed as those matrices would be one by one) and conv
+kernels. Under LoRA the trainable tensors are the adapters' A and B (2-D: decayed) and a head PEFT trains whole.
+"""
 
 from __future__ import annotations
 
