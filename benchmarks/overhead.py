@@ -1,4 +1,4 @@
-"""Overhead of each parameter-space regularizer on a training step, and the setup cost of ewc and si.
+"""Overhead of each parameter-space, optimizer and loss-shaping regularizer on a step; setup cost of ewc and si.
 
     .venv/bin/python benchmarks/overhead.py [--reps 60] [--seq 96] [--threads 1]
 
@@ -41,6 +41,10 @@ CONFIGS: dict[str, dict[str, Any]] = {
     "si": {"name": "si", "strength": 0.3},
     "llrd": {"name": "llrd", "decay": 0.9},
     "weight_decay": {"name": "weight_decay", "strength": 0.01},
+    "mofo": {"name": "mofo", "fraction": 0.1},
+    "dft": {"name": "dft"},
+    "eaft": {"name": "eaft"},
+    "flow": {"name": "flow"},
 }
 NAIVE = "l2_sp as an autograd loop (reference, not tether)"
 FLOOR = "one pass over g, theta_0, F (the least any ewc kernel moves)"
@@ -67,6 +71,7 @@ class Run:
         fused: bool = False,
         naive: float = 0.0,
         floor: bool = False,
+        train_rows: list[dict] | None = None,
     ) -> None:
         self.model = prepare(copy.deepcopy(base)).train()
         # naive > 0: the textbook penalty, strength/2 * sum over parameters of ((p - p0)^2).sum() through autograd,
@@ -78,6 +83,7 @@ class Run:
         trained = [p for p in self.model.parameters() if p.requires_grad and floor]
         self.floor = (trained, [p.detach().clone() for p in trained], [torch.zeros_like(p) for p in trained])
         self.stack = RegularizerStack.from_configs([REGISTRY[e["name"]].config(**e) for e in entries])
+        self.stack.train_data(train_rows or [], None, 0)  # flow weighs the rows it will see
         self.stack.setup(SetupContext(self.model, refs, LR))
         groups = self.stack.optimizer_groups(self.model, LR)
         self.opt = torch.optim.AdamW(groups, lr=LR, weight_decay=0.0, fused=fused or None)
@@ -106,12 +112,13 @@ def step_overheads(
 ) -> list[tuple[str, float, float, float]]:
     """(name, median ratio to the adjacent plain step, median plain ms, median regularized ms) per configuration."""
     gen, order = torch.Generator().manual_seed(0), random.Random(0)
+    batch = batch_of(gen, seq)
+    rows = [{"input_ids": r, "attention_mask": [1] * len(r), "labels": r} for r in batch["input_ids"].tolist()]
     plain = Run(base, [], refs)
-    runs = {name: Run(base, [entry], refs) for name, entry in CONFIGS.items()}
+    runs = {name: Run(base, [entry], refs, train_rows=rows) for name, entry in CONFIGS.items()}
     runs[NAIVE] = Run(base, [], refs, naive=CONFIGS["l2_sp (penalty)"]["strength"])
     runs[FLOOR] = Run(base, [], refs, floor=True)
     runs[CONTROL] = Run(base, [], refs)
-    batch = batch_of(gen, seq)
     for run in [plain, *runs.values()]:  # warm-up: allocator, optimizer state
         for _ in range(3):
             run.step(batch)

@@ -29,6 +29,7 @@ CASES: dict[str, tuple[dict[str, Any], bool]] = {
     "si": ({"strength": 100.0}, True),
     "weight_decay": ({"strength": 0.5}, True),
     "llrd": ({"decay": 0.5}, True),
+    "mofo": ({"fraction": 0.1}, True),
     "dropout": ({"attention": 0.5}, True),
     "neftune": ({"alpha": 5.0}, True),
     "distill": ({"strength": 1.0}, True),

@@ -14,6 +14,7 @@ from tether.regularizers import (  # noqa: F401  (registers them)
     l2_sp,
     label_smoothing,
     llrd,
+    mofo,
     neftune,
     replay,
     si,

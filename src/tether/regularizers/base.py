@@ -144,6 +144,9 @@ class Regularizer(Protocol):
     touches_parameters: ClassVar[bool] = False
     """True: reads or writes the parameters or their gradients directly (anchors, closed-form pulls), which
     DeepSpeed ZeRO hides in its own flattened partitions."""
+    filters_update: ClassVar[bool] = False
+    """True: undoes part of the optimizer's own update (mofo): its step_begin runs after every other's, its
+    step_end before every other's, so that it sees exactly the optimizer's step."""
 
     def setup(self, ctx: SetupContext) -> None:
         return None

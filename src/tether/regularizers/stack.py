@@ -195,11 +195,13 @@ class RegularizerStack:
             reg.penalty_grad(strength)
 
     def step_begin(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
-        for reg, _ in self.items:
+        """In order, except that an update filter (Regularizer.filters_update) comes last."""
+        for reg, _ in sorted(self.items, key=lambda item: item[0].filters_update):
             reg.step_begin(model, optimizer)
 
     def step_end(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
-        for reg, _ in self.items:
+        """In order, except that an update filter comes first."""
+        for reg, _ in sorted(self.items, key=lambda item: not item[0].filters_update):
             reg.step_end(model, optimizer)
 
     def attach(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
