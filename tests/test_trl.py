@@ -155,6 +155,7 @@ def test_dpo_ema_and_wise_ft_models(tmp_path: Path) -> None:
 
 def test_grpo_regularizers_change_the_weights_and_kl_is_refused(tmp_path: Path) -> None:
     plain = trained(grpo(tmp_path / "plain", []))
+    assert torch.equal(plain, trained(grpo(tmp_path / "again", [])))  # sampling is seeded: the comparison holds
     for entry in ({"name": "l2_sp", "strength": 10.0}, {"name": "weight_decay", "strength": 10.0}):
         assert not torch.equal(plain, trained(grpo(tmp_path / entry["name"], [entry]))), entry["name"]
     with pytest.raises(TetherError, match="beside GRPOTrainer's loss.*use its beta"):
