@@ -1,28 +1,35 @@
 """The regularizer protocol, the context it is set up with, and the registry that builds regularizers from config.
 
-A regularizer takes part at up to six points, each with a default that does nothing, so the trainer never probes:
-  setup          before training: snapshot anchors, estimate importances, change dropout, ...
+Every hook has a default that does nothing, so the trainer never probes. In the order a run meets them:
+ with the config, before anything is loaded (tether validate and train alike)
+  RegularizerConfig.check_run  what to change when the regularizer cannot act in this run (no reference data,
+                 options for another kind of fine-tuning, ...); parse_entries asks it, setup asks it again
+ before training
+  train_data     before the Trainer is built: change the training rows (replay mixes reference rows in, flow
+                 weighs them); `load(path)` reads and encodes another data file as the reference data is
+  reference_options  the options of the frozen reference (tether.reference) when the regularizer compares with the
+                 original model's outputs (distill, kl); the stack builds one Reference for all of them, first
+  setup          snapshot anchors, estimate importances, change dropout, ...
   param_groups   optimizer level: split or re-weight the optimizer's parameter groups (weight decay, LLRD), from
                  the model's structure alone: the Trainer may build the optimizer before setup (FSDP2 does)
+ every micro-batch
   penalty        an *unweighted* scalar through autograd from the model, the batch and its outputs
+ every optimizer step (tether.step: after backward and clipping, around optimizer.step())
   penalty_grad   a penalty whose gradient is known in closed form (quadratic pulls, L1): the stack hands it a
-                 scale and it adds scale * d(penalty)/d(theta) to the gradients, once per optimizer step (fused
-                 foreach ops on accelerators, tensor by tensor through a cache-sized scratch on CPU: anchor.scratch);
-                 `penalty_value` returns that penalty, unweighted, at the current weights. The stack asks for the
-                 value only when logs are written or a checkpoint saved: a step never pays for a pass that only
-                 logs read
+                 scale and it adds scale * d(penalty)/d(theta) to the gradients (fused foreach ops on
+                 accelerators, tensor by tensor through a cache-sized scratch on CPU: anchor.scratch)
   step_begin     before the optimizer step, after penalty_grad: changes that use theta_t, as AdamW's decay does
-  step_end       after the optimizer step (EMA, online updates)
-Three more points, also with do-nothing defaults:
-  reference_options  the options of the frozen reference (tether.reference) when the regularizer compares with the
-                 original model's outputs (distill, kl); the stack then builds one Reference for all of them
-  train_data     before the Trainer is built: change the training rows (replay mixes reference rows in);
-                 `load(path)` reads and encodes another data file as the reference data is
-  after_training after training and the main metrics: evaluate or save alternative models (ema, wise_ft); the
-                 returned dict goes into metrics.json under the regularizer's name
-and two for bookkeeping:
+  step_end       after the optimizer step (EMA, online updates); an update filter (mofo) runs its step_begin last
+                 and its step_end first
+ when logs are written or a checkpoint saved
+  penalty_value  the closed-form penalty, unweighted, at the current weights: a step never pays for a pass that
+                 only logs read
   state_dict / load_state_dict   tensors that change during training and must survive a kill (the EMA average):
                  written into every checkpoint, loaded on resume
+ after training
+  after_training after the main metrics: evaluate or save alternative models (ema, wise_ft); the returned dict
+                 goes into metrics.json under the regularizer's name
+ bookkeeping
   memory         bytes held beyond the model (anchors, Fisher, averages), for the estimate printed before training
 """
 
@@ -136,7 +143,8 @@ class NoPenaltyConfig(RegularizerConfig):
 
 
 class Regularizer(Protocol):
-    """The shape every regularizer has. Subclass it explicitly to inherit the do-nothing defaults."""
+    """The shape every regularizer has. Subclass it explicitly to inherit the do-nothing defaults. The hooks are
+    listed in the order a run calls them (the module docstring says what each is for)."""
 
     name: ClassVar[str]
     sharded_parameters: ClassVar[bool] = True
@@ -148,30 +156,7 @@ class Regularizer(Protocol):
     """True: undoes part of the optimizer's own update (mofo): its step_begin runs after every other's, its
     step_end before every other's, so that it sees exactly the optimizer's step."""
 
-    def setup(self, ctx: SetupContext) -> None:
-        return None
-
-    def param_groups(self, model: nn.Module, groups: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        return groups
-
-    def penalty(self, model: nn.Module, inputs: dict[str, Any], outputs: Any) -> torch.Tensor | None:
-        return None
-
-    def penalty_grad(self, scale: float) -> None:
-        return None
-
-    def penalty_value(self) -> torch.Tensor | None:
-        return None
-
-    def step_begin(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
-        return None
-
-    def step_end(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
-        return None
-
-    def reference_options(self) -> ReferenceOptions | None:
-        return None
-
+    # -- before training: the data, the frozen reference, the setup, the optimizer's groups ---------------------
     def train_data(
         self,
         train: list[dict],
@@ -181,8 +166,32 @@ class Regularizer(Protocol):
     ) -> list[dict]:
         return train
 
-    def after_training(self, model: nn.Module, ctx: FinishContext) -> dict[str, Any]:
-        return {}
+    def reference_options(self) -> ReferenceOptions | None:
+        return None
+
+    def setup(self, ctx: SetupContext) -> None:
+        return None
+
+    def param_groups(self, model: nn.Module, groups: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        return groups
+
+    # -- every micro-batch: the loss -----------------------------------------------------------------------------
+    def penalty(self, model: nn.Module, inputs: dict[str, Any], outputs: Any) -> torch.Tensor | None:
+        return None
+
+    # -- every optimizer step: after backward and clipping, around optimizer.step() --------------------------
+    def penalty_grad(self, scale: float) -> None:
+        return None
+
+    def step_begin(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+        return None
+
+    def step_end(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+        return None
+
+    # -- when logs are written or a checkpoint saved ---------------------------------------------------------
+    def penalty_value(self) -> torch.Tensor | None:
+        return None
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return {}
@@ -190,6 +199,11 @@ class Regularizer(Protocol):
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         return None
 
+    # -- after training --------------------------------------------------------------------------------------
+    def after_training(self, model: nn.Module, ctx: FinishContext) -> dict[str, Any]:
+        return {}
+
+    # -- bookkeeping -----------------------------------------------------------------------------------------
     def memory(self) -> dict[str, int]:
         return {}
 
