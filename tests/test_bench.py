@@ -146,6 +146,33 @@ def test_small_data_check_needs_early_stopping_and_a_classic_regularizer() -> No
     assert not analysis.check_small_data(rows[:1] + rows[2:]).passed  # no early stopping run
 
 
+def test_budget_check_compares_the_restored_checkpoint_with_the_target_only_choice() -> None:
+    def row(restored: float, alone: float) -> dict[str, Any]:
+        extra = {"target_only_val_loss": 1.2, "target_only_delta_loss": alone}
+        return agg("arithmetic", "forgetting_budget", tasks.BUDGET, 1.7, restored, **extra)
+
+    passed = analysis.check_budget([row(1.4, 5.5)])
+    assert (
+        passed.passed and "+1.400 (restored; budget 2)" in passed.detail and "(75% less forgetting)" in passed.detail
+    )
+    assert not analysis.check_budget([row(2.1, 5.5)]).passed  # over the budget: no evaluation was within it
+    assert not analysis.check_budget([row(1.4, 2.5)]).passed  # within, but only 44% less than the target alone's
+    assert "not measured" in analysis.check_budget([]).detail
+
+
+def test_budget_runs_are_evaluated_every_20_steps(tmp_path: Path, fake_base: SimpleNamespace) -> None:
+    jobs = [j for j in tasks.plan(tmp_path, 1, quick=True, bases={0: fake_base}) if j.method == "forgetting_budget"]
+    (job,) = jobs  # arithmetic only in --quick
+    cfg = validate_config(job.config)
+    assert cfg.training["eval_steps"] == 20 and cfg.training["max_steps"] == 200  # merged into the task's training
+    assert cfg.early_stopping.forgetting_budget == tasks.BUDGET and cfg.evaluation.reference_holdout == 0.5
+    alone = {"step": 200, "eval_loss": 1.2, "forgetting": 5.5}
+    metrics = {"target": {"val_loss": 1.7}, "overfit_gap": 0.1, "forgetting": {"delta_loss": 1.4},
+               "forgetting_budget": {"target_only": alone}}  # fmt: skip
+    (point,) = analysis.points_of(job, metrics, 3.0)
+    assert point["target_only_val_loss"] == 1.2 and point["target_only_delta_loss"] == 5.5
+
+
 def test_points_of_reads_the_measured_model_of_each_method(tmp_path: Path) -> None:
     def measured(val: float) -> dict[str, Any]:
         return {"target": {"val_loss": val}, "overfit_gap": 0.2,
@@ -168,7 +195,7 @@ def test_outputs_render_from_aggregates(tmp_path: Path) -> None:
     report.write_outputs(result, tmp_path)
     md = (tmp_path / "bench.md").read_text()
     assert "| ewc | strength 0.3 | 1.250 ± 0.000 | +1.900 ± 0.000 |" in md
-    assert md.count("FAIL") == 1 and md.count("PASS") == 3  # small-data has no early stopping row here
+    assert md.count("FAIL") == 2 and md.count("PASS") == 3  # small-data has no early stopping row, nor a budget run
     assert (tmp_path / "pareto.png").read_bytes()[:4] == b"\x89PNG"
     assert "PASS" in (tmp_path / "bench.html").read_text()
     assert json.loads((tmp_path / "bench.json").read_text())["aggregates"][0]["method"] == "plain"
@@ -195,7 +222,7 @@ def test_quick_bench_end_to_end_and_resume(tmp_path: Path) -> None:
     methods = {r["method"] for r in result["aggregates"] if r["task"] == "arithmetic"}
     assert methods == set(tasks.METHOD_BY_NAME)
     verdicts = [line.split()[0] for line in first.stdout.splitlines() if line.startswith(("PASS", "FAIL"))]
-    assert len(verdicts) == 4
+    assert len(verdicts) == 5
     assert verdicts == ["PASS" if c["passed"] else "FAIL" for c in result["checks"]]
     for row in result["runs"]:
         assert row["val_loss"] > 0 and row["wall_s"] > 0

@@ -122,6 +122,10 @@ def test_forgetting_budget_restores_the_best_evaluation_within_it(raw_config: di
     assert bound["best_step"] == 10
     assert bound["target"]["val_loss"] == pytest.approx(chosen[1]["eval_loss"], abs=1e-5)  # the restored model
     assert bound["target"]["val_loss"] > free["target"]["val_loss"]
+    assert bound["forgetting_budget"] == {
+        "limit": budget, "measure": "probe_kl", "evaluations": 4, "within": 2,
+        "target_only": {"step": 20, "eval_loss": chosen[3]["eval_loss"], "forgetting": chosen[3]["eval_probe_kl"]},
+    }  # fmt: skip
 
 
 def test_budget_on_the_reference_loss_needs_reference_data(raw_config: dict) -> None:

@@ -525,7 +525,7 @@ def _finish(cfg: RunConfig, output_dir: Path, trainer: Any, model: nn.Module, to
     metrics.update(trainer.stack.after_training(model, finish))  # ema, wise_ft: alternative final models
     if base:  # the base model's target loss, what read data.reference, lm-eval before/after, the run's wall time
         metrics["target"]["base_val_loss"] = base["val_loss"]
-        metrics.update(final_record(cfg, model, tokenizer, base))
+        metrics.update(final_record(cfg, model, tokenizer, base, state.log_history))
         metrics["wall_time_s"] = round(time.perf_counter() - base["started"], 2)
     write_text_atomic(output_dir / "config.yaml", dump_config(cfg))
     write_jsonl(output_dir / "history.jsonl", state.log_history)

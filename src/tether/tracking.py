@@ -220,11 +220,37 @@ def measure_base(cfg: RunConfig, model: nn.Module, tokenizer: Any, data: Dataset
     return out
 
 
-def final_record(cfg: RunConfig, model: nn.Module, tokenizer: Any, base: dict[str, Any]) -> dict[str, Any]:
-    """metrics.json entries next to the measures of the result: reference_roles, and lm_eval before/after."""
+def final_record(cfg: RunConfig, model: nn.Module, tokenizer: Any, base: dict[str, Any],
+                 history: list[dict[str, Any]]) -> dict[str, Any]:  # fmt: skip
+    """metrics.json entries next to the measures of the result: reference_roles, lm_eval before/after, and with a
+    forgetting budget what the choice did (forgetting_budget)."""
     out: dict[str, Any] = {"reference_roles": base["roles"]}
     if cfg.evaluation.lm_eval is not None:
         from tether.lmeval import compare, scores
 
         out["lm_eval"] = compare(base["lm_eval"], scores(model, tokenizer, cfg.evaluation.lm_eval))
+    rule = budget_of(cfg)
+    if rule is not None:
+        out["forgetting_budget"] = budget_record(rule, history)
     return out
+
+
+def budget_record(rule: Budget, history: list[dict[str, Any]]) -> dict[str, Any]:
+    """The budget, how many evaluations were within it, and the evaluation the target metric alone would have
+    chosen (its forgetting as tracked), next to the restored one (best_step)."""
+    evals = [e for e in history if "eval_choice" in e]
+    record: dict[str, Any] = {
+        "limit": rule.limit,
+        "measure": rule.measure.removeprefix("eval_"),
+        "evaluations": len(evals),
+    }
+    record["within"] = sum(e["eval_within_budget"] == 1.0 for e in evals)
+    if evals:
+        pick = max if rule.greater_is_better else min
+        alone = pick(evals, key=lambda e: e[rule.metric])
+        record["target_only"] = {
+            "step": alone["step"],
+            rule.metric: alone[rule.metric],
+            "forgetting": alone[rule.measure],
+        }
+    return record

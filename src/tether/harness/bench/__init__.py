@@ -31,6 +31,10 @@ Checks, printed PASS/FAIL, computed from the measured means (F: forgetting, T: t
      (T_base - T(alpha)) / (T_base - T(1)) >= 90% (target gain kept)
   4  small-data: early stopping and the best of weight_decay / dropout / label_smoothing (each at its best
      strength) have a lower T than plain training run to the end
+  5  retention-aware checkpoint choice, plain fine-tuning on arithmetic evaluated every 20 steps with
+     early_stopping.forgetting_budget 2.0 (the best T among evaluations whose F is at most 2.0): the restored
+     checkpoint has F <= 2.0 and 1 - F/F_alone >= 50%, F_alone being the F (as tracked) of the same runs' evaluation
+     with the lowest T, the checkpoint the target alone would restore
 Best strength of a method: on arithmetic the least forgetting among its strengths within 5% of plain's T (none
 within: the lowest T); on small-data the lowest T. Both choices look at the validation data, as early stopping does.
 """

@@ -1,5 +1,5 @@
 """From finished runs to verdicts: each run's measured points, their mean and spread over seeds, a method's best
-strength, and the four pass/fail checks of the package docstring."""
+strength, and the five pass/fail checks of the package docstring."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import statistics
 from dataclasses import dataclass
 from typing import Any
 
-from tether.harness.bench.tasks import METHOD_BY_NAME, METHODS, SMALL_DATA_REGULARIZERS, Job, Task
+from tether.harness.bench.tasks import BUDGET, METHOD_BY_NAME, METHODS, SMALL_DATA_REGULARIZERS, Job, Task
 from tether.selection import within_tolerance
 
 TARGET_COST = 0.05  # check 1 and the arithmetic best-strength rule: at most 5% more target loss than plain
@@ -15,6 +15,7 @@ FORGET_CUT = 0.5  # checks 1-3: at least half the forgetting removed
 GAIN_KEPT = 0.9  # check 3: at least 90% of the target gain kept
 KEEPERS = ("l2_sp", "ewc", "distill", "replay")  # check 1
 FIELDS = ("val_loss", "delta_loss", "recall_drop", "overfit_gap", "wall_s", "base_val_loss")
+FIELDS += ("target_only_val_loss", "target_only_delta_loss")  # forgetting_budget: the target alone's choice
 
 
 def points_of(job: Job, metrics: dict[str, Any], wall_s: float) -> list[dict[str, Any]]:
@@ -34,6 +35,9 @@ def points_of(job: Job, metrics: dict[str, Any], wall_s: float) -> list[dict[str
         ]  # fmt: skip
     measured = metrics["ema"] if job.method == "ema" else metrics
     forgetting = measured["forgetting"]
+    if "forgetting_budget" in metrics:  # the same run's evaluation with the lowest validation loss, as tracked
+        alone = metrics["forgetting_budget"]["target_only"]
+        common.update(target_only_val_loss=alone["eval_loss"], target_only_delta_loss=alone["forgetting"])
     return [
         common | {
             "value": job.value, "val_loss": measured["target"]["val_loss"], "delta_loss": forgetting["delta_loss"],
@@ -170,8 +174,27 @@ def check_small_data(rows: list[dict[str, Any]]) -> Check:
     return Check(claim, passed, detail)
 
 
+def check_budget(rows: list[dict[str, Any]]) -> Check:
+    claim = (
+        f"retention-aware checkpoint choice (forgetting budget {BUDGET:g}): the restored checkpoint stays within the "
+        "budget and forgets >= 50% less than the target-only choice"
+    )
+    found = [r for r in select(rows, "arithmetic", "forgetting_budget") if r["value"] == BUDGET]
+    if not found or found[0]["target_only_delta_loss"] is None:
+        return Check(claim, False, "not measured (no finished forgetting_budget run at this budget)")
+    row = found[0]
+    chosen, alone = mean(row, "delta_loss"), mean(row, "target_only_delta_loss")
+    cut = 1 - chosen / alone if alone > 0 else 0.0
+    detail = (
+        f"facts' loss +{chosen:.3f} (restored; budget {BUDGET:g}) vs +{alone:.3f} at the lowest validation loss of "
+        f"the same runs ({cut:.0%} less forgetting); val loss {mean_sd(row, 'val_loss')} vs "
+        f"{mean_sd(row, 'target_only_val_loss')}"
+    )
+    return Check(claim, chosen <= BUDGET and cut >= FORGET_CUT, detail)
+
+
 def checks(rows: list[dict[str, Any]]) -> list[Check]:
-    return [check_keepers(rows), check_replay(rows), check_wise_ft(rows), check_small_data(rows)]
+    return [check_keepers(rows), check_replay(rows), check_wise_ft(rows), check_small_data(rows), check_budget(rows)]
 
 
 def _unmeasurable(plain: list[dict[str, Any]], others: list[dict[str, Any]]) -> str:

@@ -12,6 +12,7 @@ from tether.outputs import write_text_atomic
 
 WISE_ALPHAS = (0.0, 0.25, 0.5, 0.75, 0.9, 1.0)
 SMALL_DATA_REGULARIZERS = ("weight_decay", "dropout", "label_smoothing")  # check 4
+BUDGET = 2.0  # check 5: the forgetting budget (facts' loss increase, nats) of the retention-aware choice
 
 
 @dataclass(frozen=True)
@@ -54,7 +55,7 @@ class Method:
     quick: tuple[float, ...]
     """The values --quick runs."""
     patch: Callable[[float], dict[str, Any]]
-    """The config sections a grid value sets (regularizers, lora or early_stopping)."""
+    """The config sections a grid value sets (regularizers, lora or early_stopping; `training` keys are merged)."""
     one_run: bool = False
     """One run per seed measures every grid value (wise_ft's alphas)."""
 
@@ -82,6 +83,19 @@ METHODS = (
     Method("lora", "r", (4, 16, 64), (16,), lambda r: {"lora": {"r": int(r), "alpha": 2 * r}}),  # alpha/r fixed
     Method("ema", "decay", (0.9, 0.97, 0.99), (0.97,), _reg("ema", "decay")),
     Method("early_stopping", "patience", (1, 3), (3,), lambda p: {"early_stopping": {"patience": int(p)}}),
+    # The choice on target and retention (check 5): the best validation loss among evaluations whose facts' loss rose
+    # by at most the budget. Evaluated every 20 steps (plain fine-tuning forgets within the first 40), never stopped
+    # early, so the same run's history also shows what the target alone would have chosen.
+    Method(
+        "forgetting_budget",
+        "budget",
+        (0.5, 1.0, 2.0),
+        (BUDGET,),
+        lambda b: {
+            "early_stopping": {"patience": 100, "forgetting_budget": b},
+            "training": {"eval_steps": 20},
+        },
+    ),
     Method(
         "wise_ft",
         "alpha",
@@ -144,5 +158,7 @@ def run_config(base: Any, task: Task, train_file: Path, method: Method, value: f
     raw = demo_config(base, [])
     raw["data"].update(train=str(train_file), seed=seed)
     raw["training"].update(max_steps=task.max_steps, eval_steps=task.eval_steps, save_strategy="no", seed=seed)
-    raw.update(method.patch(value))
+    patch = method.patch(value)
+    raw["training"].update(patch.pop("training", {}))
+    raw.update(patch)
     return raw
