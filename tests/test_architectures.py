@@ -299,3 +299,18 @@ def test_train_and_inspect_agree(tmp_path: Path, arch: str, lora: bool, capsys: 
     if arch in DECODERS and not tied:  # a tied output layer is the embeddings (depth 0, its own test)
         head = next(n for n, m in model.named_modules() if m is model.get_output_embeddings())
         assert head in depth[-1]["modules"]
+
+
+def test_inspect_shows_the_reference_setup_builds(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Full fine-tuning with dropout on: the frozen copy runs in eval mode, so its output layer splits off."""
+    from tether.reference import Reference, ReferenceOptions
+
+    regs = [{"name": "dropout", "attention": 0.3, "hidden": 0.3, "embedding": 0.3}, {"name": "kl"}]
+    plan = inspected(write_config(tmp_path, "gpt2", False, regs), capsys)
+    model = tiny("gpt2")
+    model.train()
+    set_dropout(model, dict.fromkeys(ROLES_OF["gpt2"], 0.3))
+    built = Reference.build(model, ReferenceOptions())
+    assert plan["reference"] == {"mode": built.mode, "split": built.split, "output": "split output layer"}
+    hidden = plan["dropout"]["hidden"]
+    assert hidden["config_keys"] == ["resid_pdrop"] and len(hidden["modules"]) == 4  # attn.resid_dropout, mlp.dropout

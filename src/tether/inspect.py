@@ -17,7 +17,7 @@ from torch import nn
 from tether.config import RunConfig
 from tether.data import label_space
 from tether.models import apply_lora, fused_experts, load_model
-from tether.reference import Reference, hf_model, is_peft, merge_options
+from tether.reference import Reference, evaluating, hf_model, is_peft, merge_options
 from tether.regularizers import RegularizerStack, parse_entries
 from tether.regularizers.anchor import trainable
 from tether.regularizers.base import base_name
@@ -120,7 +120,8 @@ def reference_plan(model: nn.Module, options: list[Any]) -> dict[str, Any] | Non
         ref = Reference.build(model, merged)  # no copy under LoRA: the model itself, or its adapter cloned
         return {"mode": ref.mode, "split": ref.split, "output": "split output layer" if ref.split else "whole model"}
     ref = Reference(model, "copy", frozen=model)  # the copy would equal the model now: probe the model itself
-    split = ref.splits_exactly()
+    with evaluating(model):  # as the frozen copy always is
+        split = ref.splits_exactly()
     return {"mode": "copy", "split": split, "output": "split output layer" if split else "whole model"}
 
 
