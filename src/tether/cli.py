@@ -75,14 +75,18 @@ def disk_full(e: BaseException, out: Path) -> TetherError | None:
 
 @app.command()
 def validate(config: Path, set_: SetOpt = []) -> None:  # noqa: B006
-    """Check a config (sections, training arguments, regularizers, files) without training."""
+    """Check a config (sections, training arguments, regularizers, files, the data's rows) without training."""
     from tether.config import load_config
+    from tether.data import check_data
     from tether.run import training_args
 
     cfg = load_config(config, set_)
     training_args(cfg, Path(cfg.output_dir))  # as train builds them before anything is written: the same refusals
+    summary = check_data(cfg)  # the tokenizer, every row and label, as train reads them
     names = ", ".join(r.name for r in cfg.regularizers) or "none"
     console.print(f"[green]ok[/] {config}: task {cfg.task}, regularizers: {names}")
+    for line in summary:
+        console.print(f"data {line}", highlight=False)
 
 
 @app.command()
@@ -131,16 +135,21 @@ def train(
 def eval_(
     config: Path,
     model: Annotated[Path, typer.Option(help="A saved model/ directory (full model or LoRA adapter).")],
+    data: Annotated[
+        Path | None, typer.Option(help="Score this file (the config's format) instead of the validation data.")
+    ] = None,
     set_: SetOpt = [],  # noqa: B006  (typer reads the default, never mutates it)
 ) -> None:
-    """Evaluate a saved model on the configured validation and reference data."""
+    """Evaluate a saved model on the configured validation and reference data, or on any file (--data)."""
     from tether.config import load_config
     from tether.progress import pass_progress
     from tether.run import evaluate_saved
 
     cfg = load_config(config, set_)
+    if data is not None and not data.exists():
+        raise TetherError(f"--data {data} does not exist: pass a JSONL file or a save_to_disk directory")
     with pass_progress(console) as progress:
-        metrics = evaluate_saved(cfg, model, progress)
+        metrics = evaluate_saved(cfg, model, progress, data)
     console.print_json(json.dumps(metrics))
 
 
