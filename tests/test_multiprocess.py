@@ -34,6 +34,7 @@ KINDS = {
     "reference": [{"name": "kl", "strength": 0.5}, {"name": "distill", "strength": 0.5}],
     "data": [{"name": "replay", "ratio": 0.25}],
     "optimizer": [{"name": "weight_decay", "strength": 0.1}, {"name": "llrd", "decay": 0.7}],
+    "filter": [{"name": "mofo", "fraction": 0.2}],  # each process masks by the same all-reduced momentum
 }
 TOLERANCE = {"atol": 2e-5, "rtol": 1e-4}  # weights after 12 Adam steps: 2e-6..1e-5 measured for every kind
 
