@@ -314,3 +314,19 @@ def test_inspect_shows_the_reference_setup_builds(tmp_path: Path, capsys: pytest
     assert plan["reference"] == {"mode": built.mode, "split": built.split, "output": "split output layer"}
     hidden = plan["dropout"]["hidden"]
     assert hidden["config_keys"] == ["resid_pdrop"] and len(hidden["modules"]) == 4  # attn.resid_dropout, mlp.dropout
+
+
+def test_inspect_names_a_new_head_and_leaves_it_unanchored(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A causal LM checkpoint trained as a classifier: its score head is new, at full lr, not anchored."""
+    config = write_config(tmp_path, "llama", False, [{"name": "llrd", "decay": 0.5}, {"name": "l2_sp"}])
+    raw = yaml.safe_load(config.read_text())
+    files = {split: write_jsonl(tmp_path / f"{split}-cls.jsonl", sentiment_rows(8, i)) for i, split in enumerate(
+        ("train", "validation"))}  # fmt: skip
+    raw["task"] = "sequence_classification"
+    raw["data"] = {k: str(v) for k, v in files.items()} | {"format": "text", "max_length": 24}
+    config.write_text(yaml.safe_dump(raw))
+    plan = inspected(config, capsys)
+    assert plan["new_parameters"] == ["score.weight"] == plan["anchored"]["not_anchored"]
+    assert "score.weight" not in plan["anchored"]["tensors"]
+    new = [g for g in plan["optimizer_groups"] if g["group"] == "new"]
+    assert new == [{"group": "new", "lr": 1e-2, "weight_decay": 0.0, "tensors": 1, "parameters": 2 * 16}]
