@@ -40,6 +40,7 @@ CASES: dict[str, tuple[dict[str, Any], bool]] = {
     "flow": ({"strength": 1.0, "temperature": 0.05}, True),
     "replay": ({}, False),
     "ema": ({}, False),
+    "intruder": ({}, False),
     "wise_ft": ({"alphas": [0.5]}, False),
 }
 PLAIN: dict[tuple[str, bool], dict[str, torch.Tensor]] = {}  # the run without regularizers, per architecture and LoRA

@@ -568,7 +568,7 @@ def rows(n: int, start: int = 0, length: int = 6) -> list[dict]:
 
 def test_replay_ratio_is_exact_deterministic_and_goes_through_the_source_before_repeating():
     train_rows, source = rows(40), rows(7, start=100)
-    stack = stack_of(model_of(), {"name": "replay", "ratio": 0.2})
+    stack = RegularizerStack.from_configs([REGISTRY["replay"].config(name="replay", ratio=0.2)])
     mixed = stack.train_data(train_rows, source, seed=0)
     picked = mixed[len(train_rows) :]
     assert mixed[: len(train_rows)] == train_rows
@@ -587,7 +587,7 @@ def test_replay_by_tokens_counts_loss_tokens():
     got = sum(map(loss_tokens, picked))
     assert target <= got < target + loss_tokens(source[0])
     with pytest.raises(ConfigError, match="needs rows to replay"):
-        stack_of(model_of(), {"name": "replay"}).train_data(train_rows, None, 0)
+        RegularizerStack.from_configs([REGISTRY["replay"].config(name="replay")]).train_data(train_rows, None, 0)
 
 
 # ---------------------------------------------------------------------------------------------------------------

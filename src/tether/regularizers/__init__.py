@@ -8,6 +8,7 @@ from tether.regularizers import (  # noqa: F401  (registers them)
     ema,
     ewc,
     flow,
+    intruder,
     kl,
     l1,
     l2,

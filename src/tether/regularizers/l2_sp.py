@@ -37,7 +37,6 @@ from pydantic import Field, model_validator
 from torch import nn
 
 from tether.distributed import full, is_main_process, is_sharded, local, shard_like
-from tether.errors import ConfigError
 from tether.regularizers.anchor import (
     add_pull,
     grad_shards,
@@ -197,9 +196,6 @@ class L2SP(Regularizer):
         return {"anchor": nbytes(self.anchors), "work buffer": scratch_bytes(self.views)}
 
     def setup(self, ctx: SetupContext) -> None:
-        message = self.config.check_run(ctx.facts())
-        if message is not None:
-            raise ConfigError(message)
         self.lora = lora_groups(ctx.model)
         in_pairs = {id(p) for group in self.lora for p in (*group.a, *group.b)}
         self.params = [p for _, p in trainable(ctx.model, ctx.new_parameters) if id(p) not in in_pairs]

@@ -73,9 +73,6 @@ class SI(Regularizer):
         """Omega, the per-entry weights of the penalty (fp32, mean 1 in every tensor, 0 where gradients were noise)."""
 
     def setup(self, ctx: SetupContext) -> None:
-        message = self.config.check_run(ctx.facts())
-        if message is not None:
-            raise ConfigError(message)
         self.params = [p for _, p in trainable(ctx.model, ctx.new_parameters)]
         self.anchors = snapshot(self.params)
         # every process takes the same steps on the same batches: the importance must be identical everywhere

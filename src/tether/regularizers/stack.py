@@ -70,6 +70,10 @@ class RegularizerStack:
         new_parameters: frozenset[str] = frozenset(),
     ) -> None:
         self.items = regularizers
+        self.configs: list[RegularizerConfig] = []
+        """The configs the regularizers were built from (from_configs): setup checks them against the run."""
+        self.reference_rows_given = False
+        """train_data was given reference rows (replay's source): setup's check counts them as reference data."""
         self.new_parameters = new_parameters
         """Parameters that loading initialized (tether.models.Loaded.new_parameters): never anchored, full lr."""
         self.is_set_up = False
@@ -90,7 +94,9 @@ class RegularizerStack:
     def from_configs(
         cls, configs: list[RegularizerConfig], skip_non_finite: int = 0, new_parameters: frozenset[str] = frozenset()
     ) -> RegularizerStack:
-        return cls([(REGISTRY[c.name].cls(c), c.strength) for c in configs], skip_non_finite, new_parameters)
+        stack = cls([(REGISTRY[c.name].cls(c), c.strength) for c in configs], skip_non_finite, new_parameters)
+        stack.configs = list(configs)
+        return stack
 
     @property
     def names(self) -> list[str]:
@@ -107,7 +113,15 @@ class RegularizerStack:
         return [reg.name for reg, _ in self.items if type(reg).param_groups is not Regularizer.param_groups]
 
     def setup(self, ctx: SetupContext) -> None:
-        """Builds the one frozen Reference first, when one is asked for: before any setup changes the model."""
+        """Checks every regularizer against the run as the model and data show it (RegularizerConfig.check_run, as
+        parse_entries does from a config), then builds the one frozen Reference first, when one is asked for:
+        before any setup changes the model."""
+        facts = ctx.facts()  # reference rows given to train_data count as reference data too
+        facts = dataclasses.replace(facts, reference_data=facts.reference_data or self.reference_rows_given)
+        for i, config in enumerate(self.configs):
+            message = config.check_run(facts)
+            if message is not None:
+                raise config_error(i, message)
         if has_sharded_parameters(ctx.model):
             self.check_shardable()
             self.sharded = True
@@ -136,6 +150,7 @@ class RegularizerStack:
         load: Callable[[str], list[dict]] | None = None,
     ) -> list[dict]:
         """The training rows after each regularizer's train_data, in order (replay mixes reference rows in)."""
+        self.reference_rows_given = self.reference_rows_given or reference is not None
         for reg, _ in self.items:
             train = reg.train_data(train, reference, seed, load)
         return train
