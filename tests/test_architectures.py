@@ -330,3 +330,11 @@ def test_inspect_names_a_new_head_and_leaves_it_unanchored(tmp_path: Path, capsy
     assert "score.weight" not in plan["anchored"]["tensors"]
     new = [g for g in plan["optimizer_groups"] if g["group"] == "new"]
     assert new == [{"group": "new", "lr": 1e-2, "weight_decay": 0.0, "tensors": 1, "parameters": 2 * 16}]
+
+
+def test_a_task_the_architecture_has_no_model_for_names_task(tmp_path: Path) -> None:
+    from tether.config import ModelConfig
+    from tether.models import load_model
+
+    with pytest.raises(ConfigError, match=r"^task: transformers has no sequence_classification model for .*Mamba"):
+        load_model(ModelConfig(path=str(saved("mamba", tmp_path))), "sequence_classification", None)

@@ -115,6 +115,8 @@ def _pretrained(cfg: ModelConfig, task: str, num_labels: int | None) -> Loaded:
             classes = {} if num_labels is None else {"num_labels": num_labels}  # None: the checkpoint's own
             model, info = AutoModelForSequenceClassification.from_pretrained(cfg.path, **classes, **kwargs)
     except (OSError, ValueError) as e:
+        if "Unrecognized configuration class" in str(e):  # the architecture has no model for this task
+            raise ConfigError(f"task: transformers has no {task} model for '{cfg.path}': {_first_line(e)}") from None
         raise ConfigError(f"model.path: cannot load '{cfg.path}': {_first_line(e)}") from None
     new = set(info["missing_keys"]) | {key for key, *_ in info["mismatched_keys"]}
     return Loaded(model, tokenizer, frozenset(new & {n for n, _ in model.named_parameters()}))
