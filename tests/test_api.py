@@ -92,6 +92,9 @@ def test_a_user_optimizer_gets_the_pulls_and_refuses_group_regularizers(tmp_path
     assert not torch.equal(*runs)
     model = tiny_model("llama", "causal_lm", len(TOKENIZER), hidden_size=32)
     t = trainer(tmp_path, model, optimizers=(torch.optim.SGD(model.parameters(), lr=0.1), None))
+    t = trainer(tmp_path, model, optimizers=(torch.optim.SGD(model.parameters(), lr=0.1), None), weight_decay=0.5)
+    assert tether.regularize(t, []).stack.names == []  # a user optimizer never read args.weight_decay
+    t = trainer(tmp_path, model, optimizers=(torch.optim.SGD(model.parameters(), lr=0.1), None))
     with pytest.raises(TetherError, match="weight_decay set the optimizer's parameter groups"):
         tether.regularize(t, [{"name": "weight_decay", "strength": 0.1}]).train()
 
@@ -139,6 +142,8 @@ def test_forgetting_in_one_call(tmp_path: Path) -> None:
     weights(trainer(tmp_path, model))
     out = tether.forgetting(model, TOKENIZER, FACTS, before)
     assert out["reference_loss_before"] == before["loss"] and out["delta_loss"] != 0
+    original = tiny_model("llama", "causal_lm", len(TOKENIZER), hidden_size=32)  # the same seed: the model before
+    assert tether.forgetting(model, TOKENIZER, FACTS, original) == out
     lora = get_peft_model(tiny_model("llama", "causal_lm", len(TOKENIZER), hidden_size=32),
                           LoraConfig(r=4, target_modules=["q_proj"]))  # fmt: skip
     assert tether.forgetting(lora, TOKENIZER, FACTS)["delta_loss"] == 0  # a fresh adapter: against itself off

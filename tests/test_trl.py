@@ -88,6 +88,23 @@ def test_sft_autograd_penalties_change_the_weights_in_one_forward(tmp_path: Path
     assert not torch.equal(*runs)
 
 
+@pytest.mark.parametrize("accumulation", [1, 2])
+def test_sft_task_loss_is_trls_own(tmp_path: Path, accumulation: int) -> None:
+    """With an autograd penalty at strength 0 the regularized SFT step (the model's own loss, one forward) trains as
+    TRL's fused NLL does, under gradient accumulation too: the same loss, scaled the same way."""
+    # SGD: Adam's normalized steps would magnify the rounding of the fused against the plain cross-entropy
+    args = {
+        "gradient_accumulation_steps": accumulation,
+        "per_device_train_batch_size": 4 // accumulation,
+        "optim": "sgd",
+    }
+    config = SFTConfig(output_dir=str(tmp_path / "trl"), max_length=32, **(COMMON | {"max_steps": 3} | args))
+    plain = SFTTrainer(model=model(), args=config, train_dataset=Dataset.from_list(SFT_DATA["prompt_completion"]),
+                       processing_class=TOKENIZER)  # fmt: skip
+    regularized = sft(tmp_path / "tether", [{"name": "label_smoothing", "strength": 0.0}], **args)
+    torch.testing.assert_close(trained(plain), trained(regularized), rtol=1e-4, atol=1e-5)
+
+
 def test_sft_with_trl_peft_config_and_replay(tmp_path: Path) -> None:
     """TRL wraps the model in LoRA; tether sets up on the wrapped model (kl's reference: adapters disabled, no full
     copy; l2_sp pulls the adapter) and replay's rows are prepared as TRL prepares the training rows."""
@@ -135,10 +152,10 @@ PARAM_SPACE = [
 
 
 def test_dpo_parameter_space_and_optimizer_regularizers_change_the_weights(tmp_path: Path) -> None:
-    plain = trained(dpo(tmp_path / "plain", []))
-    assert torch.equal(plain, trained(dpo(tmp_path / "again", [])))  # the comparison below is not noise
+    plain = trained(dpo(tmp_path / "plain", [], max_steps=2))
+    assert torch.equal(plain, trained(dpo(tmp_path / "again", [], max_steps=2)))  # the comparison below is not noise
     for entry in PARAM_SPACE:
-        regularized = trained(dpo(tmp_path / entry["name"], [entry]))
+        regularized = trained(dpo(tmp_path / entry["name"], [entry], max_steps=2))
         assert not torch.equal(plain, regularized), entry["name"]
 
 

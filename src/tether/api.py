@@ -53,7 +53,8 @@ def regularize(
     call this after building the trainer, and wrap no adapter around its model afterwards (refused at train())."""
     if isinstance(trainer, RegularizedMixin):
         raise TetherError("this trainer is regularized already: call tether.regularize once, with every regularizer")
-    configs = _configs(regularizers, trainer.args.weight_decay)
+    given_optimizer = trainer.optimizer is not None  # Trainer(optimizers=(opt, None)): args.weight_decay unused
+    configs = _configs(regularizers, 0.0 if given_optimizer else trainer.args.weight_decay)
     tokenizer = trainer.processing_class
     rows = _rows(reference)
     if rows is None:
