@@ -157,7 +157,8 @@ def test_history_grows_during_training_and_progress_prints_plain_lines(raw_confi
     lines = out.getvalue().splitlines()
     history = [json.loads(line) for line in (tmp_path / "run" / "history.jsonl").read_text().splitlines()]
     losses = [h for h in history if "loss" in h]
-    assert [line.split(":")[0] for line in lines].count("training") == len(history)
+    shown = [h for h in history if "loss" in h or "eval_loss" in h]  # not the Trainer's closing summary
+    assert [line.split(":")[0] for line in lines].count("training") == len(shown) == len(history) - 1
     assert f"step 5/20 (25%) loss {losses[0]['loss']:.4g}" in lines[0]
 
 
@@ -171,3 +172,47 @@ def test_plain_lines_report_the_pace_since_a_resume() -> None:
 
     line = plain_line("training", State(), {"loss": 1.5}, time.perf_counter() - 10, first_step=40)
     assert line.startswith("training: step 60/100 (60%) loss 1.5 | 10s elapsed, ~20s left")
+
+
+def test_tracked_measures_reach_tensorboard_and_the_report(raw_config: dict, tmp_path: Path) -> None:
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from tests.test_report import Page, png_size
+
+    raw_config["training"].update(max_steps=10, eval_steps=5, report_to=["tensorboard"])
+    _run(raw_config, tmp_path / "run")
+    evals = _evals(tmp_path / "run")
+    (logdir,) = (tmp_path / "run" / "runs").iterdir()
+    events = EventAccumulator(str(logdir))
+    events.Reload()
+    for key in ("forgetting", "probe_kl", "reference_loss", "recall"):
+        got = [(s.step, s.value) for s in events.Scalars(f"eval/{key}")]
+        assert got == [(e["step"], pytest.approx(e[f"eval_{key}"], rel=1e-6)) for e in evals]
+    doc = Page((tmp_path / "run" / "report.html").read_text())
+    assert "Forgetting during training" in doc.headings
+    table = next(t for t in doc.tables if t[0][:2] == ["step", "eval_loss"])
+    header, *rows = table
+    assert [r[header.index("eval_probe_kl")] for r in rows] == [f"{e['eval_probe_kl']:.4g}" for e in evals]
+    assert any("forgetting during training" in img["alt"] and min(png_size(img["src"])) > 50 for img in doc.images)
+
+
+def test_lm_eval_scores_are_sweep_objectives(raw_config: dict) -> None:
+    from tether.config import SWEEP_METRICS
+    from tether.harness.sweep.objective import flat_metrics
+
+    raw_config["sweep"] = {
+        "params": {"training.learning_rate": {"distribution": "log_uniform", "low": 1e-3, "high": 3e-3}},
+        "objectives": ["target.val_loss", "lm_eval.tether_facts.acc.delta"],
+    }
+    with pytest.raises(Exception, match="list tether_facts in its tasks"):
+        validate_config(raw_config)
+    raw_config["evaluation"] = {"lm_eval": {"tasks": ["tether_facts"]}}
+    assert validate_config(raw_config).sweep.objectives[1] == "lm_eval.tether_facts.acc.delta"
+    assert SWEEP_METRICS["lm_eval.tether_facts.acc.delta"] == "maximize"
+    assert SWEEP_METRICS["lm_eval.wikitext.word_perplexity.after"] == "minimize"
+    metrics = {"target": {"val_loss": 1.5}, "lm_eval": {"tether_facts": {"acc": {"before": 0.5, "after": 0.25,
+                                                                                "delta": -0.25}}}}  # fmt: skip
+    assert flat_metrics(metrics) == {
+        "target.val_loss": 1.5, "lm_eval.tether_facts.acc.after": 0.25, "lm_eval.tether_facts.acc.delta": -0.25
+    }  # fmt: skip

@@ -179,22 +179,53 @@ class EvaluationConfig(Section):
     """lm-evaluation-harness tasks, scored on the base model and on the result."""
 
 
-SWEEP_METRICS: dict[str, Literal["minimize", "maximize"]] = {  # metrics.json keys a sweep can use -> better way
-    "target.val_loss": "minimize",
-    "target.train_loss": "minimize",
-    "target.accuracy": "maximize",
-    "target.f1": "maximize",
-    "overfit_gap": "minimize",
-    "forgetting.delta_loss": "minimize",
-    "forgetting.reference_loss_after": "minimize",
-    "forgetting.recall_after": "maximize",
-    "forgetting.recall_drop": "minimize",
-}
+class MetricDirections(dict):
+    """metrics.json keys a sweep can use -> the way each is better. Besides the fixed keys, the lm-eval scores of a
+    run with evaluation.lm_eval: lm_eval.<task>.<metric>.after / .delta, better up except perplexities and bits."""
+
+    def __missing__(self, name: str) -> Literal["minimize", "maximize"]:
+        parts = name.split(".")
+        if len(parts) < 4 or parts[0] != "lm_eval" or parts[-1] not in ("after", "delta"):
+            raise KeyError(name)
+        return "minimize" if parts[-2] in LOWER_IS_BETTER or parts[-2].endswith("perplexity") else "maximize"
+
+    def __contains__(self, name: object) -> bool:
+        try:
+            self[name]
+        except (KeyError, TypeError):
+            return False
+        return True
+
+
+LOWER_IS_BETTER = ("bits_per_byte", "ter")  # lm-eval metrics where lower is better (with the *perplexity ones)
+
+
+def lm_eval_names(metrics: dict[str, Any]) -> list[str]:
+    """The lm_eval.<task>.<metric>.after / .delta keys of a metrics.json-shaped dict."""
+    scores = metrics.get("lm_eval") or {}
+    return [f"lm_eval.{task}.{m}.{k}" for task, ms in scores.items() for m in ms for k in ("after", "delta")]
+
+
+SWEEP_METRICS: dict[str, Literal["minimize", "maximize"]] = MetricDirections(
+    {  # metrics.json keys -> better way
+        "target.val_loss": "minimize",
+        "target.train_loss": "minimize",
+        "target.accuracy": "maximize",
+        "target.f1": "maximize",
+        "overfit_gap": "minimize",
+        "forgetting.delta_loss": "minimize",
+        "forgetting.reference_loss_after": "minimize",
+        "forgetting.recall_after": "maximize",
+        "forgetting.recall_drop": "minimize",
+    }
+)
 
 
 def _known_metric(name: str) -> str:
     if name not in SWEEP_METRICS:
-        raise ValueError(f"unknown metric: use one of {', '.join(SWEEP_METRICS)}")
+        raise ValueError(
+            f"unknown metric: use one of {', '.join(SWEEP_METRICS)}, or lm_eval.<task>.<metric>.after/delta"
+        )
     return name
 
 
@@ -425,6 +456,9 @@ def _check_sweep(cfg: RunConfig, sweep: SweepConfig) -> None:
             raise ConfigError(f"sweep: {name} is measured on data.reference: set it or use target.* metrics")
         if "recall" in name and reference_format != "prompt_completion":
             raise ConfigError(f"sweep: {name} needs prompt_completion reference data (a fact set)")
+        task = name.split(".")[1] if name.startswith("lm_eval.") else None
+        if task is not None and (cfg.evaluation.lm_eval is None or task not in cfg.evaluation.lm_eval.tasks):
+            raise ConfigError(f"sweep: {name} is measured with evaluation.lm_eval: list {task} in its tasks")
         if name in ("target.accuracy", "target.f1") and cfg.task != "sequence_classification":
             raise ConfigError(f"sweep: {name} is measured for task sequence_classification only")
 

@@ -51,7 +51,7 @@ class RichProgress(TrainerCallback):
         return self.console is not None and not self.console.is_terminal
 
     def on_log(self, args: Any, state: Any, control: Any, logs: dict | None = None, **kwargs: Any) -> None:
-        if self.plain and logs and state.is_world_process_zero:
+        if self.plain and any(k in SHOWN for k in logs or {}) and state.is_world_process_zero:
             line = plain_line(self.description, state, logs, *self.started)
             self.console.print(line, highlight=False, soft_wrap=True)
             self.console.file.flush()

@@ -13,7 +13,7 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 from transformers import TrainerCallback
 
-from tether.config import SWEEP_METRICS, RunConfig, SweepConstraint, with_values
+from tether.config import SWEEP_METRICS, RunConfig, SweepConstraint, lm_eval_names, with_values
 from tether.errors import NonFiniteError
 from tether.harness.sweep.study import DONE, MAX_RETRY, Job, prunable
 
@@ -108,9 +108,9 @@ def suggest(trial: optuna.Trial, path: str, param: Any) -> Any:
 
 
 def flat_metrics(metrics: dict[str, Any]) -> dict[str, float]:
-    """The SWEEP_METRICS keys present in a metrics.json-shaped dict, by dotted name."""
+    """The SWEEP_METRICS keys (lm-eval scores included) present in a metrics.json-shaped dict, by dotted name."""
     out = {}
-    for name in SWEEP_METRICS:
+    for name in [*SWEEP_METRICS, *lm_eval_names(metrics)]:
         node: Any = metrics
         for part in name.split("."):
             node = node.get(part) if isinstance(node, dict) else None
