@@ -40,15 +40,17 @@ def row(name: str, m: dict[str, Any]) -> str:
     return f"| {name} | {m['target']['val_loss']:.3f} | {recall} | {f['delta_loss']:+.3f} |"
 
 
-def sweep_runs(sweep: list[tuple[str, list[dict[str, Any]]]], prefix: str) -> Iterator[tuple[str, dict[str, Any]]]:
-    """(name, metrics) of one demo fine-tune per entry, after printing the table header (also for
-    benchmarks/reference_strengths.py)."""
+def sweep_runs(
+    sweep: list[tuple[str, list[dict[str, Any]]]], prefix: str, **sections: Any
+) -> Iterator[tuple[str, dict[str, Any]]]:
+    """(name, metrics) of one demo fine-tune per entry, after printing the table header (also for the other
+    benchmarks of the demo world); `sections` replace the demo config's (e.g. lora={...})."""
     torch.set_num_threads(1)  # tiny matrices: a second thread gains little and suffers most from other processes
     base = pretrained_base()
     out = Path(tempfile.mkdtemp(prefix=prefix))
     print("| run | target val loss | fact recall | reference loss + |\n| --- | --- | --- | --- |")
     for name, regularizers in sweep:
-        raw = demo_config(base, regularizers)
+        raw = demo_config(base, regularizers) | sections
         raw["training"].update(eval_strategy="no", save_strategy="no")
         yield name, train(validate_config(raw), out / name.replace(" ", "_"), overwrite=True)
 
