@@ -27,7 +27,7 @@ from tether.evaluate import forgetting as forgetting_of
 from tether.evaluate import reference_metrics
 from tether.reference import is_peft
 from tether.regularizers import FinishContext, RegularizerConfig, RegularizerStack, SetupContext, parse_entries
-from tether.trainer import RegularizedMixin, StepEnd, check_trainer
+from tether.trainer import RegularizedMixin, StepEnd, check_trainer, row_mixers
 
 Reference = str | Path | list[dict[str, Any]] | Any  # a JSONL file, rows, or a datasets.Dataset
 MAX_LENGTH = 1024  # tokens per reference row when the trainer's arguments name no max_length
@@ -71,14 +71,21 @@ def regularize(
     cls = type(trainer)
     regularized = type(f"Regularized{cls.__name__}", (RegularizedMixin, cls), {"__module__": cls.__module__})
     check_trainer(regularized, stack)
-    if "replay" in stack.names:
-        trainer.train_dataset = stack.train_data(
-            trainer.train_dataset, _replayed(trainer, rows, encoded), trainer.args.seed
-        )
+    if row_mixers(stack):  # replay: reference rows mixed into the training rows, in their form
+        mixed = None if rows is None else _replayed(trainer, rows, encoded)
+        trainer.train_dataset = stack.train_data(trainer.train_dataset, mixed, trainer.args.seed)
     trainer.__class__ = regularized
+    _install(trainer, stack, encoded)
+    trainer.check_regularized()  # what is known now is refused now, not at train()
+    return trainer
+
+
+def _install(trainer: Any, stack: RegularizerStack, encoded: list[dict[str, Any]] | None) -> None:
+    """The stack on the (regularized) trainer, set up on its model: now, or under FSDP once it is sharded."""
     trainer.stack = stack
     trainer.reference_rows = encoded
-    refs = None if encoded is None else batches(encoded, Collator(tokenizer.pad_token_id), trainer.args.device)
+    tokenizer = trainer.processing_class
+    refs = None if encoded is None else batches(encoded, collator(tokenizer), trainer.args.device)
     ctx = SetupContext(trainer.model, refs, trainer.args.learning_rate)
     if trainer.is_fsdp_enabled:  # FSDP shards the model inside train(): set up on the shards there
         trainer.pending_setup = lambda: stack.setup(dataclasses.replace(ctx, model=trainer.model))
@@ -87,8 +94,12 @@ def regularize(
     if encoded is not None and {"ema", "wise_ft"} & set(stack.names):  # their final models are measured too
         trainer.reference_before = knowledge(trainer.model, tokenizer, encoded)
     trainer.add_callback(StepEnd(stack))
-    trainer.check_regularized()  # what is known now is refused now, not at train()
-    return trainer
+
+
+def collator(tokenizer: Any) -> Collator:
+    """tether's padding collator; a tokenizer without a pad token pads with its end-of-text token."""
+    pad = tokenizer.pad_token_id
+    return Collator(tokenizer.eos_token_id if pad is None else pad)
 
 
 def _configs(entries: list[dict[str, Any] | RegularizerConfig], weight_decay: float) -> list[RegularizerConfig]:
@@ -164,7 +175,7 @@ def knowledge(model: nn.Module, tokenizer: Any, rows: Reference, *, max_length: 
     listed = _rows(rows)
     facts = all({"prompt", "completion"} <= r.keys() for r in listed)  # recall is measured on these only
     split = Split(listed, encode_rows(listed, tokenizer, max_length), "prompt_completion" if facts else "text")
-    return reference_metrics(model, tokenizer, split, Collator(tokenizer.pad_token_id))
+    return reference_metrics(model, tokenizer, split, collator(tokenizer))
 
 
 def forgetting(

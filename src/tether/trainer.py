@@ -19,6 +19,7 @@ from tether.distributed import barrier, has_sharded_parameters
 from tether.errors import ConfigError, NonFiniteError, TetherError
 from tether.outputs import save_safetensors_atomic
 from tether.regularizers import RegularizerStack
+from tether.regularizers.base import Regularizer
 from tether.step import regularized_loss
 
 STACK_STATE = "tether_state.safetensors"  # the regularizers' training state in each checkpoint-N/
@@ -249,12 +250,17 @@ def check_trainer(cls: type, stack: RegularizerStack) -> None:
     owner = loss_owner(cls)
     if owner in ("Trainer", "SFTTrainer"):
         return
-    unfit = [name for name in stack.names if name in stack.penalty_names or name == "replay"]
+    unfit = [name for name in stack.names if name in stack.penalty_names or name in row_mixers(stack)]
     if owner in OWN_CONSTRAINT and unfit:
         raise ConfigError(
             f"{', '.join(unfit)} cannot apply beside {owner}'s loss (no labelled tokens to compare or replay): use "
             f"{OWN_CONSTRAINT[owner]} instead, or the parameter-space ones (l2_sp, ewc, si), and drop them"
         )
+
+
+def row_mixers(stack: RegularizerStack) -> list[str]:
+    """The regularizers that change the training rows (replay mixes labelled rows in)."""
+    return [reg.name for reg, _ in stack.items if type(reg).train_data is not Regularizer.train_data]
 
 
 def load_stack_state(checkpoint: Path) -> dict[str, torch.Tensor]:
