@@ -160,9 +160,12 @@ def test_dpo_parameter_space_and_optimizer_regularizers_change_the_weights(tmp_p
 
 
 def test_dpo_ema_and_wise_ft_models(tmp_path: Path) -> None:
-    """ema and wise_ft at the end of a DPO run (tether.finish): measured on the eval data, saved."""
-    trainer = dpo(tmp_path, [{"name": "ema", "decay": 0.5}, {"name": "wise_ft", "alphas": [0.0, 1.0]}])
+    """ema and wise_ft at the end of a DPO run (tether.finish): measured on the eval data, saved; the checkpoint
+    (with the EMA state) is saved beside TRL's model card."""
+    regs = [{"name": "ema", "decay": 0.5}, {"name": "wise_ft", "alphas": [0.0, 1.0]}]
+    trainer = dpo(tmp_path, regs, save_strategy="steps", save_steps=3)
     trainer.train()
+    assert (tmp_path / "checkpoint-3" / "tether_state.safetensors").is_file() and (tmp_path / "README.md").is_file()
     results = tether.finish(trainer)
     assert results["ema"]["steps"] == 3 and "delta_loss" in results["ema"]["forgetting"]
     assert [row["alpha"] for row in results["wise_ft"]["alphas"]] == [0.0, 1.0]
