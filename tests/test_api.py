@@ -59,6 +59,19 @@ def test_regularize_a_stock_trainer_with_dataset_reference(tmp_path: Path) -> No
     assert not torch.equal(*runs)
 
 
+def test_entries_as_config_objects_and_bad_entries(tmp_path: Path) -> None:
+    from tether.regularizers.l2_sp import L2SPConfig
+
+    t = tether.regularize(trainer(tmp_path / "a"), [{"name": "l2"}, L2SPConfig(name="l2_sp", strength=0.1)])
+    assert t.stack.names == ["l2", "l2_sp"] and t.stack.items[1][1] == 0.1
+    with pytest.raises(TetherError, match=r"regularizers\[0\]: unknown regularizer 'l3'"):
+        tether.regularize(trainer(tmp_path / "b"), [{"name": "l3"}])
+    with pytest.raises(TetherError, match="ewc need reference data: pass reference="):
+        tether.regularize(trainer(tmp_path / "c"), [{"name": "ewc"}])
+    with pytest.raises(TetherError, match="regularized already"):
+        tether.regularize(t, [])
+
+
 def test_replay_into_rows_without_labels(tmp_path: Path) -> None:
     """Training rows without labels (the collator makes them), counted by tokens: no KeyError, rows of the
     training set's columns added, and training runs on the mix."""

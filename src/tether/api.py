@@ -104,9 +104,8 @@ def collator(tokenizer: Any) -> Collator:
 
 def _configs(entries: list[dict[str, Any] | RegularizerConfig], weight_decay: float) -> list[RegularizerConfig]:
     """The entries validated as the YAML's are; TrainingArguments.weight_decay merged in as weight_decay."""
-    given = [e for e in entries if isinstance(e, RegularizerConfig)]
-    parsed = parse_entries([RegularizerEntry(**e) for e in entries if not isinstance(e, RegularizerConfig)])
-    configs = [*given, *parsed]
+    dicts = [e.model_dump() if isinstance(e, RegularizerConfig) else e for e in entries]  # checked alike, in order
+    configs = parse_entries([RegularizerEntry(**e) for e in dicts])
     decay = next((c for c in configs if c.name == "weight_decay"), None)
     if weight_decay and decay is None:
         configs += parse_entries([RegularizerEntry(name="weight_decay", strength=weight_decay)])
