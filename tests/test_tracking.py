@@ -86,6 +86,31 @@ def test_probe_kl_equals_the_naive_kl_from_snapshot_and_reference() -> None:
     assert snapshot.kl(original) == pytest.approx(0, abs=1e-6)
 
 
+def test_probe_under_lora_compares_with_the_adapters_off() -> None:
+    from peft import LoraConfig, get_peft_model
+
+    tok = char_tokenizer()
+    model = get_peft_model(
+        tiny_model("llama", "causal_lm", tok.vocab_size), LoraConfig(r=4, target_modules="all-linear")
+    )
+    ids = tok("21+21=42")["input_ids"]
+    rows = [{"input_ids": ids, "attention_mask": [1] * len(ids), "labels": [-100] * 6 + ids[6:]}] * 3
+    collator = Collator(tok.pad_token_id)
+    probe = Probe.build(model, rows, collator, None, 2**30)
+    assert probe.reference is not None and probe.reference.mode == "disable" and probe.snapshot is None
+    assert probe.kl(model) == pytest.approx(0, abs=1e-7)  # a fresh adapter adds zero
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(std=0.5, generator=torch.Generator().manual_seed(len(name)))
+    batch = collator(rows)
+    model.eval()
+    with model.disable_adapter():
+        original = copy.deepcopy(model.get_base_model())
+    expected = _naive_kl(original, model, batch)
+    assert expected > 1e-3 and probe.kl(model) == pytest.approx(expected, rel=1e-4)
+
+
 def test_probe_snapshot_keeps_the_rows_that_fit() -> None:
     tok = char_tokenizer()
     model = tiny_model("llama", "causal_lm", tok.vocab_size)
