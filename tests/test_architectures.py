@@ -78,6 +78,15 @@ def test_each_dropout_role_acts_in_training_only_or_is_refused(arch: str) -> Non
             set_dropout(model, {role: 0.1})
 
 
+def test_dropout_roles_are_the_same_without_the_probe(monkeypatch: pytest.MonkeyPatch) -> None:
+    """FSDP2 shards run no probe forward: the roles outside the blocks then come from the holders' places."""
+    from tether.regularizers import dropout
+
+    probed = {arch: knobs(tiny(arch)) for arch in ARCHS}
+    monkeypatch.setattr(dropout, "run_order", lambda model: None)
+    assert {arch: knobs(tiny(arch)) for arch in ARCHS} == probed
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # llrd
 
