@@ -49,13 +49,15 @@ ENCODERS: dict[str, dict[str, Any]] = {
 ARCHS = {**dict.fromkeys(DECODERS, "causal_lm"), **dict.fromkeys(ENCODERS, "sequence_classification")}
 
 
-def tiny(arch: str, seed: int = 0) -> PreTrainedModel:
-    """A random-init model of `arch` over the char tokenizer's vocabulary (ids 0-2: pad, bos, eos)."""
+def tiny(arch: str, seed: int = 0, **overrides: Any) -> PreTrainedModel:
+    """A random-init model of `arch` over the char tokenizer's vocabulary (ids 0-2: pad, bos, eos); `overrides`
+    change config fields."""
     vocab = len(char_tokenizer())
     ids = {"pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2}
     fields = {**SIZES, "vocab_size": vocab, "max_position_embeddings": 64, **ids, **{**DECODERS, **ENCODERS}[arch]}
     if arch in ("modernbert",):
         fields |= {"cls_token_id": 1, "sep_token_id": 2}
+    fields |= overrides
     config = AutoConfig.for_model(arch, **fields)
     torch.manual_seed(seed)
     if ARCHS[arch] == "causal_lm":

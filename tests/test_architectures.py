@@ -78,6 +78,16 @@ def test_each_dropout_role_acts_in_training_only_or_is_refused(arch: str) -> Non
             set_dropout(model, {role: 0.1})
 
 
+@pytest.mark.parametrize("variant", [{"parallel_attn": False}, {"alibi": True}], ids=["sequential", "alibi"])
+def test_falcon_has_attention_dropout_where_its_forward_applies_it(variant: dict[str, bool]) -> None:
+    model = tiny("falcon", **variant)
+    assert "attention" in knobs(model)
+    set_dropout(model, {"attention": 0.5, "hidden": 0.0})
+    model.train()
+    x = inputs_of()
+    assert not torch.equal(model(**x).logits, model(**x).logits)
+
+
 def test_dropout_roles_are_the_same_without_the_probe(monkeypatch: pytest.MonkeyPatch) -> None:
     """FSDP2 shards run no probe forward: the roles outside the blocks then come from the holders' places."""
     from tether.regularizers import dropout
