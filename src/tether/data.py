@@ -394,11 +394,13 @@ def describe(name: str, split: Split, batch_size: int, packed: list[dict[str, An
     return ", ".join(parts)
 
 
-def data_summary(data: Datasets, batch_size: int, packed: list[dict[str, Any]] | None = None) -> list[str]:
-    """One line per split (describe); `packed`: the packed training examples."""
-    lines = [describe("train", data.train, batch_size, packed), describe("validation", data.validation, batch_size)]
+def data_summary(data: Datasets, training: dict[str, Any], packed: list[dict[str, Any]] | None = None) -> list[str]:
+    """One line per split (describe) at the batch sizes of the TrainingArguments `training`; `packed`: the packed
+    training examples."""
+    train, evaluation = training["per_device_train_batch_size"], training["per_device_eval_batch_size"]
+    lines = [describe("train", data.train, train, packed), describe("validation", data.validation, evaluation)]
     if data.reference is not None:
-        lines.append(describe("reference", data.reference, batch_size))
+        lines.append(describe("reference", data.reference, evaluation))
     return lines
 
 
@@ -410,8 +412,8 @@ def check_data(cfg: RunConfig) -> list[str]:
     tokenizer = load_tokenizer(cfg.model, cfg.task)
     labels = label_space(cfg.data, cfg.model.num_labels) if cfg.task == "sequence_classification" else None
     data = load_datasets(cfg.data, cfg.task, tokenizer, labels)
-    batch_size = cfg.training_arguments()["per_device_train_batch_size"]
-    return data_summary(data, batch_size, pack(data.train.encoded, cfg.data.max_length) if cfg.data.packing else None)
+    packed = pack(data.train.encoded, cfg.data.max_length) if cfg.data.packing else None
+    return data_summary(data, cfg.training_arguments(), packed)
 
 
 @dataclass

@@ -286,7 +286,7 @@ def train(
         for_regularizers = replace(data, reference=roles.regularizers)
         callbacks = [run_log, *(callbacks or [])]
         trainer = _trainer(cfg, model, tokenizer, args, for_regularizers, collator, stack, callbacks)
-        show_data(cfg, data, trainer.train_dataset, args.per_device_train_batch_size, console)
+        show_data(cfg, data, trainer.train_dataset, console)
         refs = reference_batches(for_regularizers, collator, args.per_device_eval_batch_size, args.device)
         read = functools.partial(_read_batches, cfg, tokenizer, for_regularizers, collator, args)
         ctx = SetupContext(trainer.model, refs, args.learning_rate, output_dir=output_dir, read_batches=read)
@@ -308,9 +308,9 @@ def train(
         barrier()  # every process returns once the run is measured and written (and none exits under the others)
 
 
-def show_data(cfg: RunConfig, data: Datasets, train_rows: list, batch_size: int, console: Console | None) -> None:
+def show_data(cfg: RunConfig, data: Datasets, train_rows: list, console: Console | None) -> None:
     """What the data holds before training: rows, tokens, windows and cut rows, padding (or the packed fill)."""
-    for line in data_summary(data, batch_size, train_rows if cfg.data.packing else None):
+    for line in data_summary(data, cfg.training_arguments(), train_rows if cfg.data.packing else None):
         if console is not None and is_main_process():
             console.print(f"data {line}", highlight=False)
         else:
