@@ -144,6 +144,11 @@ def test_windows_of_a_row_stay_on_one_side_of_the_split(tmp_path, tok):
     assert len(train.encoded) + len(val.encoded) == len(split.encoded) > 12
     assert not {r["_line"] for r in train.rows} & {r["_line"] for r in val.rows}
     assert val.stats.rows == 3 and train.stats.rows == 9
+    assert train.stats.split + val.stats.split == split.stats.split == 10  # rows 2..11 are longer than 16 tokens
+    rows = [{"prompt": "p" * 20, "completion": "c"}] + [{"prompt": "p", "completion": "c" * 20}] * 3
+    pc = load_split(str(write_jsonl(tmp_path / "pc.jsonl", rows)), "train", "prompt_completion", "causal_lm", tok, 16)
+    parts = split_off(pc, 0.5, seed=0)
+    assert sum(p.stats.truncated for p in parts) == pc.stats.truncated == 3 and parts[0].stats.dropped == 1
 
 
 def test_stats_count_windows_cut_and_dropped_rows(tmp_path, tok):

@@ -299,7 +299,8 @@ def load_split(
             labels = labels or _labels_of_rows(rows)
             classes = {**row, "label": labels.id_of(row["label"], where)}
         examples = encode(classes, fmt, task, tokenizer, max_length, overlap=overlap, chat_loss=chat_loss)
-        _count(stats, examples, row, fmt, task, tokenizer, max_length, chat_loss)
+        if _count(stats, examples, row, fmt, task, tokenizer, max_length, chat_loss):
+            row["_cut"] = True  # counted again where the split is divided (split_off)
         kept += [row] * len(examples)
         encoded += examples
     if not encoded:
@@ -314,15 +315,17 @@ def _labels_of_rows(rows: list[dict[str, Any]]) -> Labels:
 
 
 def _count(stats: SplitStats, examples: list[dict], row: dict, fmt: str, task: str, tokenizer: Any,
-           max_length: int, chat_loss: str) -> None:  # fmt: skip
+           max_length: int, chat_loss: str) -> bool:  # fmt: skip
+    """Add a row's examples to the counts; whether the row was cut at max_length."""
     stats.examples += len(examples)
     stats.tokens += sum(len(e["input_ids"]) for e in examples)
-    if not examples:
-        stats.dropped += 1
-    elif len(examples) > 1:
-        stats.split += 1
-    elif len(examples[0]["input_ids"]) == max_length and (fmt != "text" or task == "sequence_classification"):
-        stats.truncated += _full_length(row, fmt, task, tokenizer, chat_loss) > max_length
+    stats.dropped += not examples
+    stats.split += len(examples) > 1
+    cut = len(examples) == 1 and len(examples[0]["input_ids"]) == max_length
+    cut = cut and (fmt != "text" or task == "sequence_classification")
+    cut = cut and _full_length(row, fmt, task, tokenizer, chat_loss) > max_length
+    stats.truncated += cut
+    return cut
 
 
 def _full_length(row: dict, fmt: str, task: str, tokenizer: Any, chat_loss: str) -> int:
@@ -362,14 +365,17 @@ def split_off(split: Split, fraction: float, seed: int) -> tuple[Split, Split]:
     n_val = min(max(1, round(fraction * len(order))), len(order) - 1)
     val_idx, train_idx = sorted(order[:n_val]), sorted(order[n_val:])
 
-    def take(idx: list[int]) -> Split:
+    def take(idx: list[int], dropped: int) -> Split:
         members = [i for g in idx for i in groups[g]]
         part = Split([split.rows[i] for i in members], [split.encoded[i] for i in members], split.format)
-        part.stats = SplitStats(rows=len(idx), examples=len(members))
-        part.stats.tokens = sum(len(e["input_ids"]) for e in part.encoded)
+        part.stats = SplitStats(
+            rows=len(idx) + dropped, examples=len(members), tokens=sum(len(e["input_ids"]) for e in part.encoded),
+            split=sum(len(groups[g]) > 1 for g in idx), truncated=sum("_cut" in split.rows[groups[g][0]] for g in idx),
+            dropped=dropped,
+        )  # fmt: skip
         return part
 
-    return take(train_idx), take(val_idx)
+    return take(train_idx, split.stats.dropped), take(val_idx, 0)  # dropped rows came from the train file
 
 
 def describe(name: str, split: Split, batch_size: int, packed: list[dict[str, Any]] | None = None) -> str:
@@ -387,8 +393,8 @@ def describe(name: str, split: Split, batch_size: int, packed: list[dict[str, An
     if packed is None:
         parts.append(f"padding {padding_share(lengths, batch_size):.0%} of batch tokens")
     else:
-        widths = [len(e["input_ids"]) for e in packed]
-        fill = sum(lengths) / (len(packed) * max(widths))
+        widths = [len(e["input_ids"]) for e in packed]  # replay's rows are packed in too
+        fill = sum(widths) / (len(packed) * max(widths))
         pad = padding_share(widths, batch_size)
         parts.append(f"packed into {len(packed)} examples, {fill:.0%} full, padding {pad:.0%} of batch tokens")
     return ", ".join(parts)
