@@ -4,6 +4,7 @@ padding, what was split or cut counted."""
 from __future__ import annotations
 
 import json
+import logging
 import sys
 from pathlib import Path
 
@@ -229,3 +230,12 @@ def test_eval_scores_any_file_and_names_it(tmp_path, monkeypatch, capsys, raw_co
     assert json.loads(out)["data"] == str(data_files["validation"])
     code, _, err = cli(monkeypatch, capsys, "eval", str(path), "--model", model, "--data", str(tmp_path / "no.jsonl"))
     assert code == 2 and "--data" in err and "does not exist" in err
+
+
+def test_no_transformers_warning_about_long_rows(tmp_path, caplog):
+    tok = char_tokenizer()
+    tok.model_max_length = 16  # a model's maximum, as a real tokenizer states it
+    path = write_jsonl(tmp_path / "t.jsonl", [{"text": "x" * 40}])
+    with caplog.at_level(logging.WARNING):
+        split = load_split(str(path), "train", "text", "causal_lm", tok, 16)
+    assert split.stats.split == 1 and "Token indices sequence length" not in caplog.text

@@ -223,7 +223,7 @@ def encode(
     """The examples of one checked row: windows for a long text row, else one example cut at max_length; none when
     cutting leaves no position with a loss."""
     if task == "sequence_classification":
-        ids = tokenizer(row["text"], add_special_tokens=True)["input_ids"][:max_length]
+        ids = _ids(tokenizer, row["text"], special=True)[:max_length]
         label = row["label"] if labels is None else labels.id_of(row["label"], "row")
         return [{"input_ids": ids, "attention_mask": [1] * len(ids), "labels": label}]
     ids, targets = _tokens(row, fmt, tokenizer, chat_loss)
@@ -239,17 +239,19 @@ def _tokens(row: dict[str, Any], fmt: str, tokenizer: Any, chat_loss: str) -> tu
     """The whole row's token ids and labels (-100 where no loss), with the end-of-text token."""
     eos = [tokenizer.eos_token_id]
     if fmt == "text":
-        ids = tokenizer(row["text"])["input_ids"] + eos
+        ids = _ids(tokenizer, row["text"], special=True) + eos
         return ids, list(ids)
     if fmt == "prompt_completion":
         # The prompt is tokenized as generation will see it (the tokenizer adds BOS if it does so by itself).
-        prompt, target = tokenizer(row["prompt"])["input_ids"], _ids(tokenizer, row["completion"]) + eos
+        prompt, target = _ids(tokenizer, row["prompt"], special=True), _ids(tokenizer, row["completion"]) + eos
         return prompt + target, [IGNORE] * len(prompt) + target
     return _chat_tokens(tokenizer, row["messages"], chat_loss)
 
 
-def _ids(tokenizer: Any, text: str) -> list[int]:
-    return tokenizer(text, add_special_tokens=False)["input_ids"]
+def _ids(tokenizer: Any, text: str, special: bool = False) -> list[int]:
+    """Token ids of a text; special: with the tokens the tokenizer adds by itself (BOS). Not verbose: a text longer
+    than the model's maximum is windowed or cut here, and counted, so transformers' warning would mislead."""
+    return tokenizer(text, add_special_tokens=special, verbose=False)["input_ids"]
 
 
 def _chat_tokens(tokenizer: Any, messages: list[dict[str, str]], chat_loss: str) -> tuple[list[int], list[int]]:
@@ -330,7 +332,7 @@ def _count(stats: SplitStats, examples: list[dict], row: dict, fmt: str, task: s
 
 def _full_length(row: dict, fmt: str, task: str, tokenizer: Any, chat_loss: str) -> int:
     if task == "sequence_classification":
-        return len(tokenizer(row["text"], add_special_tokens=True)["input_ids"])
+        return len(_ids(tokenizer, row["text"], special=True))
     return len(_tokens(row, fmt, tokenizer, chat_loss)[0])
 
 
