@@ -86,7 +86,7 @@ def validate(config: Path, set_: SetOpt = []) -> None:  # noqa: B006
     names = ", ".join(r.name for r in cfg.regularizers) or "none"
     console.print(f"[green]ok[/] {config}: task {cfg.task}, regularizers: {names}")
     for line in summary:
-        console.print(f"data {line}", highlight=False)
+        console.print(f"data {line}", highlight=False, soft_wrap=True)
 
 
 @app.command()

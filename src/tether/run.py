@@ -312,7 +312,7 @@ def show_data(cfg: RunConfig, data: Datasets, train_rows: list, console: Console
     """What the data holds before training: rows, tokens, windows and cut rows, padding (or the packed fill)."""
     for line in data_summary(data, cfg.training_arguments(), train_rows if cfg.data.packing else None):
         if console is not None and is_main_process():
-            console.print(f"data {line}", highlight=False)
+            console.print(f"data {line}", highlight=False, soft_wrap=True)
         else:
             log.info("data %s", line)
 
