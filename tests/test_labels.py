@@ -11,7 +11,7 @@ import pytest
 import yaml
 
 from tether.config import DataConfig, load_config, validate_config
-from tether.data import Labels, label_space
+from tether.data import Labels, label_space, run_labels
 from tether.errors import ConfigError, DataError
 from tether.run import evaluate_saved, train
 
@@ -123,3 +123,23 @@ def test_the_shipped_classification_example_validates_and_trains(tmp_path, monke
     metrics = train(cfg, tmp_path / "run")
     assert set(metrics["target"]) >= {"accuracy", "f1"}
     assert len(json.loads((tmp_path / "run" / "model" / "config.json").read_text())["id2label"]) == 4
+
+
+def test_a_pretrained_classifier_keeps_its_own_class_order(tmp_path):
+    from tether.synthetic import char_tokenizer, tiny_model
+
+    tok = char_tokenizer()
+    model = tiny_model("bert", "sequence_classification", len(tok), num_labels=3, pad_token_id=0)
+    model.config.id2label, model.config.label2id = {0: "pos", 1: "neg", 2: "mixed"}, {"pos": 0, "neg": 1, "mixed": 2}
+    model.save_pretrained(tmp_path / "clf")
+    tok.save_pretrained(tmp_path / "clf")
+    raw = classification_config(tmp_path, ["neg", "pos"])
+    raw["model"] = {"path": str(tmp_path / "clf")}
+    cfg = validate_config(raw)
+    assert run_labels(cfg) == Labels(3, ("pos", "neg", "mixed"))  # its head's rows keep their meaning
+    train(cfg, tmp_path / "run")
+    saved = json.loads((tmp_path / "run" / "model" / "config.json").read_text())
+    assert saved["id2label"] == {"0": "pos", "1": "neg", "2": "mixed"}
+    other = classification_config(tmp_path, ["neg", "odd"])  # a name the classifier lacks: the data's own classes
+    other["model"] = {"path": str(tmp_path / "clf")}
+    assert run_labels(validate_config(other)) == Labels(2, ("neg", "odd"))

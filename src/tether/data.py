@@ -179,9 +179,20 @@ def _check_label_value(label: Any, where: str) -> None:
         raise DataError(f"{where}: label {label} is negative: class ids start at 0")
 
 
-def label_space(cfg: DataConfig, num_labels: int | None) -> Labels:
-    """The classes of the train and validation data: named (sorted names) when labels are strings, else numbered
-    0..max; checked against model.num_labels when it is set. Every bad label is a DataError naming file:line."""
+def run_labels(cfg: RunConfig) -> Labels | None:
+    """The classes of a classification run (None for causal_lm), as train, validate and eval read them."""
+    if cfg.task != "sequence_classification":
+        return None
+    from tether.models import checkpoint_classes
+
+    return label_space(cfg.data, cfg.model.num_labels, checkpoint_classes(cfg.model))
+
+
+def label_space(cfg: DataConfig, num_labels: int | None, named: tuple[str, ...] | None = None) -> Labels:
+    """The classes of the train and validation data: named when labels are strings (in the order of `named`, the
+    classes a pre-trained classifier already has, when the data's names are among them, so that its head keeps its
+    meaning; else sorted), else numbered 0..max; checked against model.num_labels when it is set. Every bad label is
+    a DataError naming file:line."""
     found: dict[type, list[tuple[Any, str]]] = {int: [], str: []}
     for name in ("train", "validation"):
         source = getattr(cfg, name)
@@ -196,6 +207,8 @@ def label_space(cfg: DataConfig, num_labels: int | None) -> Labels:
             found[kind].append((row["label"], where))
     if found[str]:
         names = tuple(sorted({label for label, _ in found[str]}))
+        if named is not None and set(names) <= set(named) and num_labels in (None, len(named)):
+            return Labels(len(named), named)
         if num_labels is not None and num_labels != len(names):
             raise DataError(
                 f"data.train: the data names {len(names)} classes ({', '.join(names)}) but model.num_labels is "
@@ -418,7 +431,7 @@ def check_data(cfg: RunConfig) -> list[str]:
     from tether.models import load_tokenizer
 
     tokenizer = load_tokenizer(cfg.model, cfg.task)
-    labels = label_space(cfg.data, cfg.model.num_labels) if cfg.task == "sequence_classification" else None
+    labels = run_labels(cfg)
     data = load_datasets(cfg.data, cfg.task, tokenizer, labels)
     packed = pack(data.train.encoded, cfg.data.max_length) if cfg.data.packing else None
     return data_summary(data, cfg.training_arguments(), packed)

@@ -45,6 +45,21 @@ def load_model(cfg: ModelConfig, task: str, labels: Labels | None = None) -> Loa
     return loaded
 
 
+def checkpoint_classes(cfg: ModelConfig) -> tuple[str, ...] | None:
+    """The class names a pre-trained classifier's config gives (None for a synthetic model, numbered classes
+    LABEL_0.., or a config that cannot be read: loading the model then says why)."""
+    if cfg.path is None:
+        return None
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(cfg.path, trust_remote_code=cfg.trust_remote_code)
+    except (OSError, ValueError):
+        return None
+    names = tuple(str(config.id2label[i]) for i in range(config.num_labels))
+    return None if all(name == f"LABEL_{i}" for i, name in enumerate(names)) else names
+
+
 def load_tokenizer(cfg: ModelConfig, task: str) -> Any:
     """The tokenizer alone, prepared as load_model prepares it (what `tether validate` checks)."""
     if cfg.synthetic is not None:

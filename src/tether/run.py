@@ -24,7 +24,7 @@ from transformers.trainer import TRAINER_STATE_NAME
 
 from tether.card import run_card
 from tether.config import RunConfig, dump_config, parse_yaml
-from tether.data import Collator, Datasets, Labels, data_summary, label_space, load_datasets, load_split
+from tether.data import Collator, Datasets, Labels, data_summary, load_datasets, load_split, run_labels
 from tether.distributed import barrier, is_main_process, local, rank, world_size
 from tether.errors import ConfigError, Interrupted, NonFiniteError, TetherError
 from tether.evaluate import (
@@ -262,7 +262,7 @@ def train(
     record_config(cfg, output_dir, resume_from, accept_changes)
     set_seed(args.seed)
     with nothing_left_on_error(output_dir):
-        labels = label_space(cfg.data, cfg.model.num_labels) if cfg.task == "sequence_classification" else None
+        labels = run_labels(cfg)  # classification: the classes, from the data
         model, tokenizer, new_parameters = load_model(cfg.model, cfg.task, labels)
         model.to(args.device)
         data = load_datasets(cfg.data, cfg.task, tokenizer, labels)
@@ -365,10 +365,10 @@ def prepare_output_dir(output_dir: Path, clear: bool, fresh: bool) -> None:
 
 
 def _fit(trainer: Any, resume_from: str | None, output_dir: Path) -> None:
-    """trainer.train, resumed with the regularizers' saved state; a non-finite loss names the step and checkpoint."""
+    """trainer.train, resumed with the regularizers' saved state (RegularizedMixin.train loads it); a non-finite
+    loss names the step and checkpoint."""
     if resume_from is not None:
         log.warning("resuming from %s", resume_from)
-        trainer.stack.load_state_dict(load_stack_state(Path(resume_from)))
         if training_ended(Path(resume_from), trainer.args):
             restore_end(trainer, resume_from)
             return
@@ -406,6 +406,7 @@ def restore_end(trainer: Any, checkpoint: str) -> None:
     if trainer.pending_setup is not None:  # FSDP's deferred setup: WiSE-FT and the measurements need the anchors
         setup, trainer.pending_setup = trainer.pending_setup, None
         setup()
+    trainer.stack.load_state_dict(load_stack_state(Path(checkpoint)))
     trainer.state = TrainerState.load_from_json(str(Path(checkpoint) / TRAINER_STATE_NAME))
     trainer._load_from_checkpoint(checkpoint)  # the Trainer's own loader (full weights or adapters)
     if trainer.args.load_best_model_at_end and trainer.state.best_model_checkpoint is not None:
@@ -592,7 +593,7 @@ def evaluate_saved(
     if (model_dir / "adapter_config.json").exists():
         from peft import PeftModel
 
-        labels = label_space(cfg.data, cfg.model.num_labels) if classes else None  # the classes it was trained on
+        labels = run_labels(cfg)  # the classes it was trained on
         base, tokenizer, _ = load_model(cfg.model, cfg.task, labels)
         model = PeftModel.from_pretrained(base, str(model_dir))
     else:
