@@ -336,13 +336,19 @@ def take_rows(inputs: dict[str, Any], rows: list[int]) -> dict[str, Any]:
     return {name: values[index] for name, values in inputs.items()}
 
 
+def loss_mask(labels: torch.Tensor) -> torch.Tensor:
+    """Which logits carry loss: [batch, tokens - 1] for causal LM (logits[:, t] predicts labels[:, t + 1]), [batch]
+    for class labels. The penalties and the trainer's weighting of them count positions by it."""
+    return labels[:, 1:] != IGNORE if labels.ndim > 1 else labels != IGNORE
+
+
 def loss_positions(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(rows, columns) of the logits that carry loss: logits[:, t] predicts labels[:, t + 1] for causal LM; every row
-    with a label (column 0) for class labels [batch]."""
+    """(rows, columns) of the logits that carry loss (loss_mask); column 0 for class labels [batch]."""
+    mask = loss_mask(labels)
     if labels.ndim == 1:
-        rows = (labels != IGNORE).nonzero().squeeze(1)
+        rows = mask.nonzero().squeeze(1)
         return rows, torch.zeros_like(rows)
-    rows, cols = (labels[:, 1:] != IGNORE).nonzero(as_tuple=True)
+    rows, cols = mask.nonzero(as_tuple=True)
     return rows, cols
 
 

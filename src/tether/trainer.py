@@ -14,10 +14,10 @@ from transformers import Trainer, TrainerCallback
 from transformers.trainer import TRAINER_STATE_NAME
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint, rotate_checkpoints
 
-from tether.data import IGNORE
 from tether.distributed import barrier, has_sharded_parameters
 from tether.errors import ConfigError, NonFiniteError, TetherError
 from tether.outputs import save_safetensors_atomic
+from tether.reference import loss_mask
 from tether.regularizers import RegularizerStack
 from tether.regularizers.base import Regularizer
 from tether.step import regularized_loss
@@ -106,7 +106,7 @@ class RegularizedMixin:
         if num_items_in_batch is None:  # a compute_loss_func without the count: each micro-batch counts whole
             return 1.0
         labels = inputs["labels"]
-        positions = (labels[:, 1:] if labels.ndim > 1 else labels).ne(IGNORE).sum()  # as the penalties shift them
+        positions = loss_mask(labels).sum()  # as the penalties count them
         processes = self.accelerator.num_processes if self.args.average_tokens_across_devices else 1
         return positions * processes / num_items_in_batch
 

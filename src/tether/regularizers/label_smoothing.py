@@ -21,7 +21,7 @@ import torch
 from pydantic import Field
 from torch import nn
 
-from tether.data import IGNORE
+from tether.reference import loss_mask
 from tether.regularizers.base import Regularizer, RegularizerConfig, register
 
 
@@ -41,9 +41,9 @@ class LabelSmoothing(Regularizer):
 
 def uniform_minus_nll(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """mean over loss positions of U - NLL = z_y - mean_c z_c (module docstring), in fp32."""
+    mask = loss_mask(labels)
     if labels.ndim > 1:  # causal LM: the logits at t predict the label at t + 1
         logits, labels = logits[:, :-1], labels[:, 1:]
-    mask = labels != IGNORE
     picked = logits.gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1).float()
     term = picked - logits.mean(-1, dtype=torch.float32)
     return (term * mask).sum() / mask.sum().clamp(min=1)
