@@ -43,6 +43,8 @@ CASES: dict[str, tuple[dict[str, Any], bool]] = {
     "ema": ({}, False),
     "intruder": ({}, False),
     "wise_ft": ({"alphas": [0.5]}, False),
+    "merge": ({"alphas": [0.5]}, False),
+    "self_replay": ({"ratio": 0.25, "max_new_tokens": 4, "max_perplexity": 1e9}, False),
 }
 PLAIN: dict[tuple[str, bool], dict[str, torch.Tensor]] = {}  # the run without regularizers, per architecture and LoRA
 
@@ -67,7 +69,8 @@ def trained(
     )  # fmt: skip
     collate = Collator(0)
     reference_rows = rows_of(4, task, 2)
-    train_rows = stack.train_data(rows_of(12, task, 1), reference_rows, 0)  # as tether.run and tether.api do
+    # as tether.run and tether.api do (tether.run also gives the model: self_replay generates with it)
+    train_rows = stack.train_data(rows_of(12, task, 1), reference_rows, 0, ctx=SetupContext(model))
     trainer = RegularizedTrainer(model=model, args=args, train_dataset=train_rows, data_collator=collate, stack=stack)
     reference = [collate(reference_rows[i : i + 2]) for i in (0, 2)]
     stack.setup(SetupContext(trainer.model, lambda shard=True: iter(reference), LR))

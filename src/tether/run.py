@@ -285,7 +285,7 @@ def train(
         run_log = RunLog(output_dir / "history.jsonl" if is_main_process() else None, budget_of(cfg))
         for_regularizers = replace(data, reference=roles.regularizers)
         callbacks = [run_log, *(callbacks or [])]
-        trainer = _trainer(cfg, model, tokenizer, args, for_regularizers, collator, stack, callbacks)
+        trainer = _trainer(cfg, model, tokenizer, args, for_regularizers, collator, stack, callbacks, console)
         show_data(cfg, data, trainer.train_dataset, console)
         refs = reference_batches(for_regularizers, collator, args.per_device_eval_batch_size, args.device)
         read = functools.partial(_read_batches, cfg, tokenizer, for_regularizers, collator, args)
@@ -453,7 +453,7 @@ def show_memory(estimate: dict[str, int], console: Console | None) -> None:
 
 
 def _trainer(cfg: RunConfig, model: nn.Module, tokenizer: Any, args: Any, data: Datasets, collator: Collator,
-             stack: RegularizerStack, callbacks: list) -> Any:  # fmt: skip
+             stack: RegularizerStack, callbacks: list, console: Console | None = None) -> Any:  # fmt: skip
     """The RegularizedTrainer over the training rows after the stack's train_data (replay) and early stopping."""
     from transformers import EarlyStoppingCallback, PrinterCallback
 
@@ -462,7 +462,9 @@ def _trainer(cfg: RunConfig, model: nn.Module, tokenizer: Any, args: Any, data: 
     if cfg.early_stopping is not None:
         callbacks.append(EarlyStoppingCallback(cfg.early_stopping.patience, cfg.early_stopping.threshold))
     reference_rows = data.reference.encoded if data.reference else None
-    train_rows = stack.train_data(data.train.encoded, reference_rows, args.seed, _reader(cfg, tokenizer))
+    with pass_progress(console) as progress:  # the model before setup: self_replay generates rows with it
+        ctx = SetupContext(model, output_dir=Path(args.output_dir), progress=progress)
+        train_rows = stack.train_data(data.train.encoded, reference_rows, args.seed, _reader(cfg, tokenizer), ctx)
     if cfg.data.packing:  # the training rows only: evaluation runs unpacked, so its numbers do not depend on it
         train_rows = pack(train_rows, cfg.data.max_length)
     data = replace(data, train=replace(data.train, encoded=train_rows))  # the Trainer's; metrics use the original

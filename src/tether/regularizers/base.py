@@ -6,7 +6,10 @@ Every hook has a default that does nothing, so the trainer never probes. In the 
                  options for another kind of fine-tuning, ...); parse_entries asks it, setup asks it again
  before training
   train_data     before the Trainer is built: change the training rows (replay mixes reference rows in, flow
-                 weighs them); `load(path)` reads and encodes another data file as the reference data is
+                 weighs them); `load(path)` reads and encodes another data file as the reference data is; `ctx`,
+                 when the caller has the model (tether train does), a SetupContext with the model as it will
+                 train, before setup and any step (the original model; a LoRA adapter still fresh), the run
+                 directory and the progress display: self_replay generates its rows with it
   reference_options  the options of the frozen reference (tether.reference) when the regularizer compares with the
                  original model's outputs (distill, kl); the stack builds one Reference for all of them, first
   setup          snapshot anchors, estimate importances, change dropout, ...
@@ -163,6 +166,7 @@ class Regularizer(Protocol):
         reference: list[dict] | None,
         seed: int,
         load: Callable[[str], list[dict]] | None = None,
+        ctx: SetupContext | None = None,
     ) -> list[dict]:
         return train
 

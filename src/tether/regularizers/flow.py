@@ -52,6 +52,7 @@ class FLOW(Regularizer):
         reference: list[dict] | None,
         seed: int,
         load: Callable[[str], list[dict]] | None = None,
+        ctx: SetupContext | None = None,
     ) -> list[dict]:
         self.rows = list(train)  # weighted at setup, where the model is at hand
         return train

@@ -27,18 +27,23 @@ from torch import nn
 
 from tether.data import IGNORE
 from tether.errors import ConfigError, DataError
-from tether.regularizers.base import FinishContext, NoPenaltyConfig, Regularizer, register
+from tether.regularizers.base import FinishContext, NoPenaltyConfig, Regularizer, SetupContext, register
 
 log = logging.getLogger(__name__)
 Rows = Any  # a list of dict rows, or a datasets.Dataset
 TOKEN_COLUMNS = {"input_ids", "attention_mask", "labels", "completion_mask", "assistant_masks", "position_ids"}
 
 
-class ReplayConfig(NoPenaltyConfig):
+class MixConfig(NoPenaltyConfig):
+    """The fields of the regularizers that mix rows into training (replay, self_replay)."""
+
     ratio: float = Field(0.1, gt=0, lt=1)
     """Share of replayed rows (or tokens) in the mixed training set; 0.05-0.25."""
     by: Literal["examples", "tokens"] = "examples"
     """Count the share in rows, or in tokens that carry loss (for sources whose rows are much longer or shorter)."""
+
+
+class ReplayConfig(MixConfig):
     source: str | None = None
     """Data to replay (JSONL file, save_to_disk directory or hub id); None: data.reference."""
 
@@ -58,20 +63,27 @@ class Replay(Regularizer):
         reference: Rows | None,
         seed: int,
         load: Callable[[str], list[dict]] | None = None,
+        ctx: SetupContext | None = None,
     ) -> Rows:
         source = reference if self.config.source is None else _load(self.config.source, load)
         if source is None or len(source) == 0:
             raise ConfigError("replay needs rows to replay: set data.reference or a replay.source with rows")
-        picked = mix(train, source, self.config.ratio, self.config.by, seed)
-        self.counts = {"examples": len(picked), "share_examples": len(picked) / (len(train) + len(picked))}
-        if picked and tokenized(picked[0]) and tokenized(train[0]):  # raw text rows (from Python) have no count
-            tokens = sum(map(loss_tokens, picked))
-            self.counts.update(tokens=tokens, share_tokens=tokens / (tokens + sum(map(loss_tokens, train))))
-        log.info("replay: %d rows mixed into %d training rows", len(picked), len(train))
-        return joined(train, picked)
+        mixed, self.counts = mixed_in(train, source, self.config, seed)
+        return mixed
 
     def after_training(self, model: nn.Module, ctx: FinishContext) -> dict[str, Any]:
         return self.counts
+
+
+def mixed_in(train: Rows, source: Rows, config: MixConfig, seed: int) -> tuple[Rows, dict[str, Any]]:
+    """train with rows of source mixed in as configured (mix, joined), and the counts for metrics.json."""
+    picked = mix(train, source, config.ratio, config.by, seed)
+    counts: dict[str, Any] = {"examples": len(picked), "share_examples": len(picked) / (len(train) + len(picked))}
+    if picked and tokenized(picked[0]) and tokenized(train[0]):  # raw text rows (from Python) have no count
+        tokens = sum(map(loss_tokens, picked))
+        counts.update(tokens=tokens, share_tokens=tokens / (tokens + sum(map(loss_tokens, train))))
+    log.info("%s: %d rows mixed into %d training rows", config.name, len(picked), len(train))
+    return joined(train, picked), counts
 
 
 def _load(source: str, load: Callable[[str], list[dict]] | None) -> list[dict]:

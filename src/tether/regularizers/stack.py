@@ -148,11 +148,13 @@ class RegularizerStack:
         reference: list[dict] | None,
         seed: int,
         load: Callable[[str], list[dict]] | None = None,
+        ctx: SetupContext | None = None,
     ) -> list[dict]:
-        """The training rows after each regularizer's train_data, in order (replay mixes reference rows in)."""
+        """The training rows after each regularizer's train_data, in order (replay mixes reference rows in; ctx: the
+        model before setup, for self_replay's generation: Regularizer.train_data)."""
         self.reference_rows_given = self.reference_rows_given or reference is not None
         for reg, _ in self.items:
-            train = reg.train_data(train, reference, seed, load)
+            train = reg.train_data(train, reference, seed, load, ctx)
         return train
 
     def after_training(self, model: nn.Module, ctx: FinishContext) -> dict[str, dict[str, Any]]:

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
 
@@ -64,9 +65,7 @@ class WiseFT(Regularizer):
         self.start: list[torch.Tensor] = []
 
     def setup(self, ctx: SetupContext) -> None:
-        named = trainable(ctx.model)
-        kept = lora_factors_to_keep(named)
-        self.params = [p for _, p in named if id(p) not in kept]
+        self.params = [p for _, p in interpolated(ctx.model)]
         self.start = snapshot(self.params)
 
     def memory(self) -> dict[str, int]:
@@ -93,6 +92,14 @@ class WiseFT(Regularizer):
         with torch.no_grad():
             torch._foreach_copy_(self.params, self.start)
             torch._foreach_lerp_(self.params, trained, alpha)
+
+
+def interpolated(model: nn.Module) -> list[tuple[str, torch.Tensor]]:
+    """(name, tensor) of what moves between the original and the fine-tuned model: every trainable tensor, under
+    LoRA with each adapter's factor that was zero at setup only (module docstring); merge shares it."""
+    named = trainable(model)
+    kept = lora_factors_to_keep(named)
+    return [(n, p) for n, p in named if id(p) not in kept]
 
 
 def lora_factors_to_keep(named: list[tuple[str, torch.Tensor]]) -> set[int]:
@@ -129,29 +136,45 @@ def summary(metrics: dict[str, Any]) -> dict[str, float]:
 
 def choose(rows: list[dict[str, float]], rule: str, tolerance: float) -> float:
     """The alpha picked by `rule` (module docstring) from the measured rows."""
+    return pick(rows, rule, tolerance)["alpha"]
+
+
+def pick(rows: list[dict[str, Any]], rule: str, tolerance: float) -> dict[str, Any]:
+    """The row picked by `rule` (module docstring); ties go to the larger alpha (more of the fine-tune kept)."""
     if rule == "best_target" or "reference_loss" not in rows[0]:
-        return min(rows, key=lambda r: (r["val_loss"], -r["alpha"]))["alpha"]
+        return min(rows, key=lambda r: (r["val_loss"], -r["alpha"]))
     close = within_tolerance(rows, lambda r: r["val_loss"], tolerance)
-    return min(close, key=lambda r: (r["reference_loss"], -r["alpha"]))["alpha"]
+    return min(close, key=lambda r: (r["reference_loss"], -r["alpha"]))
 
 
 def plot(rows: list[dict[str, float]], chosen: float, path: Path) -> None:
     """wise_ft.png: target val loss against forgetting (or against alpha without reference data), chosen marked."""
+    title = "WiSE-FT: theta(alpha) = (1 - alpha) theta_0 + alpha theta"
+    plot_front({"": rows}, lambda r: f"{r['alpha']:g}" + (" (chosen)" if r["alpha"] == chosen else ""), title, path)
+
+
+def plot_front(series: dict[str, list[dict[str, Any]]], label: Callable[[dict], str], title: str, path: Path) -> None:
+    """Target val loss against forgetting (against alpha without reference data), one line per series (a legend
+    when they are named), each point annotated with label(row) when that is not empty (wise_ft, merge)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    forgetting = "delta_loss" in rows[0]
-    xs = [r["val_loss"] for r in rows]
-    ys = [r["delta_loss"] if forgetting else r["alpha"] for r in rows]
+    forgetting = "delta_loss" in next(iter(series.values()))[0]
     fig, ax = plt.subplots(figsize=(6, 4))
-    ax.plot(xs, ys, marker="o")
-    for r, x, y in zip(rows, xs, ys):
-        ax.annotate(f"{r['alpha']:g}" + (" (chosen)" if r["alpha"] == chosen else ""), (x, y), fontsize=8)
+    for name, rows in series.items():
+        xs = [r["val_loss"] for r in rows]
+        ys = [r["delta_loss"] if forgetting else r["alpha"] for r in rows]
+        ax.plot(xs, ys, marker="o", label=name or None, linestyle="-" if len(series) == 1 else ":")
+        for r, x, y in zip(rows, xs, ys):
+            if label(r):
+                ax.annotate(label(r), (x, y), fontsize=8)
+    if len(series) > 1:
+        ax.legend(fontsize=8)
     ax.set_xlabel("target val loss")
     ax.set_ylabel("reference loss increase (forgetting)" if forgetting else "alpha")
-    ax.set_title("WiSE-FT: theta(alpha) = (1 - alpha) theta_0 + alpha theta")
+    ax.set_title(title)
     fig.tight_layout()
     tmp = path.with_name(f".{path.name}.tmp.png")
     fig.savefig(tmp, dpi=100)

@@ -273,6 +273,8 @@ def alternative_models(run: Run) -> str:
         parts.append("<h4>EMA of the weights</h4>" + table_tag(rows, _present(rows, MODEL_COLUMNS)))
     if "wise_ft" in m:
         parts.append(wise_ft_part(m["wise_ft"]))
+    if "merge" in m:
+        parts.append(merge_part(m["merge"]))
     return "\n".join(parts)
 
 
@@ -303,3 +305,26 @@ def wise_ft_part(w: dict[str, Any]) -> str:
     ax.set_xlabel("forgetting: reference loss increase (delta_loss)")
     ax.set_ylabel("target validation loss")
     return head + table + figure_tag(fig, "WiSE-FT: target loss against forgetting per alpha")
+
+
+def merge_part(merge: dict[str, Any]) -> str:
+    """merge's candidates: their table and the front, one series per method, the chosen one starred."""
+    rows = [
+        {**r, "chosen": "yes (model_merge/)" if r["candidate"] == merge["chosen"] else ""} for r in merge["candidates"]
+    ]
+    columns = ["candidate", "val_loss", "reference_loss", "delta_loss", "recall", "chosen"]
+    head = f"<h4>merge candidates (choice: {html.escape(str(merge['choose']))})</h4>"
+    table = table_tag(rows, _present(rows, columns))
+    if "delta_loss" not in rows[0]:
+        return head + table
+    fig = Figure(figsize=(6, 4))
+    ax = fig.subplots()
+    for method in dict.fromkeys(r["method"] for r in rows):
+        own = [r for r in rows if r["method"] == method]
+        ax.scatter([r["delta_loss"] for r in own], [r["val_loss"] for r in own], label=method, alpha=0.7)
+    chosen = next(r for r in rows if r["chosen"])
+    ax.scatter([chosen["delta_loss"]], [chosen["val_loss"]], marker="*", s=200, color="crimson", label="chosen")
+    ax.set_xlabel("forgetting: reference loss increase (delta_loss)")
+    ax.set_ylabel("target validation loss")
+    ax.legend(fontsize=8)
+    return head + table + figure_tag(fig, "merge: target loss against forgetting per candidate")

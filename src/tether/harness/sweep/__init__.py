@@ -9,8 +9,9 @@ the study holds N:
   directory. Ctrl-C does the same at once. Re-running the command therefore resumes the sweep.
 - when two workers start the last trial at the same instant, the one with the higher number sees that the N
   before it are taken, is marked FAIL (user attr `surplus`) before it trains, and nothing is counted twice.
-Each trial also measures the alternative final models of its ema and wise_ft regularizers (computed from the
-trained weights, no retraining) as candidates: the chosen model may be a trial's model_ema/ or model_wise_ft/.
+Each trial also measures the alternative final models of its ema, wise_ft and merge regularizers (computed from the
+trained weights, no retraining) as candidates: the chosen model may be a trial's model_ema/, model_wise_ft/ or
+model_merge/.
 Pruning: Optuna can only prune single-objective studies (Trial.report and should_prune raise for several
 objectives), so intermediate eval losses prune only a sweep whose one objective is target.val_loss (median rule);
 a trial whose loss turns NaN/inf is pruned in any sweep.

@@ -120,8 +120,8 @@ def flat_metrics(metrics: dict[str, Any]) -> dict[str, float]:
 
 
 def candidates(metrics: dict[str, Any]) -> list[dict[str, Any]]:
-    """The models a trial leaves, each with its flat metrics: model/, and model_ema/ and model_wise_ft/ when the
-    ema and wise_ft regularizers made them from the trained weights."""
+    """The models a trial leaves, each with its flat metrics: model/, and model_ema/, model_wise_ft/ and model_merge/
+    when the ema, wise_ft and merge regularizers made them from the trained weights."""
     out = [{"model": "model", "metrics": flat_metrics(metrics)}]
     if "ema" in metrics:
         out.append({"model": "model_ema", "metrics": flat_metrics(metrics["ema"])})
@@ -134,6 +134,8 @@ def candidates(metrics: dict[str, Any]) -> list[dict[str, Any]]:
             forgetting.update(recall_after=row["recall"], recall_drop=before - row["recall"])
         wise = {"target": {"val_loss": row["val_loss"]}, "forgetting": forgetting}
         out.append({"model": "model_wise_ft", "alpha": alpha, "metrics": flat_metrics(wise)})
+    if "merge" in metrics and metrics["merge"]["chosen"] != "global 1":  # global 1 is model/ itself
+        out.append({"model": "model_merge", "metrics": flat_metrics(metrics["merge"])})
     return out
 
 

@@ -76,7 +76,8 @@ def pareto_figure(summary: dict[str, Any]) -> Any:
         values = c["values"]
         return (values[names[0]], values[names[1]]) if len(names) > 1 else (c["trial"], values[names[0]])
 
-    styles = {"model": ("o", "tab:blue"), "model_ema": ("s", "tab:orange"), "model_wise_ft": ("^", "tab:green")}
+    styles = {"model": ("o", "tab:blue"), "model_ema": ("s", "tab:orange"), "model_wise_ft": ("^", "tab:green"),
+              "model_merge": ("D", "tab:purple")}  # fmt: skip
     for model, (marker, color) in styles.items():
         for feasible in (True, False):
             pts = [xy(c) for c in summary["candidates"] if c["model"] == model and c["feasible"] == feasible]
