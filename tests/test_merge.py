@@ -221,3 +221,17 @@ def test_the_chosen_merge_joins_a_sweeps_candidates():
     }  # fmt: skip
     metrics["merge"]["chosen"] = "global 1"  # the fine-tuned model: model/ itself
     assert [c["model"] for c in candidates(metrics)] == ["model"]
+
+
+def test_merge_through_the_python_api_measures_forgetting(tmp_path: Path):
+    import tether
+    from tests.test_api import FACTS, trainer
+
+    regularizers = [{"name": "merge", "alphas": [0, 1], "search_evaluations": 0, "densities": []}]
+    t = tether.regularize(trainer(tmp_path, eval_strategy="no"), regularizers, reference=FACTS)
+    t.eval_dataset = t.train_dataset
+    t.train()
+    result = tether.finish(t)["merge"]
+    assert {r["candidate"] for r in result["candidates"]} == {"global 0", "global 1"}
+    assert all("delta_loss" in r for r in result["candidates"]) and "forgetting" in result
+    assert (tmp_path / "model_merge").is_dir()

@@ -91,7 +91,7 @@ def _install(trainer: Any, stack: RegularizerStack, encoded: list[dict[str, Any]
         trainer.pending_setup = lambda: stack.setup(dataclasses.replace(ctx, model=trainer.model))
     else:
         stack.setup(ctx)
-    if encoded is not None and {"ema", "wise_ft"} & set(stack.names):  # their final models are measured too
+    if encoded is not None and {"ema", "wise_ft", "merge"} & set(stack.names):  # their final models are measured too
         trainer.reference_before = knowledge(trainer.model, tokenizer, encoded)
     trainer.add_callback(StepEnd(stack))
 
