@@ -15,7 +15,7 @@ import torch
 from tests.test_param_regularizers import VOCAB, rows_of
 from tether.config import validate_config
 from tether.data import IGNORE
-from tether.errors import ConfigError
+from tether.errors import ConfigError, TetherError
 from tether.regularizers import REGISTRY, RegularizerStack, SetupContext, parse_entries
 from tether.regularizers import self_replay as module
 from tether.regularizers.self_replay import CACHE, SelfReplay, SelfReplayConfig, filtered
@@ -150,3 +150,15 @@ def test_train_mixes_generated_rows_and_a_resumed_run_reuses_them(
     calls = counting_samples(monkeypatch)
     resumed = train(validate_config(raw), out, resume=True)["self_replay"]
     assert calls == [] and resumed == first
+
+
+def test_other_processes_read_the_rows_the_main_one_wrote(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    main, _ = generated(tmp_path)
+    monkeypatch.setattr(module, "is_main_process", lambda: False)
+    monkeypatch.setattr(module, "barrier", lambda: None)
+    calls = counting_samples(monkeypatch)
+    other, _ = generated(tmp_path)
+    assert calls == [] and other == main
+    (tmp_path / CACHE).unlink()
+    with pytest.raises(TetherError, match="holds 0 of 1 batches"):
+        generated(tmp_path)

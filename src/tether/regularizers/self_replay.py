@@ -38,7 +38,7 @@ from torch import nn
 
 from tether.data import IGNORE, Collator
 from tether.distributed import barrier, is_main_process
-from tether.errors import ConfigError
+from tether.errors import ConfigError, TetherError
 from tether.outputs import write_jsonl
 from tether.reference import evaluating
 from tether.regularizers.base import FinishContext, Regularizer, SetupContext, register
@@ -127,7 +127,10 @@ class SelfReplay(Regularizer):
         path = None if ctx.output_dir is None else ctx.output_dir / CACHE
         if path is not None and not is_main_process():
             barrier()  # the main process generates and writes them
-            return [row for batch in read_cache(path, key) for row in batch]
+            done = read_cache(path, None)  # whatever key it wrote: every process must mix the same rows
+            if len(done) != len(batches):
+                raise TetherError(f"self_replay: {path} holds {len(done)} of {len(batches)} batches after generation")
+            return [row for batch in done for row in batch]
         done = read_cache(path, key) if path is not None else []
         if path is not None:
             write_jsonl(path, [{"key": key}, *({"batch": i, "rows": b} for i, b in enumerate(done))])
@@ -235,8 +238,9 @@ def fingerprint(model: nn.Module) -> str:
     return digest([f"{a:.12g},{b:.12g}" for a, b in sums])
 
 
-def read_cache(path: Path | None, key: dict[str, Any]) -> list[list[Row]]:
-    """The batches the cache holds for this key, in order, up to the first missing or damaged line ([] if none)."""
+def read_cache(path: Path | None, key: dict[str, Any] | None) -> list[list[Row]]:
+    """The batches the cache holds for this key (None: any key), in order, up to the first missing or damaged line
+    ([] if none)."""
     if path is None or not path.is_file():
         return []
     batches: list[list[Row]] = []
@@ -245,7 +249,7 @@ def read_cache(path: Path | None, key: dict[str, Any]) -> list[list[Row]]:
             record = json.loads(line)
         except ValueError:  # a line cut short by a kill
             break
-        if i == 0 and record != {"key": key}:
+        if i == 0 and key is not None and record != {"key": key}:
             return []
         if i > 0 and record.get("batch") != i - 1:
             break
