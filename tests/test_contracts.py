@@ -40,3 +40,10 @@ def test_a_finished_run_is_restored_as_train_leaves_it() -> None:
     assert "load_best_model_at_end" in finalize and "self._load_best_model()" in finalize
     save = inspect.getsource(Trainer._save_checkpoint)  # the control (should_training_stop) goes into the state
     assert "[self.control]" in save and "stateful_callbacks" in save
+
+
+def test_peft_internals_corda_resolves_targets_with() -> None:
+    """tether.models.corda_init resolves all-linear before PEFT's preprocess_corda reads the target names."""
+    from peft.tuners.tuners_utils import _maybe_include_all_linear_layers
+
+    assert list(inspect.signature(_maybe_include_all_linear_layers).parameters) == ["peft_config", "model"]

@@ -123,6 +123,15 @@ class LoraSection(Section):
     """lora_dropout on the adapter input: 0.05-0.1 for small data."""
     target_modules: list[str] | Literal["all-linear"] = "all-linear"
     """Module names to adapt, or all-linear."""
+    init: Literal["default", "corda_kpm", "corda_ipm"] = "default"
+    """How the adapter starts. default: B = 0 (PEFT's LoRA). corda_kpm: CorDA's knowledge-preserved mode
+    (arXiv 2406.05223): each adapter takes the directions of its weight that the reference data use least, measured
+    on data.reference's held-out rows (evaluation.reference_holdout), and the base keeps the rest; corda_ipm: the
+    directions the training rows use most (faster learning, no preservation). The model's outputs are unchanged at
+    the start either way (PEFT moves the adapter's part out of the base weight)."""
+    calibration_rows: int = Field(256, ge=1)
+    """CorDA: at most this many rows run through the model, one at a time, to build each layer's input covariance
+    (about hidden_size / tokens_per_row * 128 rows suffice)."""
 
 
 class EarlyStoppingConfig(Section):
@@ -381,6 +390,8 @@ class RunConfig(Section):
             )
         if self.early_stopping is not None and self.early_stopping.forgetting_budget is not None:
             self._check_budget(self.early_stopping.forgetting_measure)
+        if self.lora is not None and self.lora.init == "corda_kpm" and not self.data.reference:
+            raise ValueError("lora.init corda_kpm preserves what data.reference needs: set data.reference")
         return self
 
     def _check_budget(self, measure: str) -> None:

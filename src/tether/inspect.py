@@ -35,8 +35,8 @@ def inspect_run(cfg: RunConfig) -> dict[str, Any]:
     args = training_args(cfg, Path(cfg.output_dir))
     labels = label_space(cfg.data, cfg.model.num_labels) if cfg.task == "sequence_classification" else None
     model, _, new = load_model(cfg.model, cfg.task, labels)
-    if cfg.lora is not None:
-        model = apply_lora(model, cfg.lora, cfg.task)
+    if cfg.lora is not None:  # CorDA's start needs its calibration pass; the structure is the default init's
+        model = apply_lora(model, cfg.lora.model_copy(update={"init": "default"}), cfg.task)
     stack = RegularizerStack.from_configs(parse_entries(cfg.regularizers), cfg.skip_non_finite, new)
     regs = [reg for reg, _ in stack.items]
     trained = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
@@ -46,6 +46,7 @@ def inspect_run(cfg: RunConfig) -> dict[str, Any]:
             "class": type(hf_model(model)).__name__,
             "task": cfg.task,
             "lora": cfg.lora is not None,
+            "lora_init": None if cfg.lora is None else cfg.lora.init,
             "parameters": sum(p.numel() for p in {id(p): p for p in model.parameters()}.values()),
         },
         "trainable": {"parameters": sum(p.numel() for _, p in trained), "tensors": len(trained)},
@@ -55,7 +56,9 @@ def inspect_run(cfg: RunConfig) -> dict[str, Any]:
         "llrd": llrd_plan(model, next((r for r in regs if isinstance(r, LLRD)), None)),
         "dropout": dropout_plan(model, next((r for r in regs if isinstance(r, Dropout)), None)),
         "anchored": anchored(model, [r for r in regs if isinstance(r, L2SP | EWC | SI)], new),
-        "reference": reference_plan(model, [o for r in regs if (o := r.reference_options()) is not None]),
+        "reference": reference_plan(
+            model, [o for r in regs if (o := r.reference_options()) is not None], corda=lora_init(cfg) != "default"
+        ),
     }
 
 
@@ -111,14 +114,20 @@ def anchored(model: nn.Module, regs: list[Any], new: frozenset[str]) -> dict[str
     }
 
 
-def reference_plan(model: nn.Module, options: list[Any]) -> dict[str, Any] | None:
-    """The frozen reference's mode (disable / clone / copy) and whether its output layer runs apart (split)."""
+def lora_init(cfg: RunConfig) -> str:
+    return "default" if cfg.lora is None else cfg.lora.init
+
+
+def reference_plan(model: nn.Module, options: list[Any], corda: bool = False) -> dict[str, Any] | None:
+    """The frozen reference's mode (disable / clone / copy) and whether its output layer runs apart (split). A CorDA
+    start moves part of each base weight into its adapter, so adapters off is not the original there: auto clones."""
     if not options:
         return None
     merged = merge_options(options)
     if is_peft(model):
         ref = Reference.build(model, merged)  # no copy under LoRA: the model itself, or its adapter cloned
-        return {"mode": ref.mode, "split": ref.split, "output": "split output layer" if ref.split else "whole model"}
+        mode = "clone" if corda and merged.adapter == "auto" else ref.mode
+        return {"mode": mode, "split": ref.split, "output": "split output layer" if ref.split else "whole model"}
     ref = Reference(model, "copy", frozen=model)  # the copy would equal the model now: probe the model itself
     with evaluating(model):  # as the frozen copy always is
         split = ref.splits_exactly()

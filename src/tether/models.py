@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterable
+from itertools import islice
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 import torch
@@ -137,8 +139,11 @@ def _pretrained(cfg: ModelConfig, task: str, num_labels: int | None) -> Loaded:
     return Loaded(model, tokenizer, frozenset(new & {n for n, _ in model.named_parameters()}))
 
 
-def apply_lora(model: nn.Module, cfg: LoraSection, task: str) -> nn.Module:
-    """Wrap the model in a fresh PEFT LoRA adapter; only the adapter (and a classifier head) trains.
+def apply_lora(
+    model: nn.Module, cfg: LoraSection, task: str, calibration: Iterable[dict[str, torch.Tensor]] | None = None
+) -> nn.Module:
+    """Wrap the model in a fresh PEFT LoRA adapter; only the adapter (and a classifier head) trains. With lora.init
+    corda_*, `calibration` yields the rows (one per batch) CorDA builds each layer's input covariance from.
 
     With `all-linear`, tether also adapts what PEFT's own `all-linear` leaves out or refuses:
       - fused experts: MoE models keep each layer's experts as 3-D tensors (transformers 5: mixtral, qwen2_moe,
@@ -163,6 +168,8 @@ def apply_lora(model: nn.Module, cfg: LoraSection, task: str) -> nn.Module:
         target_modules=cfg.target_modules, task_type=task_type, **extra,
     )  # fmt: skip
     try:
+        if cfg.init != "default":
+            lora = corda_init(model, lora, cfg, calibration)
         wrapped = get_peft_model(model, lora)
     except (ValueError, TypeError, RuntimeError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
@@ -175,6 +182,38 @@ def apply_lora(model: nn.Module, cfg: LoraSection, task: str) -> nn.Module:
     if left:
         log.warning("lora: the fused expert weights %s get no adapter (lora.target_modules)", ", ".join(left))
     return wrapped
+
+
+def corda_init(model: nn.Module, lora: Any, cfg: LoraSection, calibration: Iterable[dict] | None) -> Any:
+    """The LoRA config for CorDA (PEFT's preprocess_corda): the model runs the calibration rows one at a time (its
+    covariance hook takes one row per forward) and each target layer gets its SVD; get_peft_model then builds the
+    adapters from it and moves their part out of the base weights."""
+    from peft.tuners.lora.config import CordaConfig
+    from peft.tuners.lora.corda import preprocess_corda
+    from peft.tuners.tuners_utils import _maybe_include_all_linear_layers
+
+    if calibration is None:
+        raise ConfigError(f"lora.init {cfg.init}: CorDA needs calibration rows: give data.reference or training rows")
+    if lora.target_parameters:
+        raise ConfigError(f"lora.init {cfg.init}: CorDA adapts nn.Linear layers only, not fused experts: use default")
+    lora.init_lora_weights = "corda"
+    lora.corda_config = CordaConfig(corda_method=cfg.init.removeprefix("corda_"))
+    lora = _maybe_include_all_linear_layers(lora, model)  # preprocess_corda reads the names; all-linear, resolved
+    rows = list(islice(calibration, cfg.calibration_rows))
+    if not rows:
+        raise ConfigError(f"lora.init {cfg.init}: no calibration rows (data.reference held-out rows are empty)")
+
+    @torch.no_grad()
+    def run_model() -> None:
+        for row in rows:
+            model(**row)
+
+    was_training = model.training
+    try:
+        preprocess_corda(model, lora, run_model=run_model)
+    finally:
+        model.train(was_training)
+    return lora
 
 
 def fused_experts(model: nn.Module) -> list[tuple[str, str]]:

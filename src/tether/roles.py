@@ -34,7 +34,8 @@ class Roles:
 
 
 def reference_readers(cfg: RunConfig) -> dict[str, str | None]:
-    """{regularizer name: its own data file, or None when it reads data.reference} for replay, ewc and si."""
+    """{regularizer name: its own data file, or None when it reads data.reference} for replay, ewc and si (and
+    lora.init corda_kpm, which calibrates the adapters on it)."""
     from tether.regularizers import parse_entries
     from tether.regularizers.ewc import EWCConfig
     from tether.regularizers.replay import ReplayConfig
@@ -44,6 +45,8 @@ def reference_readers(cfg: RunConfig) -> dict[str, str | None]:
         own = reg.source if isinstance(reg, ReplayConfig) else reg.data if isinstance(reg, EWCConfig) else None
         if own is not None or reg.without_reference_data() is not None:
             readers[reg.name] = own
+    if cfg.lora is not None and cfg.lora.init == "corda_kpm":  # calibrates the adapters on the reference data
+        readers["lora.init corda_kpm"] = None
     return readers
 
 

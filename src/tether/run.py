@@ -24,7 +24,7 @@ from transformers.trainer import TRAINER_STATE_NAME
 
 from tether.card import run_card
 from tether.config import RunConfig, dump_config, parse_yaml
-from tether.data import Collator, Datasets, Labels, data_summary, load_datasets, load_split, run_labels
+from tether.data import Collator, Datasets, Labels, Split, data_summary, load_datasets, load_split, run_labels
 from tether.distributed import barrier, is_main_process, local, rank, world_size
 from tether.errors import ConfigError, Interrupted, NonFiniteError, TetherError
 from tether.evaluate import (
@@ -280,7 +280,7 @@ def train(
             base = measure_base(cfg, model, tokenizer, data, collator, progress) if is_main_process() else {}
         base.update(roles=roles.record, started=run_started)
         if cfg.lora is not None:
-            model = apply_lora(model, cfg.lora, cfg.task)
+            model = apply_lora(model, cfg.lora, cfg.task, calibration_rows(cfg, roles.regularizers, data, args.device))
         stack = RegularizerStack.from_configs(parse_entries(cfg.regularizers), cfg.skip_non_finite, new_parameters)
         run_log = RunLog(output_dir / "history.jsonl" if is_main_process() else None, budget_of(cfg))
         for_regularizers = replace(data, reference=roles.regularizers)
@@ -317,6 +317,16 @@ def show_data(cfg: RunConfig, data: Datasets, train_rows: list, console: Console
             log.info("data %s", line)
 
 
+def calibration_rows(cfg: RunConfig, held: Split | None, data: Datasets, device: Any) -> Iterator[dict] | None:
+    """lora.init corda_*: the rows CorDA calibrates on, one per batch: for corda_kpm the reference rows held out of
+    the measurement (tether.roles), for corda_ipm the training rows; None for a default init."""
+    if cfg.lora is None or cfg.lora.init == "default":
+        return None
+    split = held if cfg.lora.init == "corda_kpm" else data.train
+    rows = [] if split is None else split.encoded
+    return ({"input_ids": torch.tensor([row["input_ids"]], device=device)} for row in rows)
+
+
 def setup_stack(stack: RegularizerStack, ctx: SetupContext, console: Console | None) -> None:
     """The regularizers' setup (anchors, Fisher, reference) with its progress, then the memory estimate."""
     with pass_progress(console) as progress:
@@ -335,8 +345,8 @@ def gathered_model(cfg: RunConfig, trainer: Any) -> nn.Module | None:
         return None
     labels = Labels.of_model(trainer.model.config) if cfg.task == "sequence_classification" else None
     model = load_model(cfg.model, cfg.task, labels).model
-    if cfg.lora is not None:
-        model = apply_lora(model, cfg.lora, cfg.task)
+    if cfg.lora is not None:  # the adapters' start does not matter: the trained state replaces every tensor
+        model = apply_lora(model, cfg.lora.model_copy(update={"init": "default"}), cfg.task)
     model.load_state_dict(state)
     return model.to(trainer.args.device)
 
