@@ -272,5 +272,5 @@ def plot(rows: list[dict[str, Any]], chosen: dict[str, Any], path: Path) -> None
         series.setdefault(r["method"], []).append(r)
     for method, rs in series.items():
         series[method] = sorted(rs, key=lambda r: r["val_loss"])
-    title = "merge: candidates of theta_0 + w * delta"
-    plot_front(series, lambda r: f"{r['candidate']} (chosen)" if r is chosen else "", title, path)
+    title = "merge: theta_0 + w * delta per candidate (global: WiSE-FT)"
+    plot_front(series, lambda r: f"{r['candidate']} (chosen)" if r is chosen else "", title, path, joined={"global"})

@@ -153,9 +153,11 @@ def plot(rows: list[dict[str, float]], chosen: float, path: Path) -> None:
     plot_front({"": rows}, lambda r: f"{r['alpha']:g}" + (" (chosen)" if r["alpha"] == chosen else ""), title, path)
 
 
-def plot_front(series: dict[str, list[dict[str, Any]]], label: Callable[[dict], str], title: str, path: Path) -> None:
-    """Target val loss against forgetting (against alpha without reference data), one line per series (a legend
-    when they are named), each point annotated with label(row) when that is not empty (wise_ft, merge)."""
+def plot_front(series: dict[str, list[dict[str, Any]]], label: Callable[[dict], str], title: str, path: Path,
+               joined: set[str] | None = None) -> None:  # fmt: skip
+    """Target val loss against forgetting (against alpha without reference data), one series per key (a legend when
+    they are named), drawn as a line when in `joined` (None: all) and as points otherwise, each point annotated with
+    label(row) when that is not empty (wise_ft, merge)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -166,7 +168,7 @@ def plot_front(series: dict[str, list[dict[str, Any]]], label: Callable[[dict], 
     for name, rows in series.items():
         xs = [r["val_loss"] for r in rows]
         ys = [r["delta_loss"] if forgetting else r["alpha"] for r in rows]
-        ax.plot(xs, ys, marker="o", label=name or None, linestyle="-" if len(series) == 1 else ":")
+        ax.plot(xs, ys, marker="o", label=name or None, linestyle="-" if joined is None or name in joined else "")
         for r, x, y in zip(rows, xs, ys):
             if label(r):
                 ax.annotate(label(r), (x, y), fontsize=8)
