@@ -147,15 +147,14 @@ def test_small_data_check_needs_early_stopping_and_a_classic_regularizer() -> No
 
 
 def test_budget_check_compares_the_restored_checkpoint_with_the_target_only_choice() -> None:
-    def row(restored: float, alone: float) -> dict[str, Any]:
-        extra = {"target_only_val_loss": 1.2, "target_only_delta_loss": alone}
-        return agg("arithmetic", "forgetting_budget", tasks.BUDGET, 1.7, restored, **extra)
+    def row(restored: float, alone: float, within: float = 1.0, kept: float = 1.0) -> dict[str, Any]:
+        extra = {"target_only_val_loss": 1.2, "target_only_delta_loss": alone, "budget_within": within}
+        return agg("arithmetic", "forgetting_budget", tasks.BUDGET, 1.7, restored, budget_kept=kept, **extra)
 
     passed = analysis.check_budget([row(1.4, 5.5)])
-    assert (
-        passed.passed and "+1.400 (restored; budget 2)" in passed.detail and "(75% less forgetting)" in passed.detail
-    )
-    assert not analysis.check_budget([row(2.1, 5.5)]).passed  # over the budget: no evaluation was within it
+    assert passed.passed and "on 1 of 1 seeds" in passed.detail and "(75% less forgetting)" in passed.detail
+    assert not analysis.check_budget([row(1.4, 5.5, kept=0.0)]).passed  # an evaluation was within, not restored
+    assert not analysis.check_budget([row(2.6, 5.5, within=0.0, kept=0.0)]).passed  # none was within the budget
     assert not analysis.check_budget([row(1.4, 2.5)]).passed  # within, but only 44% less than the target alone's
     assert "not measured" in analysis.check_budget([]).detail
 
@@ -167,10 +166,11 @@ def test_budget_runs_are_evaluated_every_20_steps(tmp_path: Path, fake_base: Sim
     assert cfg.training["eval_steps"] == 20 and cfg.training["max_steps"] == 200  # merged into the task's training
     assert cfg.early_stopping.forgetting_budget == tasks.BUDGET and cfg.evaluation.reference_holdout == 0.5
     alone = {"step": 200, "eval_loss": 1.2, "forgetting": 5.5}
-    metrics = {"target": {"val_loss": 1.7}, "overfit_gap": 0.1, "forgetting": {"delta_loss": 1.4},
-               "forgetting_budget": {"target_only": alone}}  # fmt: skip
+    metrics = {"target": {"val_loss": 1.7}, "overfit_gap": 0.1, "forgetting": {"delta_loss": 2.6},
+               "forgetting_budget": {"target_only": alone, "within": 0, "limit": 2.0}}  # fmt: skip
     (point,) = analysis.points_of(job, metrics, 3.0)
     assert point["target_only_val_loss"] == 1.2 and point["target_only_delta_loss"] == 5.5
+    assert point["budget_within"] == point["budget_kept"] == 0.0
 
 
 def test_points_of_reads_the_measured_model_of_each_method(tmp_path: Path) -> None:
