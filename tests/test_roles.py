@@ -107,3 +107,25 @@ def test_ewc_data_is_the_fisher_of_that_file(raw_config: dict, tmp_path: Path) -
         load_file(tmp_path / "as_reference" / "fisher.safetensors"),
     )
     assert a.keys() == b.keys() and all((a[k] == b[k]).all() for k in a)
+
+
+def test_who_reads_the_reference(raw_config: dict, tmp_path: Path) -> None:
+    from tether.data import Split
+
+    rows = [{"prompt": str(i), "completion": str(i)} for i in range(10)]
+    ref = Split(rows, [{"input_ids": [i]} for i in range(10)], "prompt_completion")
+    fisher = tmp_path / "f.safetensors"
+    fisher.write_bytes(b"")
+    raw_config["data"]["seed"] = 3
+    raw_config["regularizers"] = [{"name": "si"}, {"name": "ewc", "fisher_path": str(fisher)}, {"name": "l2_sp"}]
+    roles = assign_roles(validate_config(raw_config), ref)
+    assert roles.record["readers"] == {"si": "the held-out rows of data.reference (5 rows)"}  # ewc: its saved Fisher
+    assert len(roles.measured.rows) == len(roles.regularizers.rows) == 5
+    assert sorted(r["prompt"] for r in roles.measured.rows + roles.regularizers.rows) == sorted(
+        r["prompt"] for r in rows
+    )
+    again = assign_roles(validate_config(raw_config), ref)  # seeded: the same split every time (and in tether eval)
+    assert [r["prompt"] for r in again.measured.rows] == [r["prompt"] for r in roles.measured.rows]
+    raw_config["regularizers"] = [{"name": "l2_sp"}]
+    alone = assign_roles(validate_config(raw_config), ref)
+    assert alone.measured is ref and alone.regularizers is None and alone.record["held_out_rows"] == 0

@@ -241,3 +241,17 @@ def test_lm_eval_scores_are_sweep_objectives(raw_config: dict) -> None:
     assert flat_metrics(metrics) == {
         "target.val_loss": 1.5, "lm_eval.tether_facts.acc.after": 0.25, "lm_eval.tether_facts.acc.delta": -0.25
     }  # fmt: skip
+
+
+def test_base_val_loss_is_the_untrained_models(raw_config: dict, tmp_path: Path) -> None:
+    from tether.data import load_datasets
+    from tether.evaluate import dataset_metrics
+    from tether.models import load_model
+
+    raw_config["training"].update(max_steps=2, eval_steps=2)
+    metrics = _run(raw_config, tmp_path / "run")
+    cfg = validate_config(raw_config)
+    model, tokenizer, _ = load_model(cfg.model, cfg.task)
+    data = load_datasets(cfg.data, cfg.task, tokenizer)
+    expected = dataset_metrics(model, data.validation.encoded, Collator(tokenizer.pad_token_id))["loss"]
+    assert metrics["target"]["base_val_loss"] == pytest.approx(expected, rel=1e-6)
