@@ -235,3 +235,14 @@ def test_merge_through_the_python_api_measures_forgetting(tmp_path: Path):
     assert {r["candidate"] for r in result["candidates"]} == {"global 0", "global 1"}
     assert all("delta_loss" in r for r in result["candidates"]) and "forgetting" in result
     assert (tmp_path / "model_merge").is_dir()
+
+
+def test_no_layer_search_when_the_trained_tensors_sit_at_one_depth(tmp_path: Path):
+    model = model_of()
+    for name, p in model.named_parameters():
+        p.requires_grad_("lm_head" in name)
+    stack = stack_of(model, {"name": "merge", "alphas": [0, 1], "densities": [], "fisher_scales": []})
+    merge = stack.items[0][0]
+    assert merge.depth == []
+    result = merge.after_training(model, Finish(tmp_path, batch_of(4, seed=1)).ctx)
+    assert [r["method"] for r in result["candidates"]] == ["global", "global"] and "layer_alphas" not in result

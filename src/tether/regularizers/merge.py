@@ -239,13 +239,14 @@ def ties(deltas: Values, density: float) -> torch.Tensor:
 
 def layer_depths(model: nn.Module, params: Values) -> list[int]:
     """Each tensor's depth (llrd's: embeddings 0, block i at i + 1, the head last), renumbered 0..n-1 over the
-    depths present; [] when the model has no list of blocks (the layer search is then left out)."""
+    depths present; [] when the model has no list of blocks or the tensors sit at one depth (the layer search is then
+    left out: it would repeat the global alphas)."""
     try:
         by_id, _ = depths(model)
     except ConfigError:
         return []
     present = sorted({by_id[id(p)] for p in params})
-    return [present.index(by_id[id(p)]) for p in params]
+    return [present.index(by_id[id(p)]) for p in params] if len(present) > 1 else []
 
 
 def load_fisher_weights(path: Path, names: list[str], params: Values) -> Values | None:
