@@ -135,3 +135,14 @@ def test_regularizers_that_need_reference_data_are_checked_with_the_config(raw_c
         validate_config(raw)
     raw["regularizers"] = [{"name": "ewc", "fisher_path": raw["data"]["train"]}]  # a Fisher file: no reference needed
     validate_config(raw)
+
+
+def test_the_registry_does_not_import_the_run_config():
+    """tether.config validates regularizer entries through the registry; the registry builds on tether.section only,
+    so neither waits on the other at import (no late imports, no cycle)."""
+    import subprocess
+    import sys
+
+    code = "import sys, tether.regularizers; print('tether.config' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "False"

@@ -20,13 +20,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from tether.config import RegularizerEntry
 from tether.data import REQUIRED, Collator, Split, encode, read_rows
 from tether.errors import ConfigError, TetherError
 from tether.evaluate import forgetting as forgetting_of
 from tether.evaluate import reference_metrics
 from tether.reference import is_peft
 from tether.regularizers import FinishContext, RegularizerConfig, RegularizerStack, SetupContext, parse_entries
+from tether.section import RegularizerEntry
 from tether.trainer import RegularizedMixin, StepEnd, check_trainer, row_mixers
 
 Reference = str | Path | list[dict[str, Any]] | Any  # a JSONL file, rows, or a datasets.Dataset

@@ -11,9 +11,11 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import AfterValidator, Field, ValidationError, field_validator, model_validator
 
 from tether.errors import ConfigError
+from tether.regularizers import RunFacts, parse_entries
+from tether.section import RegularizerEntry, Section
 
 
 class _Loader(yaml.SafeLoader):
@@ -35,12 +37,6 @@ _Loader.add_implicit_resolver(
 
 def parse_yaml(text: str) -> Any:
     return yaml.load(text, Loader=_Loader)
-
-
-class Section(BaseModel):
-    """Base of every config section: unknown keys are errors, values are frozen, field docstrings are the help."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True, allow_inf_nan=False)
 
 
 class SyntheticModelConfig(Section):
@@ -321,13 +317,6 @@ class SweepConfig(Section):
         return value
 
 
-class RegularizerEntry(BaseModel):
-    """One `regularizers:` item; its own fields are checked against the registered config class on load."""
-
-    model_config = ConfigDict(extra="allow", frozen=True)
-    name: str
-
-
 CLASSIFICATION_METRICS = ("eval_accuracy", "eval_f1", "accuracy", "f1")  # early stopping: the Trainer adds eval_
 TRAINER_OWNED = {"output_dir", "load_best_model_at_end", "metric_for_best_model", "greater_is_better"}
 _TRAINING_DEFAULTS: dict[str, Any] = {
@@ -435,8 +424,6 @@ def validate_config(raw: dict[str, Any]) -> RunConfig:
     except ValidationError as e:
         raise ConfigError(_one_line(e)) from None
     _check_training_keys(cfg.training)
-    from tether.regularizers import RunFacts, parse_entries  # late: the registry imports every regularizer module
-
     learning_rate = float(cfg.training_arguments()["learning_rate"])  # a number: _check_training_keys said so
     parse_entries(cfg.regularizers, RunFacts(cfg.data.reference is not None, cfg.lora is not None, learning_rate))
     _check_files(cfg)

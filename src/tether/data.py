@@ -12,13 +12,15 @@ import json
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
-from tether.config import DataConfig, RunConfig
 from tether.errors import DataError
 from tether.packing import IGNORE, pack, padding_share, windows
+
+if TYPE_CHECKING:  # the regularizers import this module, and tether.config imports them
+    from tether.config import DataConfig, RunConfig
 
 REQUIRED = {"text": ("text",), "prompt_completion": ("prompt", "completion"), "chat": ("messages",)}
 __all__ = ["IGNORE", "Collator", "Datasets", "Labels", "Split", "encode", "label_space", "load_datasets"]

@@ -49,10 +49,10 @@ import torch
 from pydantic import Field
 from torch import nn
 
-from tether.config import Section
 from tether.data import IGNORE
 from tether.distributed import gathers_per_module, has_sharded_parameters
 from tether.errors import ConfigError
+from tether.section import Section
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
 PROBE_TOKENS = 8  # length of the probe sequence that tells a fresh adapter from a trained one

@@ -48,8 +48,8 @@ import torch
 from pydantic import ConfigDict, Field, ValidationInfo, field_validator
 from torch import nn
 
-from tether.config import Section
 from tether.errors import ConfigError
+from tether.section import Section
 
 if TYPE_CHECKING:
     from tether.reference import Reference, ReferenceOptions

@@ -12,7 +12,6 @@ import torch
 from pydantic import ValidationError
 from torch import nn
 
-from tether.config import RegularizerEntry
 from tether.distributed import has_sharded_parameters, sum_across_processes, world_size
 from tether.errors import ConfigError, NonFiniteError, TetherError
 from tether.reference import Reference, merge_options
@@ -27,6 +26,7 @@ from tether.regularizers.base import (
     config_error,
     named_params_with_module,
 )
+from tether.section import RegularizerEntry
 
 log = logging.getLogger(__name__)
 SKIPPED = "stack.skipped_steps"  # a key no regularizer name can produce (names have no dots)
