@@ -73,7 +73,7 @@ def test_a_run_scores_the_base_and_the_result(raw_config: dict, tmp_path: Path) 
     rows = [json.loads(line) for line in (pack / TASK_NAME / f"{TASK_NAME}.jsonl").read_text().splitlines()]
     raw_config["training"].update(max_steps=10, eval_steps=10)
     raw_config["lora"] = {"r": 4}  # "before" is the base without adapters
-    raw_config["evaluation"] = {"lm_eval": {"tasks": [TASK_NAME], "include_path": str(pack)}}
+    raw_config["evaluation"] = {"lm_eval": {"tasks": [TASK_NAME], "include_path": str(pack), "at_evaluations": True}}
     metrics = train(validate_config(raw_config), tmp_path / "run", overwrite=True)
     acc = metrics["lm_eval"][TASK_NAME]["acc"]
     tok = char_tokenizer()
@@ -82,4 +82,7 @@ def test_a_run_scores_the_base_and_the_result(raw_config: dict, tmp_path: Path) 
     result = PeftModel.from_pretrained(base, str(tmp_path / "run" / "model"))
     assert acc["after"] == pytest.approx(choice_accuracy(result, tok, rows))
     assert acc["delta"] == pytest.approx(acc["after"] - acc["before"])
+    history = [json.loads(line) for line in (tmp_path / "run" / "history.jsonl").read_text().splitlines()]
+    (last,) = [e for e in history if "eval_loss" in e]  # one evaluation, at the last step: the result's score
+    assert last[f"eval_lm_eval/{TASK_NAME}/acc"] == pytest.approx(acc["after"])
     assert "lm-evaluation-harness" in (tmp_path / "run" / "report.html").read_text()

@@ -161,6 +161,9 @@ class LmEvalConfig(Section):
     """Few-shot examples per prompt; None: each task's own default."""
     batch_size: int = Field(8, ge=1)
     """Requests per forward."""
+    at_evaluations: bool = False
+    """Also score the tasks at every evaluation during training (history.jsonl eval_lm_eval/<task>/<metric>,
+    TensorBoard eval/lm_eval/...): each evaluation then costs a whole lm-eval run."""
 
 
 class EvaluationConfig(Section):

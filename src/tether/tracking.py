@@ -8,6 +8,7 @@ At every evaluation of the Trainer, RunLog measures
                        reference (tether.reference, with its row cache: under LoRA the model with its adapters off)
                        or, for full fine-tuning without one, from a snapshot taken before the first step (no copy of
                        the model is made; evaluation.probe_mb caps it);
+  eval_lm_eval/<task>/<metric>  with evaluation.lm_eval.at_evaluations, lm-eval's scores (tether.lmeval);
 and, with early_stopping.forgetting_budget, eval_choice: the early-stopping metric where the forgetting is within
 the budget, else a value worse than any such one (OUTSIDE plus the forgetting, so that among evaluations that all
 exceed the budget the least forgetting wins). The Trainer's best checkpoint and EarlyStoppingCallback then watch
@@ -30,7 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import TrainerCallback
 
-from tether.config import RunConfig
+from tether.config import LmEvalConfig, RunConfig
 from tether.data import Collator, Datasets, Split
 from tether.errors import ConfigError
 from tether.evaluate import dataset_metrics, reference_metrics, start_pass
@@ -142,6 +143,7 @@ class RunLog(TrainerCallback):
         self.before: dict[str, float] | None = None
         self.collator: Collator | None = None
         self.probe: Probe | None = None
+        self.lm_eval: LmEvalConfig | None = None
 
     def start(self, model: nn.Module, tokenizer: Any, collator: Collator, measured: Split | None,
               before: dict[str, float] | None, probe: Probe | None) -> None:  # fmt: skip
@@ -158,6 +160,11 @@ class RunLog(TrainerCallback):
                 out["eval_recall"] = ref["recall"]
         if self.probe is not None:
             out["eval_probe_kl"] = self.probe.kl(model)
+        if self.lm_eval is not None and self.lm_eval.at_evaluations:
+            from tether.lmeval import scores
+
+            for task, values in scores(model, self.tokenizer, self.lm_eval).items():
+                out.update({f"eval_lm_eval/{task}/{metric}": v for metric, v in values.items()})
         return out
 
     def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
@@ -205,6 +212,7 @@ def start_tracking(run_log: RunLog, cfg: RunConfig, trainer: Any, tokenizer: Any
     rows = data.train.encoded[: ev.probe_rows]
     probe = Probe.build(model, rows, collator, trainer.stack.reference, ev.probe_mb * 2**20) if rows else None
     run_log.start(model, tokenizer, collator, data.reference, before, probe)
+    run_log.lm_eval = ev.lm_eval
 
 
 def measure_base(cfg: RunConfig, model: nn.Module, tokenizer: Any, data: Datasets, collator: Collator,
