@@ -28,8 +28,9 @@ by wise_ft's rule (`choose`, `tolerance`: among the candidates within tolerance 
 reference loss) is saved to output_dir/model_merge/, its metrics next to the rows. The main model/ stays the
 fine-tuned one. The choice and the layer search look at the validation data: the chosen model's numbers are
 optimistic, the more so the more candidates. Under LoRA the dare and ties candidates act on that factor:
-E[delta W'] = delta W for dare, and each candidate keeps the adapter's rank (PEFT's add_weighted_adapter prunes both
-factors, the random initialization of A too, so tether does not use it). strength is unused.
+E[delta W'] = delta W for dare, and each candidate keeps the adapter's rank. PEFT's add_weighted_adapter is not used:
+given one adapter it turns every combination type into "linear" (peft 0.21, _check_add_weighted_adapter), and its
+DARE/TIES without SVD prune both factors, the random initialization of A too. strength is unused.
 """
 
 from __future__ import annotations
