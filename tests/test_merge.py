@@ -246,3 +246,17 @@ def test_no_layer_search_when_the_trained_tensors_sit_at_one_depth(tmp_path: Pat
     assert merge.depth == []
     result = merge.after_training(model, Finish(tmp_path, batch_of(4, seed=1)).ctx)
     assert [r["method"] for r in result["candidates"]] == ["global", "global"] and "layer_alphas" not in result
+
+
+def test_peft_merges_a_single_adapter_linearly_whatever_the_combination_type():
+    """Why merge does not use PEFT's add_weighted_adapter for one fine-tune (module docstring): it ignores ties."""
+    model = lora(model_of())
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(generator=torch.Generator().manual_seed(0))
+    model.add_weighted_adapter(["default"], [1.0], "ties", combination_type="ties", density=0.1)
+    model.add_weighted_adapter(["default"], [1.0], "linear", combination_type="linear")
+    ties_, linear = ({n: p for n, p in model.named_parameters() if f".{k}." in n} for k in ("ties", "linear"))
+    for (n, a), b in zip(ties_.items(), linear.values()):
+        torch.testing.assert_close(a, b, msg=n)  # density 0.1 kept every entry
