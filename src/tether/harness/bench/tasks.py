@@ -81,6 +81,18 @@ METHODS = (
     Method("neftune", "alpha", (1.0, 5.0, 15.0), (5.0,), _reg("neftune", "alpha")),
     Method("llrd", "decay", (0.5, 0.8, 0.95), (0.8,), _reg("llrd", "decay")),
     Method("lora", "r", (4, 16, 64), (16,), lambda r: {"lora": {"r": int(r), "alpha": 2 * r}}),  # alpha/r fixed
+    # the lora rows' grid, from CorDA's knowledge-preserved start (calibrated on the held-out facts)
+    Method(
+        "lora_corda_kpm",
+        "r",
+        (4, 16, 64),
+        (16,),
+        lambda r: {"lora": {"r": int(r), "alpha": 2 * r, "init": "corda_kpm"}},
+    ),
+    Method("mofo", "fraction", (0.05, 0.1, 0.2), (0.05,), _reg("mofo", "fraction")),
+    Method("dft", "strength", (0.5, 1.0), (0.5,), _reg("dft")),
+    Method("eaft", "strength", (0.5, 1.0), (0.5,), _reg("eaft")),
+    Method("flow", "strength", (0.5, 1.0), (1.0,), _reg("flow")),
     Method("ema", "decay", (0.9, 0.97, 0.99), (0.97,), _reg("ema", "decay")),
     Method("early_stopping", "patience", (1, 3), (3,), lambda p: {"early_stopping": {"patience": int(p)}}),
     # The choice on target and retention (check 5): the best validation loss among evaluations whose facts' loss rose
