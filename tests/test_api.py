@@ -207,3 +207,17 @@ def test_public_api_and_py_typed() -> None:
         assert getattr(tether, name) is not None
     assert (ROOT / "src" / "tether" / "py.typed").is_file()
     assert '[tool.setuptools.package-data]\ntether = ["py.typed"]' in (ROOT / "pyproject.toml").read_text()
+
+
+def test_self_replay_and_flow_through_regularize(tmp_path: Path) -> None:
+    """self_replay generates with the trainer's model (train_data gets it); flow refuses rows without labels in one
+    line rather than failing inside its setup pass."""
+    t = tether.regularize(
+        trainer(tmp_path / "a"),
+        [{"name": "self_replay", "ratio": 0.25, "max_new_tokens": 4, "max_perplexity": 1e9}],
+        reference=FACTS,
+    )
+    assert len(t.train_dataset) > 16  # generated rows mixed in
+    t.train()
+    with pytest.raises(TetherError, match="flow weighs each training row by its labelled tokens"):
+        tether.regularize(trainer(tmp_path / "b"), [{"name": "flow"}])

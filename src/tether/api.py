@@ -71,9 +71,10 @@ def regularize(
     cls = type(trainer)
     regularized = type(f"Regularized{cls.__name__}", (RegularizedMixin, cls), {"__module__": cls.__module__})
     check_trainer(regularized, stack)
-    if row_mixers(stack):  # replay: reference rows mixed into the training rows, in their form
-        mixed = None if rows is None else _replayed(trainer, rows, encoded)
-        trainer.train_dataset = stack.train_data(trainer.train_dataset, mixed, trainer.args.seed)
+    if row_mixers(stack):  # replay: reference rows mixed into the training rows, in their form; self_replay
+        mixed = None if rows is None else _replayed(trainer, rows, encoded)  # generates with the model as it is
+        before = SetupContext(trainer.model, None, trainer.args.learning_rate)
+        trainer.train_dataset = stack.train_data(trainer.train_dataset, mixed, trainer.args.seed, ctx=before)
     trainer.__class__ = regularized
     _install(trainer, stack, encoded)
     trainer.check_regularized()  # what is known now is refused now, not at train()

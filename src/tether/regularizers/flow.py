@@ -62,6 +62,11 @@ class FLOW(Regularizer):
             raise ConfigError(
                 "flow weighs the training rows: give them to the stack (RegularizerStack.train_data) before setup"
             )
+        if any("labels" not in row for row in self.rows[:1]):
+            raise ConfigError(
+                "flow weighs each training row by its labelled tokens: give rows with labels (tether's encoding), "
+                "or remove flow"
+            )
         what = "flow: the original model's loss per training row"
         advance = ctx.progress(what, len(self.rows)) if ctx.progress else None
         keys, losses = row_losses(ctx.model, self.rows, self.config.batch_size, advance)
@@ -76,8 +81,9 @@ class FLOW(Regularizer):
         missing = [i for i, k in enumerate(keys) if k not in self.weights]
         if missing:
             raise ConfigError(
-                "flow: a training batch holds a row it did not weigh at setup (another collator, packing, or rows "
-                "added after setup): train on the rows given to the stack, unpacked, or remove flow"
+                "flow: a training batch holds a row it did not weigh at setup (rows added by a regularizer listed "
+                "after flow, another collator, or packing): list flow after replay / self_replay, train on the rows "
+                "given to the stack, unpacked, or remove flow"
             )
         per_row = torch.tensor([self.weights[k] for k in keys], device=outputs.logits.device)
         weights = lambda z, nll, rows: per_row[rows]  # noqa: E731
