@@ -76,6 +76,7 @@ METHODS = (
     Method("distill", "strength", (0.5, 2.0, 8.0), (2.0,), _reg("distill")),
     Method("kl", "strength", (0.03, 0.1, 1.0), (0.1,), _reg("kl")),
     Method("replay", "ratio", (0.01, 0.05, 0.25), (0.01, 0.05), _reg("replay", "ratio")),
+    Method("self_replay", "ratio", (0.05, 0.1, 0.25), (0.1,), _reg("self_replay", "ratio")),
     Method("label_smoothing", "strength", (0.05, 0.1, 0.2), (0.1,), _reg("label_smoothing")),
     Method("dropout", "attention", (0.05, 0.1, 0.3), (0.1,), _reg("dropout", "attention")),
     Method("neftune", "alpha", (1.0, 5.0, 15.0), (5.0,), _reg("neftune", "alpha")),
