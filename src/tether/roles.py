@@ -19,6 +19,7 @@ from typing import Any
 
 from tether.config import RunConfig
 from tether.data import Split
+from tether.errors import DataError
 
 DEFAULT_HOLDOUT = 0.5  # half of the reference for the regularizers when they need it and no share is given
 
@@ -88,8 +89,6 @@ def split_rows(split: Split, share: float, seed: int) -> tuple[Split, Split]:
     """(measured, held out): a seeded random `share` of the rows held out; each part keeps at least one row."""
     n = len(split.encoded)
     if n < 2:
-        from tether.errors import DataError
-
         raise DataError("data.reference has fewer than 2 rows: it cannot be split between measurement and "
                         "regularizers: add rows, or give replay.source / ewc.data")  # fmt: skip
     order = list(range(n))
