@@ -60,15 +60,17 @@ class MoFO(Regularizer):
                     "use an Adam-family optimizer (training.optim: adamw_torch) or remove mofo"
                 )
             moved = top_fraction(shards([state["exp_avg"]])[0], self.config.fraction)
-            theta.copy_(torch.where(moved, theta, kept))
+            if moved is not None:
+                torch.where(moved, theta, kept, out=theta)  # in place: no temporary the size of the tensor
 
 
-def top_fraction(momentum: torch.Tensor, fraction: float) -> torch.Tensor:
-    """Mask of the ceil(fraction * n) entries of largest |momentum| (ties at the threshold all count)."""
-    magnitude = momentum.detach().abs().reshape(-1).float()
+def top_fraction(momentum: torch.Tensor, fraction: float) -> torch.Tensor | None:
+    """Mask of the ceil(fraction * n) entries of largest |momentum| (ties at the threshold all count); None when
+    that is every entry."""
+    magnitude = momentum.detach().abs()
     n = magnitude.numel()
     k = max(1, math.ceil(fraction * n))
     if k >= n:
-        return torch.ones_like(momentum, dtype=torch.bool)
-    threshold = magnitude.kthvalue(n - k + 1).values
-    return (momentum.detach().abs() >= threshold).reshape(momentum.shape)
+        return None
+    threshold = magnitude.reshape(-1).kthvalue(n - k + 1).values
+    return magnitude >= threshold
