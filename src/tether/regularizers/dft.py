@@ -20,7 +20,7 @@ import torch
 from pydantic import Field
 from torch import nn
 
-from tether.reference import at_positions, loss_positions
+from tether.data import IGNORE
 from tether.regularizers.base import Regularizer, RegularizerConfig, register
 
 TokenWeights = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
@@ -32,7 +32,8 @@ class DFTConfig(RegularizerConfig):
     strength: float = Field(1.0, ge=0, le=1)
     """s: the loss is (1 - s) * NLL + s * DFT; 1 is DFT as published, 0 plain SFT."""
     chunk_size: int = Field(1024, ge=1)
-    """Loss positions per fp32 chunk: work memory is about chunk_size x vocab x 4 bytes (1024 x 32k: 128 MB)."""
+    """Positions per fp32 chunk (whole rows, at least one): work memory about chunk_size x vocab x 4 bytes (1024 x
+    32k: 128 MB)."""
 
 
 @register("dft", DFTConfig)
@@ -52,15 +53,22 @@ def probability(logits: torch.Tensor, nll: torch.Tensor, rows: torch.Tensor) -> 
 def reweighted_minus_nll(
     logits: torch.Tensor, labels: torch.Tensor, weights: TokenWeights, chunk: int
 ) -> torch.Tensor:
-    """mean over the loss positions of (w_t - 1) * NLL_t, w_t = weights(logits_t, NLL_t) detached (fp32, chunked)."""
-    rows, cols = loss_positions(labels)
-    targets = labels[rows, cols + 1] if labels.ndim > 1 else labels[rows]
-    picked = at_positions(logits, rows, cols)  # [n, vocab] in the model's dtype; fp32 a chunk at a time
+    """mean over the loss positions of (w_t - 1) * NLL_t, w_t = weights(logits_t, NLL_t, row_t) detached, in fp32.
+    Causal LM: whole rows at a time, about `chunk` positions each, on views of the logits (no gather, whose backward
+    would write a zero tensor the size of all the logits); positions without loss are computed and masked out."""
+    if labels.ndim == 1:  # class labels: one position per row
+        logits, labels = logits[:, None], labels[:, None]
+    else:  # the logits at t predict the label at t + 1
+        logits, labels = logits[:, :-1], labels[:, 1:]
+    mask = labels != IGNORE
+    per_chunk = max(1, chunk // max(labels.shape[1], 1))
     total = logits.new_zeros((), dtype=torch.float32)
-    for start in range(0, picked.shape[0], chunk):
-        z = picked[start : start + chunk].float()
-        nll = torch.logsumexp(z, -1) - z.gather(-1, targets[start : start + chunk, None]).squeeze(-1)
+    for start in range(0, labels.shape[0], per_chunk):
+        z, y, m = (t[start : start + per_chunk] for t in (logits, labels, mask))
+        z = z.float()
+        nll = torch.logsumexp(z, -1) - z.gather(-1, y.clamp(min=0)[..., None]).squeeze(-1)
+        rows = torch.arange(start, start + len(y), device=y.device)[:, None].expand_as(y)
         with torch.no_grad():
-            w = weights(z, nll, rows[start : start + chunk])
-        total = total + ((w - 1) * nll).sum()
-    return total / max(picked.shape[0], 1)
+            w = weights(z, nll, rows)
+        total = total + ((w - 1) * nll * m).sum()
+    return total / mask.sum().clamp(min=1)
