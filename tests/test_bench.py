@@ -195,7 +195,7 @@ def test_outputs_render_from_aggregates(tmp_path: Path) -> None:
     report.write_outputs(result, tmp_path)
     md = (tmp_path / "bench.md").read_text()
     assert "| ewc | strength 0.3 | 1.250 ± 0.000 | +1.900 ± 0.000 |" in md
-    assert md.count("FAIL") == 2 and md.count("PASS") == 3  # small-data has no early stopping row, nor a budget run
+    assert md.count("FAIL") == 3 and md.count("PASS") == 3  # no small-data early stopping row, budget or merge run
     assert (tmp_path / "pareto.png").read_bytes()[:4] == b"\x89PNG"
     assert "PASS" in (tmp_path / "bench.html").read_text()
     assert json.loads((tmp_path / "bench.json").read_text())["aggregates"][0]["method"] == "plain"
@@ -233,3 +233,24 @@ def test_quick_bench_end_to_end_and_resume(tmp_path: Path) -> None:
     assert second.returncode == 0, second.stderr[-3000:]
     assert f"{len(marks)} already finished" in second.stdout
     assert marks == {p: p.stat().st_mtime_ns for p in tmp_path.glob("runs/**/wall.json")}
+
+
+def test_merge_check_compares_the_best_candidates_in_the_band(tmp_path: Path) -> None:
+    """Per seed: the forgetting WiSE-FT's best global alpha and merge's best candidate recover among the candidates
+    within 5% of the best target loss; the check passes when merge's mean is higher."""
+
+    def candidate(name: str, method: str, val: float, delta: float) -> dict:
+        return {"candidate": name, "method": method, "val_loss": val, "delta_loss": delta}
+
+    rows = [candidate("global 1", "global", 1.00, 4.0), candidate("global 0.9", "global", 1.04, 2.0),
+            candidate("global 0.5", "global", 1.50, 0.5), candidate("layers a", "layers", 1.03, 1.0),
+            candidate("dare 0.9", "dare", 1.20, 0.1)]  # fmt: skip
+    job = tasks.Job("arithmetic", "merge", None, 0, tmp_path, {})
+    (point,) = analysis.points_of(job, {"merge": {"candidates": rows}}, 1.0)
+    assert point["wise_recovered"] == pytest.approx(0.5) and point["merge_recovered"] == pytest.approx(0.75)
+    assert (point["val_loss"], point["delta_loss"]) == (1.03, 1.0)  # dare and global 0.5 are outside the band
+    (row,) = analysis.aggregate([point])
+    check = analysis.check_merge([row])
+    assert check.passed and check.detail.startswith("75% vs 50%")
+    worse = analysis.aggregate([point | {"merge_recovered": 0.5}])
+    assert not analysis.check_merge(worse).passed

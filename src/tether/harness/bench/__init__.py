@@ -21,7 +21,8 @@ Measures of each run, then mean and sample standard deviation over seeds (ratios
   wall time     seconds per run in its worker: load, measure before, setup (Fisher), train, measure after
 The measured model is the final one (early stopping: the restored best checkpoint); for ema the average
 (model_ema/); for wise_ft each alpha's interpolation (one run per seed gives every alpha; alpha 0 is the base
-model, whose target loss is T_base below, and has no point of its own).
+model, whose target loss is T_base below, and has no point of its own); for merge the least-forgetting candidate
+within 5% of the best target loss.
 
 Checks, printed PASS/FAIL, computed from the measured means (F: forgetting, T: target loss):
   1  the best of l2_sp, ewc, distill (KD), replay on arithmetic: some strength has 1 - F/F_plain >= 50% at
@@ -36,6 +37,9 @@ Checks, printed PASS/FAIL, computed from the measured means (F: forgetting, T: t
      checkpoint has F <= 2.0 on every seed where some evaluation was within the budget (the others restore the
      least forgetting), and 1 - F/F_alone >= 50%, F_alone being the F (as tracked) of the same runs' evaluation
      with the lowest T, the checkpoint the target alone would restore
+  6  merge on arithmetic (one run per seed, its candidates: global alpha = WiSE-FT, per layer, DARE, TIES, Fisher):
+     among the candidates within 5% of the best T, merge's least-forgetting candidate recovers more of the
+     forgetting (1 - F/F(alpha 1), mean over seeds) than WiSE-FT's, i.e. the global alphas'
 Best strength of a method: on arithmetic the least forgetting among its strengths within 5% of plain's T (none
 within: the lowest T); on small-data the lowest T. Both choices look at the validation data, as early stopping does.
 """

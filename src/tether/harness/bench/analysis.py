@@ -7,7 +7,15 @@ import statistics
 from dataclasses import dataclass
 from typing import Any
 
-from tether.harness.bench.tasks import BUDGET, METHOD_BY_NAME, METHODS, SMALL_DATA_REGULARIZERS, Job, Task
+from tether.harness.bench.tasks import (
+    BUDGET,
+    MERGE_TOLERANCE,
+    METHOD_BY_NAME,
+    METHODS,
+    SMALL_DATA_REGULARIZERS,
+    Job,
+    Task,
+)
 from tether.selection import within_tolerance
 
 TARGET_COST = 0.05  # check 1 and the arithmetic best-strength rule: at most 5% more target loss than plain
@@ -17,6 +25,8 @@ KEEPERS = ("l2_sp", "ewc", "distill", "replay")  # check 1
 FIELDS = ("val_loss", "delta_loss", "recall_drop", "overfit_gap", "wall_s", "base_val_loss")
 # forgetting_budget: the target alone's choice; whether some evaluation was within the budget, and the restored one
 FIELDS += ("target_only_val_loss", "target_only_delta_loss", "budget_within", "budget_kept")
+# merge: the forgetting recovered (1 - F / F(fine-tuned)) by WiSE-FT's and by merge's best candidate in the band
+FIELDS += ("wise_recovered", "merge_recovered")
 
 
 def points_of(job: Job, metrics: dict[str, Any], wall_s: float) -> list[dict[str, Any]]:
@@ -34,6 +44,8 @@ def points_of(job: Job, metrics: dict[str, Any], wall_s: float) -> list[dict[str
             }
             for alpha, row in rows.items() if alpha > 0
         ]  # fmt: skip
+    if job.method == "merge":
+        return [common | merge_point(metrics)]
     measured = metrics["ema"] if job.method == "ema" else metrics
     forgetting = measured["forgetting"]
     if "forgetting_budget" in metrics:  # the same run's evaluation with the lowest validation loss, as tracked
@@ -47,6 +59,27 @@ def points_of(job: Job, metrics: dict[str, Any], wall_s: float) -> list[dict[str
             "recall_drop": forgetting.get("recall_drop"), "overfit_gap": measured["overfit_gap"],
         }
     ]  # fmt: skip
+
+
+def merge_point(metrics: dict[str, Any]) -> dict[str, Any]:
+    """merge's chosen model, and how much of the forgetting WiSE-FT's best and merge's best candidate recover among
+    the candidates within MERGE_TOLERANCE of the best target loss (global alpha candidates are WiSE-FT's)."""
+    rows = metrics["merge"]["candidates"]
+    band = within_tolerance(rows, lambda r: r["val_loss"], MERGE_TOLERANCE)
+    tuned = next(r for r in rows if r["candidate"] == "global 1")
+
+    def recovered(pool: list[dict[str, Any]]) -> float | None:
+        inside = [r for r in pool if r in band]
+        if not inside or tuned["delta_loss"] <= 0:
+            return None
+        return 1 - min(r["delta_loss"] for r in inside) / tuned["delta_loss"]
+
+    chosen = min(band, key=lambda r: r["delta_loss"])
+    return {
+        "value": None, "val_loss": chosen["val_loss"], "delta_loss": chosen["delta_loss"], "recall_drop": None,
+        "overfit_gap": None, "wise_recovered": recovered([r for r in rows if r["method"] == "global"]),
+        "merge_recovered": recovered(rows),
+    }  # fmt: skip
 
 
 def stats(values: list[float]) -> dict[str, float] | None:
@@ -199,8 +232,25 @@ def check_budget(rows: list[dict[str, Any]]) -> Check:
     return Check(claim, within > 0 and kept == within and cut >= FORGET_CUT, detail)
 
 
+def check_merge(rows: list[dict[str, Any]]) -> Check:
+    claim = (
+        f"the best merge candidate recovers more of the forgetting than global WiSE-FT within {MERGE_TOLERANCE:.0%} "
+        "of the best target loss"
+    )
+    found = select(rows, "arithmetic", "merge")
+    if not found or found[0]["wise_recovered"] is None or found[0]["merge_recovered"] is None:
+        return Check(claim, False, "not measured (no finished merge run with candidates in the band)")
+    merged, wise = mean(found[0], "merge_recovered"), mean(found[0], "wise_recovered")
+    seeds = len(found[0]["seeds"])
+    detail = f"{merged:.0%} vs {wise:.0%} (mean over {seeds} seeds; merge picks among more candidates)"
+    return Check(claim, merged > wise, detail)
+
+
 def checks(rows: list[dict[str, Any]]) -> list[Check]:
-    return [check_keepers(rows), check_replay(rows), check_wise_ft(rows), check_small_data(rows), check_budget(rows)]
+    return [
+        check_keepers(rows), check_replay(rows), check_wise_ft(rows), check_small_data(rows), check_budget(rows),
+        check_merge(rows),
+    ]  # fmt: skip
 
 
 def _unmeasurable(plain: list[dict[str, Any]], others: list[dict[str, Any]]) -> str:

@@ -11,6 +11,8 @@ from typing import Any
 from tether.outputs import write_text_atomic
 
 WISE_ALPHAS = (0.0, 0.25, 0.5, 0.75, 0.9, 1.0)
+MERGE_ALPHAS = (0.0, 0.5, 0.75, 0.85, 0.9, 0.95, 1.0)  # finer near 1, so WiSE-FT has candidates in merge's band
+MERGE_TOLERANCE = 0.05  # check 6: the band of target loss (merge's own default)
 SMALL_DATA_REGULARIZERS = ("weight_decay", "dropout", "label_smoothing")  # check 4
 BUDGET = 2.0  # check 5: the forgetting budget (facts' loss increase, nats) of the retention-aware choice
 
@@ -108,6 +110,21 @@ METHODS = (
             "early_stopping": {"patience": 100, "forgetting_budget": b},
             "training": {"eval_steps": 20},
         },
+    ),
+    # check 6: merge's candidates (global alpha = WiSE-FT, per layer, DARE, TIES, Fisher with ewc at strength 0,
+    # which only estimates the Fisher) from one run per seed
+    Method(
+        "merge",
+        "-",
+        (),
+        (),
+        lambda _: {
+            "regularizers": [
+                {"name": "ewc", "strength": 0.0},
+                {"name": "merge", "alphas": list(MERGE_ALPHAS), "tolerance": MERGE_TOLERANCE},
+            ]
+        },
+        one_run=True,
     ),
     Method(
         "wise_ft",
