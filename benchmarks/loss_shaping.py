@@ -1,4 +1,4 @@
-"""Token- and row-reweighted losses (dft, eaft, flow) vs plain fine-tuning on the demo world (learned vs forgotten).
+"""Token- and row-reweighted losses (dft, eaft, flow, asft) vs plain fine-tuning on the demo world.
 
     .venv/bin/python benchmarks/loss_shaping.py
 
@@ -18,7 +18,7 @@ SWEEP: list[tuple[str, list[dict[str, Any]]]] = [
     *[(f"eaft {s}", [{"name": "eaft", "strength": s}]) for s in (0.5, 1.0)],
     ("flow 1 (tau: median)", [{"name": "flow"}]),
     ("flow 1 tau 0.1", [{"name": "flow", "temperature": 0.1}]),
-    ("dft 1 + kl 0.1 (ASFT)", [{"name": "dft", "strength": 1.0}, {"name": "kl", "strength": 0.1}]),
+    ("asft (anchor 0.1)", [{"name": "asft", "anchor": 0.1}]),
 ]
 
 

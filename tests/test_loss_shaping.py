@@ -186,3 +186,24 @@ def test_flow_refuses_rows_it_did_not_weigh():
     batch = Collator(0)(rows_of(2, seed=9))
     with pytest.raises(ConfigError, match="a row it did not weigh at setup"):
         stack.penalty(model, batch, model(**batch))
+
+
+@pytest.mark.parametrize("task", ["causal_lm", "sequence_classification"])
+def test_asft_is_dft_plus_the_kl_anchor(task):
+    """asft's penalty is dft's plus anchor times kl's, on the same batch, each against a frozen copy of the model
+    as it was at setup (then moved, so that the KL is not zero)."""
+    model = model_of(task)
+    batch = batch_of(4, task=task)
+    entries = [{"name": "asft", "anchor": 0.3}, {"name": "dft"}, {"name": "kl", "strength": 1.0}]
+    stacks = []
+    for entry in entries:
+        stack = RegularizerStack.from_configs([REGISTRY[entry["name"]].config(**entry)])
+        stack.setup(SetupContext(model, None, 1e-2))
+        stacks.append(stack)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    out = model(**batch)
+    asft, dft, kl = (stack.penalty(model, batch, out) for stack in stacks)
+    assert kl > 1e-4
+    torch.testing.assert_close(asft, dft + 0.3 * kl)

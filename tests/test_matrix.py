@@ -38,6 +38,7 @@ CASES: dict[str, tuple[dict[str, Any], bool]] = {
     "label_smoothing": ({"strength": 0.3}, True),
     "dft": ({"strength": 1.0}, True),
     "eaft": ({"strength": 1.0}, True),
+    "asft": ({"strength": 1.0, "anchor": 1.0}, True),
     "flow": ({"strength": 1.0, "temperature": 0.05}, True),
     "replay": ({}, False),
     "ema": ({}, False),

@@ -1,6 +1,7 @@
 """Regularizers, each registered by name in its own module; importing this package registers them all."""
 
 from tether.regularizers import (  # noqa: F401  (registers them)
+    asft,
     dft,
     distill,
     dropout,

@@ -58,13 +58,14 @@ def reweighted_minus_nll(
     would write a zero tensor the size of all the logits); positions without loss are computed and masked out."""
     if labels.ndim == 1:  # class labels: one position per row
         logits, labels = logits[:, None], labels[:, None]
-    else:  # the logits at t predict the label at t + 1
-        logits, labels = logits[:, :-1], labels[:, 1:]
+    else:  # the logits at t predict the label at t + 1, the last ones nothing (a slice's backward would fill zeros)
+        labels = torch.cat([labels[:, 1:], labels.new_full((len(labels), 1), IGNORE)], 1)
     mask = labels != IGNORE
     per_chunk = max(1, chunk // max(labels.shape[1], 1))
     total = logits.new_zeros((), dtype=torch.float32)
     for start in range(0, labels.shape[0], per_chunk):
-        z, y, m = (t[start : start + per_chunk] for t in (logits, labels, mask))
+        whole = start == 0 and per_chunk >= len(labels)
+        z, y, m = (t if whole else t[start : start + per_chunk] for t in (logits, labels, mask))
         z = z.float()
         nll = torch.logsumexp(z, -1) - z.gather(-1, y.clamp(min=0)[..., None]).squeeze(-1)
         rows = torch.arange(start, start + len(y), device=y.device)[:, None].expand_as(y)
