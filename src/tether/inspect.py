@@ -15,7 +15,7 @@ from typing import Any
 from torch import nn
 
 from tether.config import RunConfig
-from tether.data import label_space
+from tether.data import run_labels
 from tether.models import apply_lora, fused_experts, load_model
 from tether.reference import Reference, evaluating, hf_model, is_peft, merge_options
 from tether.regularizers import RegularizerStack, parse_entries
@@ -33,12 +33,12 @@ def inspect_run(cfg: RunConfig) -> dict[str, Any]:
     from tether.run import training_args
 
     args = training_args(cfg, Path(cfg.output_dir))
-    labels = label_space(cfg.data, cfg.model.num_labels) if cfg.task == "sequence_classification" else None
-    model, _, new = load_model(cfg.model, cfg.task, labels)
+    model, _, new = load_model(cfg.model, cfg.task, run_labels(cfg))  # the classes train uses
     if cfg.lora is not None:  # CorDA's start needs its calibration pass; the structure is the default init's
         model = apply_lora(model, cfg.lora.model_copy(update={"init": "default"}), cfg.task)
     stack = RegularizerStack.from_configs(parse_entries(cfg.regularizers), cfg.skip_non_finite, new)
     regs = [reg for reg, _ in stack.items]
+    corda = cfg.lora is not None and cfg.lora.init != "default"
     trained = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     return {
         "model": {
@@ -56,9 +56,7 @@ def inspect_run(cfg: RunConfig) -> dict[str, Any]:
         "llrd": llrd_plan(model, next((r for r in regs if isinstance(r, LLRD)), None)),
         "dropout": dropout_plan(model, next((r for r in regs if isinstance(r, Dropout)), None)),
         "anchored": anchored(model, [r for r in regs if isinstance(r, L2SP | EWC | SI)], new),
-        "reference": reference_plan(
-            model, [o for r in regs if (o := r.reference_options()) is not None], corda=lora_init(cfg) != "default"
-        ),
+        "reference": reference_plan(model, [o for r in regs if (o := r.reference_options()) is not None], corda),
     }
 
 
@@ -112,10 +110,6 @@ def anchored(model: nn.Module, regs: list[Any], new: frozenset[str]) -> dict[str
         "lora_experts": sum(len(g.a) * g.experts for g in pairs if g.experts > 1),
         "not_anchored": sorted(new),
     }
-
-
-def lora_init(cfg: RunConfig) -> str:
-    return "default" if cfg.lora is None else cfg.lora.init
 
 
 def reference_plan(model: nn.Module, options: list[Any], corda: bool = False) -> dict[str, Any] | None:
