@@ -129,3 +129,21 @@ def test_who_reads_the_reference(raw_config: dict, tmp_path: Path) -> None:
     raw_config["regularizers"] = [{"name": "l2_sp"}]
     alone = assign_roles(validate_config(raw_config), ref)
     assert alone.measured is ref and alone.regularizers is None and alone.record["held_out_rows"] == 0
+
+
+def test_the_windows_of_a_long_reference_row_stay_on_one_side() -> None:
+    """A text row split into windows is measured or held out whole: a window on each side would let the regularizers
+    read text that the measurement scores."""
+    from tether.config import RunConfig
+    from tether.data import Split
+
+    rows = [{"text": f"row {i}"} for i in range(6)]
+    windows = [rows[i // 3] if i < 6 else rows[i - 4] for i in range(10)]  # rows 0 and 1 have 3 windows each
+    split = Split(windows, [{"input_ids": [i]} for i in range(10)], "text")
+    raw = {"model": {"synthetic": {"arch": "llama"}}, "data": {"train": "t.jsonl", "reference": "r.jsonl"},
+           "regularizers": [{"name": "replay"}], "evaluation": {"reference_holdout": 0.5}}  # fmt: skip
+    for seed in range(8):
+        roles = assign_roles(RunConfig.model_validate(raw | {"data": raw["data"] | {"seed": seed}}), split)
+        measured = {id(r) for r in roles.measured.rows}
+        held = {id(r) for r in roles.regularizers.rows}
+        assert not measured & held

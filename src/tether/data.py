@@ -366,9 +366,15 @@ def load_datasets(cfg: DataConfig, task: str, tokenizer: Any, labels: Labels | N
     return Datasets(train, validation, reference)
 
 
-def split_off(split: Split, fraction: float, seed: int) -> tuple[Split, Split]:
-    """Seeded random split of rows into (train, validation); both keep at least one row. The windows of a row stay
-    together (a window in each would leak the text between them)."""
+def split_off(
+    split: Split,
+    fraction: float,
+    seed: int | str,
+    too_few: str = "data.train has fewer than 2 usable rows: add rows or give data.validation",
+) -> tuple[Split, Split]:
+    """Seeded random split of rows into (kept, the `fraction` split off): train and validation, or the measured and
+    the held-out reference rows (tether.roles); both keep at least one row. The windows of a row stay together (a
+    window in each would leak the text between them). `too_few`: the error when there are fewer than 2 rows."""
     groups: list[list[int]] = []
     for i, row in enumerate(split.rows):
         if groups and split.rows[groups[-1][0]] is row:
@@ -376,7 +382,7 @@ def split_off(split: Split, fraction: float, seed: int) -> tuple[Split, Split]:
         else:
             groups.append([i])
     if len(groups) < 2:
-        raise DataError("data.train has fewer than 2 usable rows: add rows or give data.validation")
+        raise DataError(too_few)
     order = list(range(len(groups)))
     random.Random(seed).shuffle(order)
     n_val = min(max(1, round(fraction * len(order))), len(order) - 1)

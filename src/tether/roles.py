@@ -12,16 +12,18 @@ record then says trained_on_measured: true, and the report shows a warning.
 
 from __future__ import annotations
 
-import random
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from tether.config import RunConfig
-from tether.data import Split
-from tether.errors import DataError
+from tether.data import Split, split_off
 
 DEFAULT_HOLDOUT = 0.5  # half of the reference for the regularizers when they need it and no share is given
+TOO_FEW = (
+    "data.reference has fewer than 2 rows: it cannot be split between measurement and regularizers: add rows, or "
+    "give replay.source / ewc.data"
+)
 
 
 @dataclass(frozen=True)
@@ -61,7 +63,9 @@ def assign_roles(cfg: RunConfig, reference: Split | None) -> Roles:
     share = ev.reference_holdout
     if share is None and needing and not ev.train_on_measured:
         share = DEFAULT_HOLDOUT
-    measured, held = (reference, None) if share is None else split_rows(reference, share, cfg.data.seed)
+    measured, held = reference, None
+    if share is not None:  # its own stream: not the validation split's order
+        measured, held = split_off(reference, share, f"reference-roles-{cfg.data.seed}", TOO_FEW)
     given = reference if ev.train_on_measured else held
     same_file = [n for n, own in readers.items() if own is not None and _same(own, cfg.data.reference)]
     trained_on_measured = bool(needing and ev.train_on_measured) or bool(same_file)
@@ -83,23 +87,6 @@ def readers_text(readers: dict[str, str | None], given: Split | None, everything
         "every row of data.reference, the measured ones too" if everything else "the held-out rows of data.reference"
     )
     return {name: own if own is not None else shared + rows for name, own in readers.items()}
-
-
-def split_rows(split: Split, share: float, seed: int) -> tuple[Split, Split]:
-    """(measured, held out): a seeded random `share` of the rows held out; each part keeps at least one row."""
-    n = len(split.encoded)
-    if n < 2:
-        raise DataError("data.reference has fewer than 2 rows: it cannot be split between measurement and "
-                        "regularizers: add rows, or give replay.source / ewc.data")  # fmt: skip
-    order = list(range(n))
-    random.Random(f"reference-roles-{seed}").shuffle(order)  # its own stream: not the validation split's order
-    n_held = min(max(1, round(share * n)), n - 1)
-    held, kept = sorted(order[:n_held]), sorted(order[n_held:])
-
-    def take(idx: list[int]) -> Split:
-        return Split([split.rows[i] for i in idx], [split.encoded[i] for i in idx], split.format)
-
-    return take(kept), take(held)
 
 
 def _same(path: str, reference: str | None) -> bool:
