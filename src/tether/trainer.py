@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import shutil
 from collections.abc import Callable
@@ -19,7 +20,6 @@ from tether.errors import ConfigError, NonFiniteError, TetherError
 from tether.outputs import save_safetensors_atomic
 from tether.reference import loss_mask
 from tether.regularizers import RegularizerStack
-from tether.regularizers.base import Regularizer
 from tether.step import regularized_loss
 
 STACK_STATE = "tether_state.safetensors"  # the regularizers' training state in each checkpoint-N/
@@ -226,6 +226,7 @@ class RegularizedMixin:
         super().log(logs, start_time)
 
 
+@functools.cache  # asked per micro-batch; a class's MRO does not change
 def loss_owner(cls: type) -> str:
     """The name of the class whose compute_loss the mixin's super() calls ("Trainer" for transformers.Trainer)."""
     mro = cls.__mro__
@@ -260,7 +261,7 @@ def check_trainer(cls: type, stack: RegularizerStack) -> None:
 
 def row_mixers(stack: RegularizerStack) -> list[str]:
     """The regularizers that change the training rows (replay mixes labelled rows in)."""
-    return [reg.name for reg, _ in stack.items if type(reg).train_data is not Regularizer.train_data]
+    return stack.overriding("train_data")
 
 
 def load_stack_state(checkpoint: Path) -> dict[str, torch.Tensor]:

@@ -70,6 +70,13 @@ class RegularizerStack:
         new_parameters: frozenset[str] = frozenset(),
     ) -> None:
         self.items = regularizers
+        self.penalty_names = self.overriding("penalty")
+        """The regularizers with an autograd penalty (they need the logits of the forward that makes the loss)."""
+        self.group_names = self.overriding("param_groups")
+        """The optimizer-level regularizers (they shape the optimizer's parameter groups)."""
+        # an update filter (Regularizer.filters_update) runs its step_begin last and its step_end first
+        self.begin_order = sorted(regularizers, key=lambda item: item[0].filters_update)
+        self.end_order = sorted(regularizers, key=lambda item: not item[0].filters_update)
         self.configs: list[RegularizerConfig] = []
         """The configs the regularizers were built from (from_configs): setup checks them against the run."""
         self.reference_rows_given = False
@@ -102,15 +109,9 @@ class RegularizerStack:
     def names(self) -> list[str]:
         return [reg.name for reg, _ in self.items]
 
-    @property
-    def penalty_names(self) -> list[str]:
-        """The regularizers with an autograd penalty (they need the logits of the forward that makes the loss)."""
-        return [reg.name for reg, _ in self.items if type(reg).penalty is not Regularizer.penalty]
-
-    @property
-    def group_names(self) -> list[str]:
-        """The optimizer-level regularizers (they shape the optimizer's parameter groups)."""
-        return [reg.name for reg, _ in self.items if type(reg).param_groups is not Regularizer.param_groups]
+    def overriding(self, hook: str) -> list[str]:
+        """The names of the regularizers that implement `hook` (a Regularizer method) rather than its default."""
+        return [reg.name for reg, _ in self.items if getattr(type(reg), hook) is not getattr(Regularizer, hook)]
 
     def setup(self, ctx: SetupContext) -> None:
         """Checks every regularizer against the run as the model and data show it (RegularizerConfig.check_run, as
@@ -213,12 +214,12 @@ class RegularizerStack:
 
     def step_begin(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
         """In order, except that an update filter (Regularizer.filters_update) comes last."""
-        for reg, _ in sorted(self.items, key=lambda item: item[0].filters_update):
+        for reg, _ in self.begin_order:
             reg.step_begin(model, optimizer)
 
     def step_end(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
         """In order, except that an update filter comes first."""
-        for reg, _ in sorted(self.items, key=lambda item: not item[0].filters_update):
+        for reg, _ in self.end_order:
             reg.step_end(model, optimizer)
 
     def attach(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
