@@ -143,3 +143,14 @@ def test_a_pretrained_classifier_keeps_its_own_class_order(tmp_path):
     other = classification_config(tmp_path, ["neg", "odd"])  # a name the classifier lacks: the data's own classes
     other["model"] = {"path": str(tmp_path / "clf")}
     assert run_labels(validate_config(other)) == Labels(2, ("neg", "odd"))
+
+
+def test_another_file_of_the_run_is_read_with_the_runs_classes(tmp_path):
+    """replay.source / ewc.data in a classification run: a file holding some of the classes gets the run's ids."""
+    from tether.run import _reader
+    from tether.synthetic import char_tokenizer
+
+    cfg = validate_config(classification_config(tmp_path, ["neg", "pos", "mixed"]))
+    subset = write_jsonl(tmp_path / "pos.jsonl", [{"text": "good 1", "label": "pos"}])
+    rows = _reader(cfg, char_tokenizer(), run_labels(cfg))(str(subset))
+    assert [r["labels"] for r in rows] == [2]  # "pos" among mixed, neg, pos; alone in its file it would be 0

@@ -60,6 +60,8 @@ class Datasets:
     train: Split
     validation: Split
     reference: Split | None
+    labels: Labels | None = None
+    """The classes the rows were encoded with (classification): other files of the run are read with them."""
 
 
 @dataclass(frozen=True)
@@ -363,7 +365,7 @@ def load_datasets(cfg: DataConfig, task: str, tokenizer: Any, labels: Labels | N
     if cfg.reference is not None:
         fmt = cfg.reference_format or cfg.format
         reference = load_split(cfg.reference, "reference", fmt, task, tokenizer, cfg.max_length, **kw)
-    return Datasets(train, validation, reference)
+    return Datasets(train, validation, reference, labels)
 
 
 def split_off(

@@ -474,7 +474,8 @@ def _trainer(cfg: RunConfig, model: nn.Module, tokenizer: Any, args: Any, data: 
     reference_rows = data.reference.encoded if data.reference else None
     with pass_progress(console) as progress:  # the model before setup: self_replay generates rows with it
         ctx = SetupContext(model, output_dir=Path(args.output_dir), progress=progress)
-        train_rows = stack.train_data(data.train.encoded, reference_rows, args.seed, _reader(cfg, tokenizer), ctx)
+        read = _reader(cfg, tokenizer, data.labels)
+        train_rows = stack.train_data(data.train.encoded, reference_rows, args.seed, read, ctx)
     if cfg.data.packing:  # the training rows only: evaluation runs unpacked, so its numbers do not depend on it
         train_rows = pack(train_rows, cfg.data.max_length)
     data = replace(data, train=replace(data.train, encoded=train_rows))  # the Trainer's; metrics use the original
@@ -560,17 +561,20 @@ def _save_as(model: nn.Module, tokenizer: Any, directory: Path) -> Path:
     return directory
 
 
-def _reader(cfg: RunConfig, tokenizer: Any, field: str = "replay.source") -> Callable[[str], list[dict]]:
-    """Reads and encodes another data file (replay.source, ewc.data) as the reference data is read."""
+def _reader(
+    cfg: RunConfig, tokenizer: Any, labels: Labels | None, field: str = "replay.source"
+) -> Callable[[str], list[dict]]:
+    """Reads and encodes another data file (replay.source, ewc.data) as the reference data is read, with the run's
+    classes (a file holding some of them gets the same ids)."""
     fmt = cfg.data.reference_format or cfg.data.format
-    kw = {"overlap": cfg.data.window_overlap, "chat_loss": cfg.data.chat_loss}
+    kw = {"overlap": cfg.data.window_overlap, "chat_loss": cfg.data.chat_loss, "labels": labels}
     return lambda path: load_split(path, field, fmt, cfg.task, tokenizer, cfg.data.max_length, **kw).encoded
 
 
 def _read_batches(cfg: RunConfig, tokenizer: Any, data: Datasets, collator: Collator, args: Any, path: str,
                   field: str) -> Any:  # fmt: skip
     """SetupContext.read_batches: another data file (ewc.data) as batches, as reference_batches gives the reference."""
-    rows = _reader(cfg, tokenizer, field)(path)
+    rows = _reader(cfg, tokenizer, data.labels, field)(path)
     split = replace(data.train, rows=[{}] * len(rows), encoded=rows)
     return reference_batches(replace(data, reference=split), collator, args.per_device_eval_batch_size, args.device)
 
