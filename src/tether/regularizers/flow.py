@@ -23,7 +23,7 @@ from torch import nn
 
 from tether.data import IGNORE, Collator
 from tether.errors import ConfigError
-from tether.reference import row_keys
+from tether.reference import evaluating, row_keys
 from tether.regularizers.base import Regularizer, RegularizerConfig, SetupContext, register
 from tether.regularizers.dft import reweighted_minus_nll
 
@@ -98,10 +98,9 @@ def row_losses(
     model: nn.Module, rows: list[dict], batch_size: int, advance: Callable[[int], None] | None
 ) -> tuple[list[bytes], torch.Tensor]:
     """(row_keys, mean token cross-entropy) of every row under the model as it is, in eval mode."""
-    was_training, device = model.training, next(model.parameters()).device
-    model.eval()
+    device = next(model.parameters()).device
     collate, keys, losses = Collator(0), [], []
-    try:
+    with evaluating(model):
         for start in range(0, len(rows), batch_size):
             batch = collate(rows[start : start + batch_size])
             keys += row_keys(batch)
@@ -110,8 +109,6 @@ def row_losses(
             losses.append(per_row_loss(logits, labels))
             if advance is not None:
                 advance(len(batch["labels"]))
-    finally:
-        model.train(was_training)
     return keys, torch.cat(losses).cpu()
 
 
@@ -122,4 +119,4 @@ def per_row_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     logits, labels = logits[:, :-1], labels[:, 1:]
     nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), labels, ignore_index=IGNORE, reduction="none")
     mask = labels != IGNORE
-    return (nll * mask).sum(1) / mask.sum(1).clamp(min=1)
+    return (nll * mask).sum(1) / mask.sum(1).clamp(min=1)  # 0 for a row without loss tokens

@@ -42,6 +42,7 @@ from tether.errors import ConfigError, TetherError
 from tether.outputs import write_jsonl
 from tether.reference import evaluating
 from tether.regularizers.base import FinishContext, Regularizer, SetupContext, register
+from tether.regularizers.flow import per_row_loss
 from tether.regularizers.replay import MixConfig, cycle_shuffled, mixed_in
 
 CACHE = "self_replay.jsonl"  # in the run directory
@@ -202,10 +203,8 @@ def row_nll(model: nn.Module, rows: list[Row], pad: int) -> list[float]:
     batch = {k: v.to(next(model.parameters()).device) for k, v in Collator(pad)(rows).items()}
     with evaluating(model), torch.no_grad():
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
-    labels = batch["labels"][:, 1:]
-    nll = torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), labels, reduction="none")
-    counted = (labels != IGNORE).sum(1)
-    return ((nll * (labels != IGNORE)).sum(1) / counted.clamp(min=1)).masked_fill(counted == 0, math.nan).tolist()
+    counted = (batch["labels"][:, 1:] != IGNORE).sum(1)
+    return per_row_loss(logits, batch["labels"]).masked_fill(counted == 0, math.nan).tolist()
 
 
 def filtered(rows: list[Row], cfg: SelfReplayConfig) -> tuple[list[Row], dict[str, int]]:
