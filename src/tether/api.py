@@ -13,14 +13,12 @@ trainer then refuses to train when something would make a regularizer do nothing
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import torch
 from torch import nn
 
-from tether.data import REQUIRED, Collator, Split, encode, read_rows
+from tether.data import REQUIRED, Collator, Split, batches_of, encode, read_rows
 from tether.errors import ConfigError, TetherError
 from tether.evaluate import forgetting as forgetting_of
 from tether.evaluate import reference_metrics
@@ -86,7 +84,7 @@ def _install(trainer: Any, stack: RegularizerStack, encoded: list[dict[str, Any]
     trainer.stack = stack
     trainer.reference_rows = encoded
     tokenizer = trainer.processing_class
-    refs = None if encoded is None else batches(encoded, collator(tokenizer), trainer.args.device)
+    refs = None if encoded is None else batches_of(encoded, collator(tokenizer), 8, trainer.args.device)
     ctx = SetupContext(trainer.model, refs, trainer.args.learning_rate)
     if trainer.is_fsdp_enabled:  # FSDP shards the model inside train(): set up on the shards there
         trainer.pending_setup = lambda: stack.setup(dataclasses.replace(ctx, model=trainer.model))
@@ -142,8 +140,7 @@ def encode_rows(rows: list[dict[str, Any]], tokenizer: Any, max_length: int) -> 
         fmt = next((f for f, keys in REQUIRED.items() if set(keys) <= row.keys()), None)
         if fmt is None:
             raise ConfigError(f"reference row {row!r:.80}: give text, prompt and completion, messages or input_ids")
-        examples = encode(row, fmt, "causal_lm", tokenizer, max_length)
-        encoded += examples if isinstance(examples, list) else [examples] if examples else []  # a row or its windows
+        encoded += encode(row, fmt, "causal_lm", tokenizer, max_length)  # a row or its windows
     return encoded
 
 
@@ -157,16 +154,6 @@ def _replayed(trainer: Any, rows: list[dict[str, Any]], encoded: list[dict[str, 
         prepare = trainer._prepare_dataset  # TRL's own preparation, so the replayed rows match the others
         return prepare(Dataset.from_list(rows), trainer.processing_class, args, args.packing, None, "replay")
     return encoded if "input_ids" in trainer.train_dataset[0] else rows
-
-
-def batches(encoded: list[dict[str, Any]], collator: Collator, device: torch.device, size: int = 8) -> Any:
-    """reference_batches for SetupContext: the rows collated in batches of `size` on `device` (one process)."""
-
-    def each(shard: bool = True) -> Iterator[dict[str, torch.Tensor]]:
-        for start in range(0, len(encoded), size):
-            yield {k: v.to(device) for k, v in collator(encoded[start : start + size]).items()}
-
-    return each
 
 
 def knowledge(model: nn.Module, tokenizer: Any, rows: Reference, *, max_length: int = MAX_LENGTH) -> dict[str, float]:

@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import json
 import random
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 
+from tether.distributed import rank, world_size
 from tether.errors import DataError
 from tether.packing import IGNORE, pack, padding_share, windows
 
@@ -235,14 +237,13 @@ def _at_least_two(labels: Labels) -> Labels:
 
 def encode(
     row: dict[str, Any], fmt: str, task: str, tokenizer: Any, max_length: int, *, overlap: int = 0,
-    chat_loss: str = "all", labels: Labels | None = None,
+    chat_loss: str = "all",
 ) -> list[dict[str, Any]]:  # fmt: skip
-    """The examples of one checked row: windows for a long text row, else one example cut at max_length; none when
-    cutting leaves no position with a loss."""
+    """The examples of one checked row (a class label already an id: load_split maps names): windows for a long text
+    row, else one example cut at max_length; none when cutting leaves no position with a loss."""
     if task == "sequence_classification":
         ids = _ids(tokenizer, row["text"], special=True)[:max_length]
-        label = row["label"] if labels is None else labels.id_of(row["label"], "row")
-        return [{"input_ids": ids, "attention_mask": [1] * len(ids), "labels": label}]
+        return [{"input_ids": ids, "attention_mask": [1] * len(ids), "labels": row["label"]}]
     ids, targets = _tokens(row, fmt, tokenizer, chat_loss)
     if fmt == "text":
         return windows(ids, targets, max_length, overlap)
@@ -489,3 +490,18 @@ class Collator:
 
 def _pad(values: list[int], width: int, fill: int) -> list[int]:
     return values + [fill] * (width - len(values))
+
+
+def batches_of(
+    encoded: list[dict[str, Any]], collator: Collator, batch_size: int, device: Any
+) -> Callable[..., Iterator[dict[str, torch.Tensor]]]:
+    """batches(shard=True) yielding the rows collated in batches on the device, as SetupContext.reference_batches
+    wants them. With several processes, process r of W gets batches r, r + W, ...: the single-process batches,
+    shared; shard=False gives every process all of them."""
+
+    def batches(shard: bool = True) -> Iterator[dict[str, torch.Tensor]]:
+        first, step = (rank(), world_size()) if shard else (0, 1)
+        for start in range(first * batch_size, len(encoded), step * batch_size):
+            yield {k: v.to(device) for k, v in collator(encoded[start : start + batch_size]).items()}
+
+    return batches

@@ -24,8 +24,18 @@ from transformers.trainer import TRAINER_STATE_NAME
 
 from tether.card import run_card
 from tether.config import RunConfig, dump_config, parse_yaml
-from tether.data import Collator, Datasets, Labels, Split, data_summary, load_datasets, load_split, run_labels
-from tether.distributed import barrier, is_main_process, local, rank, world_size
+from tether.data import (
+    Collator,
+    Datasets,
+    Labels,
+    Split,
+    batches_of,
+    data_summary,
+    load_datasets,
+    load_split,
+    run_labels,
+)
+from tether.distributed import barrier, is_main_process, local
 from tether.errors import ConfigError, Interrupted, NonFiniteError, TetherError
 from tether.evaluate import (
     Progress,
@@ -214,16 +224,7 @@ def check_checkpoint_files(checkpoint: Path) -> None:
 def reference_batches(data: Datasets, collator: Collator, batch_size: int, device: torch.device) -> Any:
     """batches(shard=True) yielding the reference data as collated batches on the device (None without reference
     data). With several processes, process r of W gets batches r, r + W, ...: the single-process batches, shared."""
-    if data.reference is None:
-        return None
-    encoded = data.reference.encoded
-
-    def batches(shard: bool = True) -> Iterator[dict[str, torch.Tensor]]:
-        first, step = (rank(), world_size()) if shard else (0, 1)
-        for start in range(first * batch_size, len(encoded), step * batch_size):
-            yield {k: v.to(device) for k, v in collator(encoded[start : start + batch_size]).items()}
-
-    return batches
+    return None if data.reference is None else batches_of(data.reference.encoded, collator, batch_size, device)
 
 
 def holding_output_dir(run: Callable[..., dict[str, Any]]) -> Callable[..., dict[str, Any]]:
@@ -575,8 +576,7 @@ def _read_batches(cfg: RunConfig, tokenizer: Any, data: Datasets, collator: Coll
                   field: str) -> Any:  # fmt: skip
     """SetupContext.read_batches: another data file (ewc.data) as batches, as reference_batches gives the reference."""
     rows = _reader(cfg, tokenizer, data.labels, field)(path)
-    split = replace(data.train, rows=[{}] * len(rows), encoded=rows)
-    return reference_batches(replace(data, reference=split), collator, args.per_device_eval_batch_size, args.device)
+    return batches_of(rows, collator, args.per_device_eval_batch_size, args.device)
 
 
 def measure(
