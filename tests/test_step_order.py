@@ -102,3 +102,36 @@ def test_label_smoothing_under_accumulation_is_torchs_over_the_whole_batch(tmp_p
     trainer.train()
     for (name, got), want in zip(trainer.model.named_parameters(), reference.parameters()):
         torch.testing.assert_close(got, want, atol=2e-6, rtol=1e-5, msg=name)
+
+def test_label_smoothing_when_the_model_takes_no_loss_count(tmp_path: Path) -> None:
+    """A model whose forward takes no num_items_in_batch gives a mean per micro-batch, which the Trainer divides by
+    the accumulation steps: the penalty must be weighted the same, once (it was divided by GA twice: 1 % off)."""
+    data = rows(4, seed=3, prompt=2)
+    reference = tiny_model("llama", "causal_lm", VOCAB, hidden_size=16, num_layers=2, num_heads=2, seed=0)
+    total = torch.zeros(())
+    for micro_batch in (data[:2], data[2:]):
+        loss, positions = torch.zeros(()), 0
+        for row in micro_batch:
+            logits = reference(input_ids=torch.tensor([row["input_ids"]])).logits[0, :-1]
+            labels = torch.tensor(row["labels"][1:])
+            loss = loss + F.cross_entropy(logits, labels, label_smoothing=0.2, reduction="sum")
+            positions += int((labels != -100).sum())
+        total = total + loss / positions / 2
+    total.backward()
+    with torch.no_grad():
+        for p in reference.parameters():
+            p -= 0.5 * p.grad
+    trainer = trainer_of(
+        tmp_path, [], per_device_train_batch_size=2, gradient_accumulation_steps=2, optim="sgd", learning_rate=0.5,
+        max_grad_norm=0.0,
+    )  # fmt: skip
+    trainer.stack = RegularizerStack.from_configs(
+        parse_entries([RegularizerEntry(name="label_smoothing", strength=0.2)])
+    )
+    trainer.stack.setup(SetupContext(trainer.model))
+    trainer.train_dataset = data
+    trainer.model_accepts_loss_kwargs = False
+    trainer.train()
+    for (name, got), want in zip(trainer.model.named_parameters(), reference.parameters()):
+        torch.testing.assert_close(got, want, atol=2e-6, rtol=1e-5, msg=name)
+

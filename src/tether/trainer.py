@@ -92,17 +92,14 @@ class RegularizedMixin:
     def _penalty_scale(self, inputs: dict[str, Any], num_items_in_batch: Any) -> float | torch.Tensor:
         """The weight of this micro-batch's autograd penalties (each a mean over its loss positions), so that they
         are weighted as the task loss is. When the Trainer divides the loss by the accumulation steps, the task loss
-        is a mean per micro-batch: 1/GA. When it does not, the task loss is a sum over this micro-batch's loss
+        is a mean per micro-batch, as the penalty is: 1 (the Trainer's division then scales both). When it does not, the task loss is a sum over this micro-batch's loss
         positions divided by num_items_in_batch, the positions of the whole accumulated batch (of all processes,
         whose losses the Trainer then scales by their number): the penalty gets its positions' share the same way."""
         scaled = self.loss_is_scaled_for_ga
         if scaled is None:
             scaled = (self.model_accepts_loss_kwargs and num_items_in_batch is not None) or self.compute_loss_func
-        if not scaled:  # outside train() (a direct compute_loss call) the Trainer has no current count yet
-            steps = (
-                self.current_gradient_accumulation_steps if self.is_in_train else self.args.gradient_accumulation_steps
-            )
-            return 1.0 / steps
+        if not scaled:  # the Trainer divides the whole loss by the accumulation steps itself
+            return 1.0
         if num_items_in_batch is None:  # a compute_loss_func without the count: each micro-batch counts whole
             return 1.0
         labels = inputs["labels"]
