@@ -1,6 +1,6 @@
 """Overhead of each parameter-space, optimizer and loss-shaping regularizer on a step; setup cost of ewc and si.
 
-    .venv/bin/python benchmarks/overhead.py [--reps 60] [--seq 96] [--threads 1]
+    .venv/bin/python benchmarks/overhead.py [--reps 60] [--seq 96] [--threads 1] [--only mofo ...]
 
 A tiny Llama (hidden 128, 4 layers, vocab 1000: 1.3M parameters) trains on CPU on batches of 8 x seq tokens through
 the trainer's path: task loss + stack.penalty, backward, AdamW step (whose hooks run penalty_grad, step_begin,
@@ -108,16 +108,20 @@ class Run:
 
 
 def step_overheads(
-    base: torch.nn.Module, refs: Callable, reps: int, seq: int
+    base: torch.nn.Module, refs: Callable, reps: int, seq: int, only: list[str] | None = None
 ) -> list[tuple[str, float, float, float]]:
-    """(name, median ratio to the adjacent plain step, median plain ms, median regularized ms) per configuration."""
+    """(name, median ratio to the adjacent plain step, median plain ms, median regularized ms) per configuration
+    (`only`: just those of CONFIGS, and the control)."""
     gen, order = torch.Generator().manual_seed(0), random.Random(0)
     batch = batch_of(gen, seq)
     rows = [{"input_ids": r, "attention_mask": [1] * len(r), "labels": r} for r in batch["input_ids"].tolist()]
     plain = Run(base, [], refs)
-    runs = {name: Run(base, [entry], refs, train_rows=rows) for name, entry in CONFIGS.items()}
-    runs[NAIVE] = Run(base, [], refs, naive=CONFIGS["l2_sp (penalty)"]["strength"])
-    runs[FLOOR] = Run(base, [], refs, floor=True)
+    runs = {
+        name: Run(base, [entry], refs, train_rows=rows) for name, entry in CONFIGS.items() if name in (only or CONFIGS)
+    }
+    if not only:
+        runs[NAIVE] = Run(base, [], refs, naive=CONFIGS["l2_sp (penalty)"]["strength"])
+        runs[FLOOR] = Run(base, [], refs, floor=True)
     runs[CONTROL] = Run(base, [], refs)
     for run in [plain, *runs.values()]:  # warm-up: allocator, optimizer state
         for _ in range(3):
@@ -172,6 +176,7 @@ def main() -> None:
     parser.add_argument(
         "--threads", type=int, default=1, help="torch CPU threads (more than the free cores makes OpenMP spin)"
     )
+    parser.add_argument("--only", nargs="+", choices=CONFIGS, help="time only these rows (and the control), no setup")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -183,8 +188,10 @@ def main() -> None:
     print(f"tiny Llama, {n_params / 1e6:.2f}M parameters, batch {BATCH} x {args.seq} tokens, {args.threads} threads")
     print("\n| regularizer | step / plain step (median of pairs) | plain ms | regularized ms |")
     print("| --- | --- | --- | --- |")
-    for name, ratio, plain_ms, reg_ms in step_overheads(base, refs, args.reps, args.seq):
+    for name, ratio, plain_ms, reg_ms in step_overheads(base, refs, args.reps, args.seq, args.only):
         print(f"| {name} | {ratio:.3f}x | {plain_ms:.1f} | {reg_ms:.1f} |")
+    if args.only:
+        return
     print(f"\nSetup on {REFERENCE_ROWS} reference rows ({REFERENCE_ROWS // BATCH} batches of {BATCH} x 64):")
     print("\n| setup | seconds | / one forward+backward over the reference data |")
     print("| --- | --- | --- |")
