@@ -1,5 +1,6 @@
-"""dft and eaft: the loss with the penalty equals the published token-reweighted cross-entropy computed naively, token
-by token (value and gradient), at strength 1 and as a mix in between; and they change what training learns."""
+"""dft, eaft, flow, asft: the training step's loss (tether.step.shaped_forward, the model's cross-entropy computed
+once by the stack, each token weighted) equals the published reweighted cross-entropy computed naively, token by
+token (value and gradient), at strength 1 and as a mix in between; and they change what training learns."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from torch import nn
 
 from tether.data import IGNORE, Collator
 from tether.regularizers import REGISTRY, RegularizerStack, SetupContext
+from tether.step import regularized_loss, shaped_forward
 from tether.synthetic import tiny_model
 
 VOCAB = 40
@@ -83,9 +85,8 @@ def test_the_loss_is_the_reweighted_cross_entropy(name, weight, fields, strength
     batch = batch_of(4, task=task)
     if task == "causal_lm":
         batch["labels"][1, 6:] = IGNORE  # an ignored tail: those positions carry no loss
-    stack = stack_of(model, {"name": name, "strength": strength, "chunk_size": 3, **fields})  # several chunks
-    out = model(**batch)
-    total = out.loss + stack.penalty(model, batch, out)  # the stack weighs by strength
+    stack = stack_of(model, {"name": name, "strength": strength, **fields})
+    total, out = shaped_forward(stack, model, batch)  # the stack weighs by strength
     want = naive_loss(out.logits, batch["labels"], weight, strength)
     torch.testing.assert_close(total.double(), want, rtol=1e-5, atol=1e-6)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -103,7 +104,7 @@ def test_dft_keeps_unlikely_tokens_from_dominating():
     out = model(**batch)
     plain = torch.autograd.grad(out.loss, model.lm_head.weight, retain_graph=True)[0].norm()
     stack = stack_of(model, {"name": "dft", "strength": 1.0})
-    shaped = torch.autograd.grad(out.loss + stack.penalty(model, batch, out), model.lm_head.weight)[0].norm()
+    shaped = torch.autograd.grad(shaped_forward(stack, model, batch)[0], model.lm_head.weight)[0].norm()
     assert shaped < 0.2 * plain  # p(label) ~ 1/VOCAB for an untrained model: the gradient shrinks by about that
     assert VOCAB > 5
 
@@ -156,8 +157,7 @@ def test_flow_is_the_row_weighted_cross_entropy(strength, tau):
     stack.setup(SetupContext(model, None, 1e-2))
     weights = naive_row_weights(model, rows, tau)
     batch = Collator(0)(rows[1:5])  # a batch in another order and padding than at setup
-    out = model(**batch)
-    total = out.loss + stack.penalty(model, batch, out)
+    total, out = shaped_forward(stack, model, batch)
     terms = []
     for (z, y), b in zip(naive_tokens(out.logits, batch["labels"]), token_rows(batch["labels"])):
         nll = -torch.log_softmax(z.double(), -1)[y]
@@ -185,13 +185,19 @@ def test_flow_refuses_rows_it_did_not_weigh():
     stack.setup(SetupContext(model, None, 1e-2))
     batch = Collator(0)(rows_of(2, seed=9))
     with pytest.raises(ConfigError, match="a row it did not weigh at setup"):
-        stack.penalty(model, batch, model(**batch))
+        shaped_forward(stack, model, batch)
+
+
+def step_loss(stack: RegularizerStack, model: nn.Module, batch: dict) -> torch.Tensor:
+    """Steps 2-3 of tether.step: the shaped task loss plus the weighted penalties."""
+    task_loss, outputs = shaped_forward(stack, model, batch)
+    return regularized_loss(stack, model, batch, outputs, task_loss)
 
 
 @pytest.mark.parametrize("task", ["causal_lm", "sequence_classification"])
 def test_asft_is_dft_plus_the_kl_anchor(task):
-    """asft's penalty is dft's plus anchor times kl's, on the same batch, each against a frozen copy of the model
-    as it was at setup (then moved, so that the KL is not zero)."""
+    """asft's loss is dft's plus anchor times kl's, on the same batch, each against a frozen copy of the model as it
+    was at setup (then moved, so that the KL is not zero); its reg/asft log is the sum of both terms."""
     model = model_of(task)
     batch = batch_of(4, task=task)
     entries = [{"name": "asft", "anchor": 0.3}, {"name": "dft"}, {"name": "kl", "strength": 1.0}]
@@ -204,6 +210,22 @@ def test_asft_is_dft_plus_the_kl_anchor(task):
         for p in model.parameters():
             p.add_(0.05 * torch.randn_like(p))
     out = model(**batch)
-    asft, dft, kl = (stack.penalty(model, batch, out) for stack in stacks)
+    kl = stacks[2].penalty(model, batch, out)
+    asft, dft = (step_loss(stack, model, batch) for stack in stacks[:2])
     assert kl > 1e-4
     torch.testing.assert_close(asft, dft + 0.3 * kl)
+    logs = {k: v for stack in stacks for k, v in stack.pop_logs().items()}
+    assert logs["reg/asft"] == pytest.approx(logs["reg/dft"] + 0.3 * logs["reg/kl"], rel=1e-5)
+
+
+@pytest.mark.parametrize("task", ["causal_lm", "sequence_classification"])
+def test_the_shaped_loss_at_strength_0_is_the_models_own(task):
+    """The stack's one cross-entropy pass replaces the model's: unweighted, it is the model's loss and gradient."""
+    model = model_of(task)
+    batch = batch_of(4, task=task)
+    own = model(**batch).loss
+    shaped, _ = shaped_forward(stack_of(model, {"name": "dft", "strength": 0.0}), model, batch)
+    torch.testing.assert_close(shaped, own)
+    params = [p for p in model.parameters() if p.requires_grad]
+    for g, w in zip(torch.autograd.grad(shaped, params), torch.autograd.grad(own, params)):
+        torch.testing.assert_close(g, w)

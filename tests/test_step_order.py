@@ -103,6 +103,7 @@ def test_label_smoothing_under_accumulation_is_torchs_over_the_whole_batch(tmp_p
     for (name, got), want in zip(trainer.model.named_parameters(), reference.parameters()):
         torch.testing.assert_close(got, want, atol=2e-6, rtol=1e-5, msg=name)
 
+
 def test_label_smoothing_when_the_model_takes_no_loss_count(tmp_path: Path) -> None:
     """A model whose forward takes no num_items_in_batch gives a mean per micro-batch, which the Trainer divides by
     the accumulation steps: the penalty must be weighted the same, once (it was divided by GA twice: 1 % off)."""
@@ -135,3 +136,40 @@ def test_label_smoothing_when_the_model_takes_no_loss_count(tmp_path: Path) -> N
     for (name, got), want in zip(trainer.model.named_parameters(), reference.parameters()):
         torch.testing.assert_close(got, want, atol=2e-6, rtol=1e-5, msg=name)
 
+
+@pytest.mark.parametrize(("accumulation", "loss_count"), [(1, True), (2, True), (2, False)])
+def test_dft_through_the_trainer_is_the_token_weighted_loss_of_the_whole_batch(
+    tmp_path: Path, accumulation: int, loss_count: bool
+) -> None:
+    """dft's shaped loss (the stack's cross-entropy, the model run without labels) is weighted as the Trainer weighs
+    its own: token-weighted over the accumulated batch when the model takes the loss count, per micro-batch mean
+    divided by the accumulation steps when it does not. Oracle: torch's cross-entropy, a row at a time."""
+    data = rows(4, seed=3, prompt=2)
+    data[0]["labels"][2:-2] = [-100] * len(data[0]["labels"][2:-2])
+    reference = tiny_model("llama", "causal_lm", VOCAB, hidden_size=16, num_layers=2, num_heads=2, seed=0)
+    micro = 4 // accumulation
+    total = torch.zeros(())
+    for start in range(0, 4, micro) if not loss_count else [0]:
+        terms, positions = torch.zeros(()), 0
+        for row in data[start : start + (micro if not loss_count else 4)]:
+            logits = reference(input_ids=torch.tensor([row["input_ids"]])).logits[0, :-1]
+            labels = torch.tensor(row["labels"][1:])
+            nll = F.cross_entropy(logits, labels, reduction="none")  # 0 at -100
+            terms = terms + (torch.exp(-nll).detach() * nll).sum()
+            positions += int((labels != -100).sum())
+        total = total + terms / positions / (accumulation if not loss_count else 1)
+    total.backward()
+    with torch.no_grad():
+        for p in reference.parameters():
+            p -= 0.5 * p.grad
+    trainer = trainer_of(
+        tmp_path, [], per_device_train_batch_size=micro, gradient_accumulation_steps=accumulation, optim="sgd",
+        learning_rate=0.5, max_grad_norm=0.0,
+    )  # fmt: skip
+    trainer.stack = RegularizerStack.from_configs(parse_entries([RegularizerEntry(name="dft", strength=1.0)]))
+    trainer.stack.setup(SetupContext(trainer.model))
+    trainer.train_dataset = data
+    trainer.model_accepts_loss_kwargs = loss_count
+    trainer.train()
+    for (name, got), want in zip(trainer.model.named_parameters(), reference.parameters()):
+        torch.testing.assert_close(got, want, atol=2e-6, rtol=1e-5, msg=name)

@@ -72,11 +72,13 @@ def grpo(out: Path, regularizers: list) -> Any:
 
 
 @pytest.mark.parametrize(
-    ("name", "data"), [("kl", "text"), ("distill", "prompt_completion"), ("label_smoothing", "conversational")]
+    ("name", "data"),
+    [("kl", "text"), ("distill", "prompt_completion"), ("label_smoothing", "conversational"), ("dft", "text")],
 )
 def test_sft_autograd_penalties_change_the_weights_in_one_forward(tmp_path: Path, name: str, data: str) -> None:
-    """kl / distill / label_smoothing under SFTTrainer: the penalty goes through the gradient (the weights differ
-    from strength 0), from the outputs of the one forward that makes the loss (one model forward per micro-batch)."""
+    """kl / distill / label_smoothing / dft under SFTTrainer: the penalty (dft: the weights) goes through the
+    gradient (the weights differ from strength 0), from the outputs of the one forward that makes the loss (one
+    model forward per micro-batch)."""
     runs = []
     for strength in (0.0, 0.5):
         trainer = sft(tmp_path / str(strength), [{"name": name, "strength": strength}], data)
@@ -88,10 +90,12 @@ def test_sft_autograd_penalties_change_the_weights_in_one_forward(tmp_path: Path
     assert not torch.equal(*runs)
 
 
+@pytest.mark.parametrize("name", ["label_smoothing", "dft"])
 @pytest.mark.parametrize("accumulation", [1, 2])
-def test_sft_task_loss_is_trls_own(tmp_path: Path, accumulation: int) -> None:
+def test_sft_task_loss_is_trls_own(tmp_path: Path, accumulation: int, name: str) -> None:
     """With an autograd penalty at strength 0 the regularized SFT step (the model's own loss, one forward) trains as
-    TRL's fused NLL does, under gradient accumulation too: the same loss, scaled the same way."""
+    TRL's fused NLL does, under gradient accumulation too: the same loss, scaled the same way; so does dft's shaped
+    loss at strength 0 (the stack's cross-entropy, the model run without labels)."""
     # SGD: Adam's normalized steps would magnify the rounding of the fused against the plain cross-entropy
     args = {
         "gradient_accumulation_steps": accumulation,
@@ -101,7 +105,7 @@ def test_sft_task_loss_is_trls_own(tmp_path: Path, accumulation: int) -> None:
     config = SFTConfig(output_dir=str(tmp_path / "trl"), max_length=32, **(COMMON | {"max_steps": 3} | args))
     plain = SFTTrainer(model=model(), args=config, train_dataset=Dataset.from_list(SFT_DATA["prompt_completion"]),
                        processing_class=TOKENIZER)  # fmt: skip
-    regularized = sft(tmp_path / "tether", [{"name": "label_smoothing", "strength": 0.0}], **args)
+    regularized = sft(tmp_path / "tether", [{"name": name, "strength": 0.0}], **args)
     torch.testing.assert_close(trained(plain), trained(regularized), rtol=1e-4, atol=1e-5)
 
 
@@ -133,7 +137,7 @@ def test_sft_checkpoints_save_and_resume_with_the_stack_state(tmp_path: Path) ->
         torch.testing.assert_close(a, b)
 
 
-@pytest.mark.parametrize("name", ["kl", "distill", "label_smoothing", "replay"])
+@pytest.mark.parametrize("name", ["kl", "distill", "label_smoothing", "replay", "dft"])
 def test_dpo_refuses_what_cannot_apply(tmp_path: Path, name: str) -> None:
     with pytest.raises(TetherError, match="beside DPOTrainer's loss.*use its beta") as e:
         dpo(tmp_path, [{"name": name}])

@@ -1,7 +1,9 @@
 """One regularized optimizer step, defined once, in the order it runs.
 
     1. prefetch    the frozen reference's outputs for the batch (before the model's forward: lower peak memory)
-    2. forward     the model's task loss on the micro-batch (the Trainer's own compute_loss, or model(**batch))
+    2. forward     the model's task loss on the micro-batch (the Trainer's own compute_loss, or model(**batch));
+                   when regularizers shape the loss (dft, eaft, flow, asft), the model runs without labels and the
+                   stack computes the cross-entropy once, each token weighted (shaped_forward)
     3. loss        task loss + share * sum of strength * autograd penalty (kl, distill, label_smoothing), where
                    share weighs the micro-batch's penalties as its task loss is weighed (RegularizedMixin); a
                    non-finite loss is flagged here and acted on in step 6
@@ -32,6 +34,14 @@ import torch
 from torch import nn
 
 from tether.regularizers import RegularizerStack
+
+
+def shaped_forward(stack: RegularizerStack, model: nn.Module, inputs: dict[str, Any]) -> tuple[torch.Tensor, Any]:
+    """Step 2 when regularizers shape the loss: (the stack's token-weighted cross-entropy, a mean over the
+    micro-batch's loss positions; the outputs). Without labels the model computes no loss of its own, so the logits
+    are read once."""
+    outputs = model(**{k: v for k, v in inputs.items() if k != "labels"})
+    return stack.token_loss(inputs, outputs.logits), outputs
 
 
 def regularized_loss(
@@ -71,8 +81,12 @@ def train_step(
     """Steps 1-7 for one micro-batch per optimizer step, outside a Trainer. The optimizer must hold the stack's
     groups with its hooks attached (RegularizerStack.optimizer_groups, attach). Returns the loss, detached."""
     stack.prefetch(inputs)
-    outputs = model(**inputs)
-    loss = regularized_loss(stack, model, inputs, outputs, outputs.loss)
+    if stack.shaping_names:
+        task_loss, outputs = shaped_forward(stack, model, inputs)
+    else:
+        outputs = model(**inputs)
+        task_loss = outputs.loss
+    loss = regularized_loss(stack, model, inputs, outputs, task_loss)
     loss.backward()
     if max_grad_norm:
         torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)

@@ -20,7 +20,7 @@ from tether.errors import ConfigError, NonFiniteError, TetherError
 from tether.outputs import save_safetensors_atomic
 from tether.reference import loss_mask
 from tether.regularizers import RegularizerStack
-from tether.step import regularized_loss
+from tether.step import regularized_loss, shaped_forward
 
 STACK_STATE = "tether_state.safetensors"  # the regularizers' training state in each checkpoint-N/
 STAGING = ".staging"  # checkpoints are written here, then renamed into the run directory
@@ -62,11 +62,11 @@ class RegularizedMixin:
         return_outputs: bool = False,
         num_items_in_batch: torch.Tensor | int | None = None,
     ) -> torch.Tensor | tuple[torch.Tensor, Any]:
-        """Steps 1-3 of tether.step: prefetch, the Trainer's own task loss, the weighted autograd penalties. Without
-        an autograd penalty nothing needs the outputs: the trainer's own compute_loss, as asked."""
+        """Steps 1-3 of tether.step: prefetch, the task loss (the Trainer's own, or shaped by the stack), the
+        weighted autograd penalties. Without either nothing needs the outputs: the trainer's own compute_loss."""
         if not model.training:  # evaluation never adds penalties
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-        if not self.stack.penalty_names:
+        if not self.stack.penalty_names and not self.stack.shaping_names:
             result = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
             task_loss = result[0] if return_outputs else result
             loss = regularized_loss(self.stack, model, inputs, None, task_loss)
@@ -77,24 +77,30 @@ class RegularizedMixin:
             self.stack.prefetch(inputs)
         task_loss, outputs = self._task_loss_and_outputs(model, inputs, num_items_in_batch)
         with self.accelerator.autocast():
-            share = lambda: self._penalty_scale(inputs, num_items_in_batch)  # noqa: E731 (asked only with a penalty)
+            share = lambda: self._mean_scale(inputs, num_items_in_batch)  # noqa: E731 (asked only with a penalty)
             loss = regularized_loss(self.stack, model, inputs, outputs, task_loss, share)
         return (loss, outputs) if return_outputs else loss
 
     def _task_loss_and_outputs(self, model: nn.Module, inputs: dict[str, Any], num_items_in_batch: Any) -> Any:
         """The task loss and the outputs (with the logits, in the graph) of one forward. TRL's SFTTrainer computes
         its loss through a fused head that makes no logits (and returns those of a second forward, without grad):
-        its NLL loss is the model's own loss, which transformers.Trainer.compute_loss computes in one forward."""
+        its NLL loss is the model's own loss, which transformers.Trainer.compute_loss computes in one forward. A
+        shaped loss is a mean over the micro-batch's positions, weighted as the Trainer weights its own."""
+        if self.stack.shaping_names:
+            sft = loss_owner(type(self)) == "SFTTrainer"
+            loss, outputs = shaped_forward(self.stack, model, {**inputs, "use_cache": False} if sft else inputs)
+            return loss * self._mean_scale(inputs, num_items_in_batch), outputs
         if loss_owner(type(self)) == "SFTTrainer":
             return Trainer.compute_loss(self, model, {**inputs, "use_cache": False}, True, num_items_in_batch)
         return super().compute_loss(model, inputs, True, num_items_in_batch)
 
-    def _penalty_scale(self, inputs: dict[str, Any], num_items_in_batch: Any) -> float | torch.Tensor:
-        """The weight of this micro-batch's autograd penalties (each a mean over its loss positions), so that they
-        are weighted as the task loss is. When the Trainer divides the loss by the accumulation steps, the task loss
-        is a mean per micro-batch, as the penalty is: 1 (the Trainer's division then scales both). When it does not, the task loss is a sum over this micro-batch's loss
-        positions divided by num_items_in_batch, the positions of the whole accumulated batch (of all processes,
-        whose losses the Trainer then scales by their number): the penalty gets its positions' share the same way."""
+    def _mean_scale(self, inputs: dict[str, Any], num_items_in_batch: Any) -> float | torch.Tensor:
+        """The weight of a mean over this micro-batch's loss positions (each autograd penalty, a shaped task loss),
+        so that it is weighted as the Trainer weighs its own task loss. When the Trainer divides the loss by the
+        accumulation steps, its task loss is a mean per micro-batch too: 1 (the Trainer's division then scales
+        both). When it does not, its task loss is a sum over this micro-batch's loss positions divided by
+        num_items_in_batch, the positions of the whole accumulated batch (of all processes, whose losses the Trainer
+        then scales by their number): the mean gets its positions' share the same way."""
         scaled = self.loss_is_scaled_for_ga
         if scaled is None:
             scaled = (self.model_accepts_loss_kwargs and num_items_in_batch is not None) or self.compute_loss_func
@@ -130,14 +136,20 @@ class RegularizedMixin:
     def check_regularized(self) -> None:
         """Refuse, in one line each, what would make a regularizer do nothing or something else than it says."""
         check_trainer(type(self), self.stack)
-        if self.stack.penalty_names and loss_owner(type(self)) == "SFTTrainer":
-            loss_type = self.args.loss_type
-            if loss_type != "nll" or self.compute_loss_func is not None or self.label_smoother is not None:
-                raise ConfigError(
-                    f"{', '.join(self.stack.penalty_names)} under SFTTrainer take the loss as the model's NLL: set "
-                    "loss_type='nll', no compute_loss_func and label_smoothing_factor=0 (tether has dft and "
-                    "label_smoothing regularizers)"
-                )
+        owner, shaping = loss_owner(type(self)), self.stack.shaping_names
+        on_nll = [n for n in self.stack.names if n in self.stack.penalty_names or n in shaping]
+        own_loss = self.compute_loss_func is not None or self.label_smoother is not None
+        if on_nll and owner == "SFTTrainer" and (self.args.loss_type != "nll" or own_loss):
+            raise ConfigError(
+                f"{', '.join(on_nll)} under SFTTrainer take the loss as the model's NLL: set loss_type='nll', no "
+                "compute_loss_func and label_smoothing_factor=0 (tether has dft and label_smoothing regularizers)"
+            )
+        if shaping and own_loss:
+            raise ConfigError(
+                f"{', '.join(shaping)} weight the model's cross-entropy, which compute_loss_func / "
+                "label_smoothing_factor replace: drop those (tether has a label_smoothing regularizer) or drop "
+                f"{', '.join(shaping)}"
+            )
         if not self.stack.is_set_up and self.pending_setup is None:
             raise TetherError(
                 "the regularizer stack was never set up: install it with tether.regularize(trainer, ...), or call "
@@ -248,7 +260,8 @@ def check_trainer(cls: type, stack: RegularizerStack) -> None:
     owner = loss_owner(cls)
     if owner in ("Trainer", "SFTTrainer"):
         return
-    unfit = [name for name in stack.names if name in stack.penalty_names or name in row_mixers(stack)]
+    loss_users = {*stack.penalty_names, *stack.shaping_names, *row_mixers(stack)}
+    unfit = [name for name in stack.names if name in loss_users]
     if owner in OWN_CONSTRAINT and unfit:
         raise ConfigError(
             f"{', '.join(unfit)} cannot apply beside {owner}'s loss (no labelled tokens to compare or replay): use "

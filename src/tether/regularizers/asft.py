@@ -3,7 +3,8 @@ a KL anchor to the original model, which keeps DFT from drifting away from the d
 
     loss = CE + strength * ((DFT - CE) + anchor * KL(model || original))
 
-exactly DFT + anchor * KL at strength 1. The anchor is kl's computation (reverse KL per loss position at T = 1,
+exactly DFT + anchor * KL at strength 1. The DFT weights shape the model's one cross-entropy pass
+(tether.regularizers.shaping); the anchor, asft's penalty, is kl's computation (reverse KL per loss position at T = 1,
 through the shared frozen reference: the model with its adapters off under LoRA, one reference forward per batch
 with kl/distill, the row cache), so no second full model is loaded for it.
 """
@@ -17,8 +18,9 @@ from pydantic import Field
 from torch import nn
 
 from tether.regularizers.base import register
-from tether.regularizers.dft import probability, reweighted_minus_nll
+from tether.regularizers.dft import probability
 from tether.regularizers.kl import KL, KLConfig
+from tether.regularizers.shaping import TokenWeights
 
 
 class ASFTConfig(KLConfig):
@@ -30,6 +32,8 @@ class ASFTConfig(KLConfig):
 
 @register("asft", ASFTConfig)
 class ASFT(KL):
+    def token_weights(self, inputs: dict[str, Any]) -> TokenWeights:
+        return probability
+
     def penalty(self, model: nn.Module, inputs: dict[str, Any], outputs: Any) -> torch.Tensor:
-        shaped = reweighted_minus_nll(outputs.logits, inputs["labels"], probability, self.config.chunk_size)
-        return shaped + self.config.anchor * super().penalty(model, inputs, outputs)
+        return self.config.anchor * super().penalty(model, inputs, outputs)

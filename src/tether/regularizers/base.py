@@ -16,6 +16,8 @@ Every hook has a default that does nothing, so the trainer never probes. In the 
   param_groups   optimizer level: split or re-weight the optimizer's parameter groups (weight decay, LLRD), from
                  the model's structure alone: the Trainer may build the optimizer before setup (FSDP2 does)
  every micro-batch
+  token_weights  loss shaping (dft, eaft, flow): how to weight each loss token's cross-entropy in this batch; the
+                 stack then computes the task loss itself, once, from the model's logits (shaping.weighted_nll)
   penalty        an *unweighted* scalar through autograd from the model, the batch and its outputs
  every optimizer step (tether.step: after backward and clipping, around optimizer.step())
   penalty_grad   a penalty whose gradient is known in closed form (quadratic pulls, L1): the stack hands it a
@@ -53,6 +55,7 @@ from tether.section import Section
 
 if TYPE_CHECKING:
     from tether.reference import Reference, ReferenceOptions
+    from tether.regularizers.shaping import TokenWeights
 
 
 @dataclass(frozen=True)
@@ -180,6 +183,9 @@ class Regularizer(Protocol):
         return groups
 
     # -- every micro-batch: the loss -----------------------------------------------------------------------------
+    def token_weights(self, inputs: dict[str, Any]) -> TokenWeights:
+        raise NotImplementedError  # only asked of the regularizers that implement it (RegularizerStack.overriding)
+
     def penalty(self, model: nn.Module, inputs: dict[str, Any], outputs: Any) -> torch.Tensor | None:
         return None
 

@@ -5,8 +5,8 @@ the model's own prediction is there, the entropy of its top-K distribution norma
 
 Tokens the model already predicts confidently (low entropy: knowledge it holds, right or wrong) move it less, so a
 new task overwrites less of what it knew; uncertain tokens learn at full rate. As for dft, the penalty is
-EAFT - NLL with strength s: the loss is (1 - s) * NLL + s * EAFT, exactly EAFT at s = 1. Same positions, chunking
-and detached weights as dft (tether.regularizers.dft.reweighted_minus_nll).
+EAFT - NLL with strength s: the loss is (1 - s) * NLL + s * EAFT, exactly EAFT at s = 1, computed in the model's
+one cross-entropy pass (tether.regularizers.shaping); the top-K is one more pass over the logits, without grad.
 """
 
 from __future__ import annotations
@@ -16,10 +16,9 @@ from typing import Any
 
 import torch
 from pydantic import Field
-from torch import nn
 
 from tether.regularizers.base import Regularizer, RegularizerConfig, register
-from tether.regularizers.dft import reweighted_minus_nll
+from tether.regularizers.shaping import TokenWeights
 
 
 class EAFTConfig(RegularizerConfig):
@@ -27,8 +26,6 @@ class EAFTConfig(RegularizerConfig):
     """s: the loss is (1 - s) * NLL + s * EAFT; 1 is EAFT as published, 0 plain SFT."""
     top_k: int = Field(20, ge=2)
     """K, the logits the entropy is taken over (normalized by log K)."""
-    chunk_size: int = Field(1024, ge=1)
-    """Loss positions per fp32 chunk: work memory is about chunk_size x vocab x 4 bytes (1024 x 32k: 128 MB)."""
 
 
 @register("eaft", EAFTConfig)
@@ -36,10 +33,8 @@ class EAFT(Regularizer):
     def __init__(self, config: EAFTConfig) -> None:
         self.config = config
 
-    def penalty(self, model: nn.Module, inputs: dict[str, Any], outputs: Any) -> torch.Tensor:
-        k = self.config.top_k
-        weights = lambda z, nll, rows: top_k_entropy(z, k)  # noqa: E731
-        return reweighted_minus_nll(outputs.logits, inputs["labels"], weights, self.config.chunk_size)
+    def token_weights(self, inputs: dict[str, Any]) -> TokenWeights:
+        return lambda logits, nll, rows: top_k_entropy(logits, self.config.top_k)
 
 
 def top_k_entropy(logits: torch.Tensor, k: int) -> torch.Tensor:

@@ -5,11 +5,11 @@
 so that rows far from what the model knows (which would pull it furthest) count less. The weights are computed once,
 at setup, by one forward pass of the model as loaded (before any training; under LoRA the adapters are still at
 their initial value) over the training rows after the regularizers before it in the list (replay rows included),
-and looked up by each row's content (tether.reference.row_keys), so a step costs one logsumexp per loss position.
+and looked up by each row's content (tether.reference.row_keys): a step costs nothing more than the plain loss.
 Normalized to mean 1 over the rows, so the learning rate keeps its meaning. tau: None takes the median row loss.
 
-As dft, the penalty is FLOW - CE with strength s: the loss is (1 - s) * CE + s * FLOW; exactly FLOW at s = 1.
-Each token of row i gets w_i (the row weight of the token mean), in fp32, chunked (tether.regularizers.dft).
+With strength s the loss is (1 - s) * CE + s * FLOW, exactly FLOW at s = 1: each token of row i gets w_i (the row
+weight of the token mean) in the model's one cross-entropy pass (tether.regularizers.shaping).
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from tether.data import IGNORE, Collator
 from tether.errors import ConfigError
 from tether.reference import evaluating, row_keys
 from tether.regularizers.base import Regularizer, RegularizerConfig, SetupContext, register
-from tether.regularizers.dft import reweighted_minus_nll
+from tether.regularizers.shaping import TokenWeights
 
 
 class FLOWConfig(RegularizerConfig):
@@ -35,8 +35,6 @@ class FLOWConfig(RegularizerConfig):
     """tau in exp(-L / tau); lower: sharper preference for easy rows. None: the median of the rows' losses."""
     batch_size: int = Field(16, ge=1)
     """Rows per forward of the setup pass."""
-    chunk_size: int = Field(1024, ge=1)
-    """Loss positions per fp32 chunk: work memory is about chunk_size x vocab x 4 bytes (1024 x 32k: 128 MB)."""
 
 
 @register("flow", FLOWConfig)
@@ -76,7 +74,7 @@ class FLOW(Regularizer):
         self.weights = dict(zip(keys, w.tolist()))
         self.rows = None  # the weights are all that is kept
 
-    def penalty(self, model: nn.Module, inputs: dict[str, Any], outputs: Any) -> torch.Tensor:
+    def token_weights(self, inputs: dict[str, Any]) -> TokenWeights:
         keys = row_keys(inputs)
         missing = [i for i, k in enumerate(keys) if k not in self.weights]
         if missing:
@@ -85,9 +83,8 @@ class FLOW(Regularizer):
                 "after flow, another collator, or packing): list flow after replay / self_replay, train on the rows "
                 "given to the stack, unpacked, or remove flow"
             )
-        per_row = torch.tensor([self.weights[k] for k in keys], device=outputs.logits.device)
-        weights = lambda z, nll, rows: per_row[rows]  # noqa: E731
-        return reweighted_minus_nll(outputs.logits, inputs["labels"], weights, self.config.chunk_size)
+        per_row = torch.tensor([self.weights[k] for k in keys], device=inputs["labels"].device)
+        return lambda logits, nll, rows: per_row[rows]
 
     def memory(self) -> dict[str, int]:
         return {"row weights": 24 * len(self.weights)}

@@ -10,7 +10,7 @@ log p_c = z_c - logsumexp(z), and the logsumexps cancel: U - NLL = z_y - mean_c 
 term is a mean over the loss positions (shifted for causal LM: logits[:, t] against labels[:, t + 1]); it can be
 negative, as U < NLL when the label is one of the least likely classes. The identity is exact under gradient
 accumulation too: the trainer weighs each micro-batch's penalty by its share of the loss positions, as the task
-loss is weighed (RegularizedMixin._penalty_scale).
+loss is weighed (RegularizedMixin._mean_scale).
 """
 
 from __future__ import annotations

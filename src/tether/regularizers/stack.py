@@ -26,6 +26,7 @@ from tether.regularizers.base import (
     config_error,
     named_params_with_module,
 )
+from tether.regularizers.shaping import weighted_nll
 from tether.section import RegularizerEntry
 
 log = logging.getLogger(__name__)
@@ -72,6 +73,8 @@ class RegularizerStack:
         self.items = regularizers
         self.penalty_names = self.overriding("penalty")
         """The regularizers with an autograd penalty (they need the logits of the forward that makes the loss)."""
+        self.shaping_names = self.overriding("token_weights")
+        """The loss-shaping regularizers (the stack computes the task loss itself: token_loss)."""
         self.group_names = self.overriding("param_groups")
         """The optimizer-level regularizers (they shape the optimizer's parameter groups)."""
         # an update filter (Regularizer.filters_update) runs its step_begin last and its step_end first
@@ -91,6 +94,7 @@ class RegularizerStack:
         self._skipping = False
         self._sums: dict[str, torch.Tensor] = {}
         self._last: dict[str, torch.Tensor] = {}  # weighted autograd terms of the current micro-batch
+        self._shaped: dict[str, torch.Tensor] = {}  # token_loss's terms, until this micro-batch's penalty() logs them
         self._counts: dict[str, int] = {}
         self.sharded = False  # FSDP2: each process holds a shard of every parameter
         self.reference: Reference | None = None
@@ -190,14 +194,29 @@ class RegularizerStack:
         if self.reference is not None:
             self.reference.logits(inputs)
 
+    def token_loss(self, inputs: dict[str, Any], logits: torch.Tensor) -> torch.Tensor:
+        """The task loss when regularizers shape it: the model's cross-entropy on inputs["labels"], each loss token
+        weighted by the shaping regularizers (shaping.weighted_nll), a mean over this micro-batch's loss positions.
+        Each one's term, its weighting's cross-entropy minus the plain one, is logged as `reg/<name>` with this
+        micro-batch's penalties."""
+        shaping = [(reg, strength) for reg, strength in self.items if reg.name in self.shaping_names]
+        weighers = [(reg.token_weights(inputs), strength) for reg, strength in shaping]
+        loss, terms = weighted_nll(logits, inputs["labels"], weighers)
+        self._shaped = {reg.name: term for (reg, _), term in zip(shaping, terms)}
+        return loss
+
     def penalty(self, model: nn.Module, inputs: dict[str, Any], outputs: Any) -> torch.Tensor | None:
-        """Weighted sum of the autograd penalties of this micro-batch; None when no regularizer has one."""
-        total, self._last = None, {}
+        """Weighted sum of the autograd penalties of this micro-batch; None when no regularizer has one. Logs them
+        with the shaping terms of this micro-batch's token_loss (asft has both: one `reg/asft`)."""
+        total, self._last, shaped = None, {}, self._shaped
+        self._shaped = {}
         for reg, strength in self.items:
             value = reg.penalty(model, inputs, outputs)
             if value is None:
+                if reg.name in shaped:
+                    self._record(reg.name, shaped[reg.name], strength)
                 continue
-            self._record(reg.name, value, strength)
+            self._record(reg.name, value + shaped[reg.name] if reg.name in shaped else value, strength)
             total = strength * value if total is None else total + strength * value
         if self.reference is not None:
             self.reference.clear()  # every user of this batch's teacher logits has run: free them before backward
