@@ -12,6 +12,9 @@ default, 8 x 96, is where the textbook autograd loop costs the 1.08-1.14x that i
 Three calibration rows that are not tether: the textbook penalty as an autograd loop over the parameters; one fused
 pass over the gradient, the anchor and a Fisher-sized tensor (the memory traffic below which no ewc or si kernel can
 go on this machine); and a second plain model, whose ratio to the plain one is the noise of every ratio here.
+kl and asft (kl's anchor beside dft's weights) run against a frozen copy; every step trains on the same batch,
+so from the second step on the reference's row cache answers and their rows time the KL itself, not the reference
+forward (benchmarks/reference_overhead.py times that).
 """
 
 from __future__ import annotations
@@ -45,6 +48,8 @@ CONFIGS: dict[str, dict[str, Any]] = {
     "dft": {"name": "dft"},
     "eaft": {"name": "eaft"},
     "flow": {"name": "flow"},
+    "kl": {"name": "kl"},
+    "asft": {"name": "asft"},
 }
 NAIVE = "l2_sp as an autograd loop (reference, not tether)"
 FLOOR = "one pass over g, theta_0, F (the least any ewc kernel moves)"
@@ -169,6 +174,30 @@ def setup_costs(base: torch.nn.Module, refs: Callable, repeats: int = 3) -> list
     return [(name, statistics.median(s), statistics.median(s) / base_s) for name, s in seconds.items()]
 
 
+TOP_K = 20  # eaft's default
+
+
+def top_k_costs(positions: int, vocabs: tuple[int, ...] = (1000, 32000)) -> list[tuple[int, float, float]]:
+    """(vocabulary, ms of torch.topk(TOP_K), ms of the fp32 cross-entropy) at each vocabulary size: torch's CPU top-k
+    takes a slower path when k is large against the row, so eaft's share of a step depends on the vocabulary."""
+    costs = []
+    for vocab in vocabs:
+        logits, labels = torch.randn(positions, vocab), torch.randint(0, vocab, (positions,))
+        top_k = median_ms(lambda: logits.topk(TOP_K, -1))  # noqa: B023 (called within this iteration)
+        ce = median_ms(lambda: torch.nn.functional.cross_entropy(logits, labels))  # noqa: B023
+        costs.append((vocab, top_k, ce))
+    return costs
+
+
+def median_ms(job: Callable[[], Any], reps: int = 7) -> float:
+    times = []
+    for _ in range(reps):
+        start = time.perf_counter()
+        job()
+        times.append(time.perf_counter() - start)
+    return 1e3 * statistics.median(times)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--reps", type=int, default=60, help="paired repetitions per regularizer")
@@ -190,6 +219,11 @@ def main() -> None:
     print("| --- | --- | --- | --- |")
     for name, ratio, plain_ms, reg_ms in step_overheads(base, refs, args.reps, args.seq, args.only):
         print(f"| {name} | {ratio:.3f}x | {plain_ms:.1f} | {reg_ms:.1f} |")
+    if not args.only or "eaft" in args.only:
+        print(f"\neaft's top-{TOP_K} against the cross-entropy it weights, {BATCH * args.seq} positions (median ms):")
+        print("\n| vocabulary | top-k | cross-entropy | top-k / cross-entropy |\n| --- | --- | --- | --- |")
+        for vocab, top_k, ce in top_k_costs(BATCH * args.seq):
+            print(f"| {vocab} | {top_k:.2f} | {ce:.2f} | {top_k / ce:.2f}x |")
     if args.only:
         return
     print(f"\nSetup on {REFERENCE_ROWS} reference rows ({REFERENCE_ROWS // BATCH} batches of {BATCH} x 64):")
