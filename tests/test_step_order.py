@@ -14,7 +14,7 @@ from transformers import TrainingArguments
 
 from tether.config import RegularizerEntry
 from tether.data import Collator
-from tether.errors import TetherError
+from tether.errors import ConfigError, TetherError
 from tether.regularizers import RegularizerStack, SetupContext, parse_entries
 from tether.regularizers.base import named_params_with_module, no_decay
 from tether.synthetic import tiny_model
@@ -173,3 +173,18 @@ def test_dft_through_the_trainer_is_the_token_weighted_loss_of_the_whole_batch(
     trainer.train()
     for (name, got), want in zip(trainer.model.named_parameters(), reference.parameters()):
         torch.testing.assert_close(got, want, atol=2e-6, rtol=1e-5, msg=name)
+
+
+@pytest.mark.parametrize("own_loss", ["compute_loss_func", "label_smoothing_factor"])
+def test_shaping_beside_a_loss_of_the_users_is_refused(tmp_path: Path, own_loss: str) -> None:
+    """dft weights the model's cross-entropy: beside a loss the Trainer computes otherwise it would weight nothing
+    the user asked for, so training stops before the first step, in one line."""
+    trainer = trainer_of(
+        tmp_path, ["dft"], **({"label_smoothing_factor": 0.1} if own_loss != "compute_loss_func" else {})
+    )
+    if own_loss == "compute_loss_func":
+        trainer.compute_loss_func = lambda outputs, labels, num_items_in_batch=None: outputs.logits.mean()
+    trainer.stack.setup(SetupContext(trainer.model))
+    with pytest.raises(ConfigError, match="dft weights the model's cross-entropy, which compute_loss_func") as e:
+        trainer.train()
+    assert "\n" not in str(e.value)

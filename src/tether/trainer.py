@@ -146,9 +146,9 @@ class RegularizedMixin:
             )
         if shaping and own_loss:
             raise ConfigError(
-                f"{', '.join(shaping)} weight the model's cross-entropy, which compute_loss_func / "
-                "label_smoothing_factor replace: drop those (tether has a label_smoothing regularizer) or drop "
-                f"{', '.join(shaping)}"
+                f"{', '.join(shaping)} weight{'s' if len(shaping) == 1 else ''} the model's cross-entropy, which "
+                "compute_loss_func / label_smoothing_factor replace: drop those (tether has a label_smoothing "
+                f"regularizer) or drop {', '.join(shaping)}"
             )
         if not self.stack.is_set_up and self.pending_setup is None:
             raise TetherError(
