@@ -161,7 +161,19 @@ def setup_costs(base: torch.nn.Module, refs: Callable, repeats: int = 3) -> list
     def si_setup() -> None:
         REGISTRY["si"].cls(REGISTRY["si"].config(name="si")).setup(SetupContext(model, refs, LR))
 
+    rows = [
+        {"input_ids": ids, "attention_mask": [1] * len(ids), "labels": ids}
+        for batch in refs()
+        for ids in batch["input_ids"].tolist()
+    ]
+
+    def flow_setup() -> None:  # its weights: one forward over the training rows (here the reference rows)
+        flow = REGISTRY["flow"].cls(REGISTRY["flow"].config(name="flow", batch_size=BATCH))
+        flow.train_data(rows, None, 0)
+        flow.setup(SetupContext(model, refs, LR))
+
     jobs = {"forward+backward (baseline)": forward_backward, "si setup (4 steps)": si_setup}
+    jobs["flow setup (one forward over the rows)"] = flow_setup
     for estimator in ("sampled", "empirical", "exact"):
         jobs[f"ewc Fisher, {estimator}"] = lambda e=estimator: estimate_fisher(model, named, refs(), e)
     seconds: dict[str, list[float]] = {name: [] for name in jobs}
