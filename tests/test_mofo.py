@@ -11,13 +11,14 @@ from torch import nn
 
 from tether.errors import ConfigError
 from tether.regularizers import REGISTRY, RegularizerStack, SetupContext
+from tether.regularizers.mofo import SMALL, top_fraction
 
 LR, BETAS, EPS = 1e-2, (0.9, 0.999), 1e-8
 
 
 def model_and_batches(seed: int = 0) -> tuple[nn.Module, list[tuple[torch.Tensor, torch.Tensor]]]:
     torch.manual_seed(seed)
-    model = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3))
+    model = nn.Sequential(nn.Linear(6, 800), nn.Tanh(), nn.Linear(800, 3))  # 800 x 6 is past SMALL: the histogram
     batches = [(torch.randn(5, 6), torch.randn(5, 3)) for _ in range(4)]
     return model, batches
 
@@ -65,6 +66,39 @@ def test_mofo_is_adam_updating_the_top_momentum_entries(fraction):
     got, want = with_mofo(fraction, weight_decay=0.0), by_hand(fraction)
     for (name, a), b in zip(got.named_parameters(), want.parameters()):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7, msg=name)
+
+
+def large_momenta(dtype: torch.dtype, fraction: float) -> dict[str, torch.Tensor]:
+    """Tensors past SMALL (where the histogram select runs), shaped like what Adam's momentum can hold, and one
+    whose k-th largest entry is the largest of its histogram bin."""
+    gen = torch.Generator().manual_seed(0)
+    n = 7 * (SMALL // 2 + 1)  # past SMALL, odd sizes
+    edge = torch.ones(n)
+    edge[: math.ceil(fraction * n) - 1] = 4.0
+
+    def randn() -> torch.Tensor:
+        return torch.randn(n, generator=gen)
+
+    cases = {
+        "normal": randn() * 1e-3,
+        "heavy tails": randn() * torch.rand(n, generator=gen).pow(8),
+        "mostly zero (unseen embedding rows)": randn() * (torch.rand(n, generator=gen) < 0.05),
+        "ties": torch.randint(-3, 4, (n,), generator=gen).float(),
+        "all in one bin": 1 + torch.rand(n, generator=gen) * 1e-3,
+        "subnormal": randn() * 1e-40,
+        "k-th largest at a bin's top": edge,
+    }
+    return {name: m.to(dtype).reshape(-1, 7) if name == "normal" else m.to(dtype) for name, m in cases.items()}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("fraction", [0.01, 0.1, 0.5])
+def test_top_fraction_is_the_k_largest_and_their_ties(dtype, fraction):
+    for name, m in large_momenta(dtype, fraction).items():
+        magnitude = m.abs()
+        k = math.ceil(fraction * m.numel())
+        want = magnitude >= magnitude.reshape(-1).sort(descending=True).values[k - 1]
+        assert torch.equal(top_fraction(m, fraction), want), name
 
 
 def test_mofo_moves_only_its_share_of_each_tensor():
