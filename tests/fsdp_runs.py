@@ -8,6 +8,7 @@ compares the two. The Trainer only runs FSDP on GPUs; this loop is the Trainer's
 from __future__ import annotations
 
 import json
+import math
 import sys
 from pathlib import Path
 from typing import Any
@@ -42,6 +43,9 @@ KINDS: dict[str, dict[str, Any]] = {
         "lora": True,
         "regularizers": [{"name": "l2_sp", "strength": 5.0}, {"name": "kl", "strength": 0.5}],
     },
+    # mofo's top-α is per shard under FSDP2, not per tensor: the one-process run takes it by hand on the dim-0
+    # halves the two processes hold (mofo_on_halves), as the reference
+    "filter": {"regularizers": [{"name": "mofo", "fraction": 0.2}], "halves_by_hand": True},
 }
 STEPS, LR, ROWS, SEQ, VOCAB = 6, 3e-3, 8, 16, 64
 
@@ -87,11 +91,23 @@ def refused(root: Path) -> None:
         (root / "fsdp-refused.txt").write_text(message)
 
 
+def mofo_on_halves(model: torch.nn.Module, optimizer: torch.optim.Optimizer, before: list, fraction: float) -> None:
+    """Naive per-shard MoFO after an unsharded AdamW step: each parameter's dim-0 halves (FSDP2's Shard(0) on two
+    processes) keep the update only on their ceil(fraction * n) entries of largest |exp_avg|."""
+    with torch.no_grad():
+        for p, p0 in zip(model.parameters(), before):
+            halves = zip(p.chunk(2), p0.chunk(2), optimizer.state[p]["exp_avg"].chunk(2))
+            for theta, theta0, m in halves:
+                kept = m.abs().flatten().argsort(descending=True)[math.ceil(fraction * m.numel()) :]
+                theta.view(-1)[kept] = theta0.reshape(-1)[kept]
+
+
 def train(kind: dict[str, Any], out: Path, shard: bool) -> None:
     """STEPS AdamW steps on the global batches (each process takes its rows); writes the gathered weights, the
     logged penalties and the Fisher file under `out` (main process)."""
     model = build(kind, shard)
-    configs = [REGISTRY[r["name"]].config(**r) for r in kind["regularizers"]]
+    by_hand = kind.get("halves_by_hand") and not shard
+    configs = [REGISTRY[r["name"]].config(**r) for r in kind["regularizers"] if not by_hand]
     stack = RegularizerStack.from_configs(configs)
     reference = batches(1, 3)
     refs = lambda shard=True: iter(reference)  # noqa: E731 (every process gets them all unless asked to shard)
@@ -103,7 +119,10 @@ def train(kind: dict[str, Any], out: Path, shard: bool) -> None:
     logs = []
     for batch in batches(2, STEPS):
         mine = {k: v[rank::world] for k, v in batch.items()}  # equal rows and tokens: the mean of means is the mean
+        before = [p.detach().clone() for p in model.parameters()] if by_hand else []
         train_step(model, mine, optimizer, stack)
+        if by_hand:
+            mofo_on_halves(model, optimizer, before, kind["regularizers"][0]["fraction"])
         logs.append(stack.pop_logs())
     weights = {n: full(p).detach().clone() for n, p in model.named_parameters()}
     (out / f"memory.rank{rank}.json").write_text(json.dumps(stack.memory()))

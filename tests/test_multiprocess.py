@@ -152,7 +152,8 @@ def fsdp(tmp_path_factory) -> Path:
 @pytest.mark.parametrize("kind", fsdp_runs.KINDS)
 def test_fsdp_sharded_regularizers_match_one_process(fsdp: Path, kind: str) -> None:
     """Weights after 6 steps (measured: <= 3.5e-6), every closed-form penalty as logged (summed over the shards)
-    and the Fisher file gathered from the shards equal the unsharded run's."""
+    and the Fisher file gathered from the shards equal the unsharded run's (for mofo: with its top-α taken by hand
+    on each process's half of every tensor, fsdp_runs.mofo_on_halves)."""
     one, two = fsdp / f"one-{kind}", fsdp / f"fsdp-{kind}"
     w1, w2 = load_file(str(one / "weights.safetensors")), load_file(str(two / "weights.safetensors"))
     assert w1.keys() == w2.keys()
@@ -180,6 +181,16 @@ def test_fsdp_state_is_sharded_with_the_parameters(fsdp: Path, kind: str) -> Non
         assert part.keys() == one.keys()
         for what, nbytes in one.items():
             assert 0.35 * nbytes <= part[what] <= 0.65 * nbytes, what
+
+
+def test_fsdp_mofo_keeps_only_its_shards(fsdp: Path) -> None:
+    """mofo's copy of the weights before the step holds this process's shards: about half of the model."""
+    whole = sum(
+        t.numel() * t.element_size() for t in load_file(str(fsdp / "one-filter" / "weights.safetensors")).values()
+    )
+    for rank in (0, 1):
+        held = json.loads((fsdp / "fsdp-filter" / f"memory.rank{rank}.json").read_text())
+        assert 0.35 * whole <= held["mofo: weights before the step"] <= 0.65 * whole
 
 
 def test_fsdp_refuses_whole_model_state(fsdp: Path) -> None:
