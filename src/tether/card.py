@@ -1,5 +1,6 @@
-"""The model card: README.md of a saved model (full weights or a LoRA adapter), saying what it was fine-tuned from,
-with which regularizers at which strengths, and what was measured (target losses, overfitting gap, forgetting).
+"""The model card: README.md of a saved model (full weights, a LoRA adapter, an OSF run merged), saying what it was
+fine-tuned from, with which regularizers at which strengths, and what was measured (target losses, overfitting gap,
+forgetting).
 
 The YAML header holds the fields the Hugging Face Hub reads (base_model, library_name, tags); for a LoRA adapter
 base_model is the model to load it onto, which the adapter's own config may not name (a synthetic or local base).
@@ -20,12 +21,14 @@ def model_card(
     metrics: dict[str, Any],
     *,
     lora: bool = False,
+    osf: bool = False,
     name: str = "model",
 ) -> str:
     """README.md text for a model fine-tuned from `base_model` with `regularizers`, given tether's metrics (those of
-    metrics.json: target.*, overfit_gap, forgetting.*; any of them may be missing)."""
+    metrics.json: target.*, overfit_gap, forgetting.*; any of them may be missing). `osf`: trained through PEFT's OSF
+    and saved merged, a plain model."""
     library = "peft" if lora else "transformers"
-    tags = ["tether", "fine-tuned", *(c.name for c in regularizers)]
+    tags = ["tether", "fine-tuned", *(["osf"] if osf else []), *(c.name for c in regularizers)]
     what = "A LoRA adapter" if lora else "A model"
     lines = [
         "---",
@@ -41,6 +44,13 @@ def model_card(
     ]
     if lora:
         lines += ["", f"Load it onto its base: `PeftModel.from_pretrained(<{base_model}>, <this directory>)`."]
+    if osf:
+        lines += [
+            "",
+            "Trained through PEFT's OSF (orthogonal subspace fine-tuning: each adapted weight's top singular "
+            "directions frozen, the rest trained orthogonally to them) and saved with its change merged into the "
+            "weights: load it as the base model is loaded, no PEFT needed.",
+        ]
     lines += ["", "## Regularizers", "", *_regularizers(regularizers), "", "## Results", "", *_results(metrics)]
     return "\n".join(lines) + "\n"
 
@@ -87,4 +97,5 @@ def run_card(cfg: Any, metrics: dict[str, Any]) -> str:
         if synthetic is None
         else f"synthetic {synthetic.arch} (tether.synthetic, seed {synthetic.seed})"
     )
-    return model_card(base, parse_entries(cfg.regularizers), metrics, lora=cfg.lora is not None)
+    regularizers = parse_entries(cfg.regularizers)
+    return model_card(base, regularizers, metrics, lora=cfg.lora is not None, osf=cfg.osf is not None)

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import AfterValidator, Field, ValidationError, field_validator, model_validator
+from pydantic import AfterValidator, Field, StrictInt, ValidationError, field_validator, model_validator
 
 from tether.errors import ConfigError
 from tether.regularizers import RunFacts, parse_entries
@@ -128,6 +128,25 @@ class LoraSection(Section):
     calibration_rows: int = Field(256, ge=1)
     """CorDA: at most this many rows run through the model, one at a time, to build each layer's input covariance
     (about hidden_size / tokens_per_row * 128 rows suffice)."""
+
+
+class OsfSection(Section):
+    effective_rank: StrictInt | float = 0.5
+    """How much of each adapted weight stays frozen: its top singular directions, as a fraction of the weight's
+    smaller dimension in (0, 1) (0.5: half) or as a count (an integer, e.g. 64). The remaining directions train
+    (min(out, in) - effective_rank of them, an adapter about as big as the weight), their gradients projected off the
+    frozen ones. Higher keeps more of what the model knew and learns less."""
+    target_modules: list[str] | Literal["all-linear"] = "all-linear"
+    """Module names to adapt (nn.Linear layers: PEFT's OSF adapts no other kind), or all-linear."""
+
+    @field_validator("effective_rank")
+    @classmethod
+    def _rank(cls, value: float) -> float:
+        if isinstance(value, int) and value < 1:
+            raise ValueError("a count of frozen directions must be 1 or more")
+        if isinstance(value, float) and not 0 < value < 1:
+            raise ValueError("a fraction lies in (0, 1) (1.0 would freeze every direction; a count is an integer)")
+        return value
 
 
 class EarlyStoppingConfig(Section):
@@ -349,6 +368,9 @@ class RunConfig(Section):
     """Passed to transformers.TrainingArguments unchanged (tether sets output_dir and the best-model keys)."""
     lora: LoraSection | None = None
     """Train a PEFT LoRA adapter instead of all weights."""
+    osf: OsfSection | None = None
+    """Train PEFT's OSF (orthogonal subspace fine-tuning) instead of all weights: each adapted weight's top singular
+    directions stay frozen and the rest train orthogonally to them; model/ is saved merged, as a plain model."""
     regularizers: list[RegularizerEntry] = Field(default_factory=list)
     """Regularizers, each {name, strength, ...}; see the README for every name and its fields."""
     early_stopping: EarlyStoppingConfig | None = None
@@ -382,6 +404,12 @@ class RunConfig(Section):
             )
         if self.early_stopping is not None and self.early_stopping.forgetting_budget is not None:
             self._check_budget(self.early_stopping.forgetting_measure)
+        if self.lora is not None and self.osf is not None:
+            raise ValueError("lora and osf are two kinds of adapter: keep one of the two sections")
+        if self.osf is not None and any(r.name == "intruder" for r in self.regularizers):
+            raise ValueError(
+                "intruder reduces a LoRA adapter's intruder dimensions, which osf has not: remove intruder"
+            )
         if self.lora is not None and self.lora.init == "corda_kpm" and not self.data.reference:
             raise ValueError("lora.init corda_kpm preserves what data.reference needs: set data.reference")
         return self
@@ -428,7 +456,8 @@ def validate_config(raw: dict[str, Any]) -> RunConfig:
         raise ConfigError(_one_line(e)) from None
     _check_training_keys(cfg.training)
     learning_rate = float(cfg.training_arguments()["learning_rate"])  # a number: _check_training_keys said so
-    parse_entries(cfg.regularizers, RunFacts(cfg.data.reference is not None, cfg.lora is not None, learning_rate))
+    adapter = cfg.lora is not None or cfg.osf is not None  # a PEFT adapter: the reference is the model with it off
+    parse_entries(cfg.regularizers, RunFacts(cfg.data.reference is not None, adapter, learning_rate))
     _check_files(cfg)
     if cfg.sweep is not None:
         _check_sweep(cfg, cfg.sweep)
@@ -522,9 +551,8 @@ def _one_line(err: ValidationError) -> str:
         return f"unknown key '{key}' in {section or 'the config'}: remove it or check its spelling"
     if e["type"] == "missing":
         return f"{loc} is required: add it to the config"
-    got = e.get("input")
-    where = f"{loc}: " if loc else ""
-    return f"{where}{e['msg'].removeprefix('Value error, ')} (got {got!r}): change it" if loc else e["msg"]
+    msg = e["msg"].removeprefix("Value error, ")
+    return f"{loc}: {msg} (got {e.get('input')!r}): change it" if loc else msg
 
 
 BOOL_TYPES = {str(bool), "bool", str(bool | None), "bool | None", "Optional[bool]"}  # as TrainingArguments annotates

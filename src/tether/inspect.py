@@ -1,10 +1,11 @@
 """`tether inspect`: what a run will do, without training.
 
-Loads the model as `tether train` does (load_model, apply_lora, the regularizer stack from the config) and reports
-from the model's structure: the optimizer groups (lr, weight decay, tensors), the llrd depth of each block, the
-dropout knobs set, the parameters that loading initialized (new heads), the tensors the pulls toward the pre-trained
-weights anchor, the frozen reference's form and the trainable parameters. Nothing is trained or written; the model
-is a throwaway copy, so the dropout rates are set on it to show where they land (and refused as train refuses them).
+Loads the model as `tether train` does (load_model, apply_lora or apply_osf, the regularizer stack from the config)
+and reports from the model's structure: the optimizer groups (lr, weight decay, tensors), the llrd depth of each
+block, the dropout knobs set, the parameters that loading initialized (new heads), the tensors the pulls toward the
+pre-trained weights anchor, the frozen reference's form and the trainable parameters. Nothing is trained or written;
+the model is a throwaway copy, so the dropout rates are set on it to show where they land (and refused as train
+refuses them).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from torch import nn
 
 from tether.config import RunConfig
 from tether.data import run_labels
-from tether.models import apply_lora, fused_experts, load_model
+from tether.models import apply_lora, apply_osf, fused_experts, load_model
 from tether.reference import Reference, evaluating, hf_model, is_peft, merge_options
 from tether.regularizers import RegularizerStack, parse_entries
 from tether.regularizers.anchor import trainable
@@ -36,6 +37,8 @@ def inspect_run(cfg: RunConfig) -> dict[str, Any]:
     model, _, new = load_model(cfg.model, cfg.task, run_labels(cfg))  # the classes train uses
     if cfg.lora is not None:  # CorDA's start needs its calibration pass; the structure is the default init's
         model = apply_lora(model, cfg.lora.model_copy(update={"init": "default"}), cfg.task)
+    if cfg.osf is not None:
+        model = apply_osf(model, cfg.osf, cfg.task)
     stack = RegularizerStack.from_configs(parse_entries(cfg.regularizers), cfg.skip_non_finite, new)
     regs = [reg for reg, _ in stack.items]
     corda = cfg.lora is not None and cfg.lora.init != "default"
@@ -47,6 +50,7 @@ def inspect_run(cfg: RunConfig) -> dict[str, Any]:
             "task": cfg.task,
             "lora": cfg.lora is not None,
             "lora_init": None if cfg.lora is None else cfg.lora.init,
+            "osf": osf_plan(model) if cfg.osf is not None else None,
             "parameters": sum(p.numel() for p in {id(p): p for p in model.parameters()}.values()),
         },
         "trainable": {"parameters": sum(p.numel() for _, p in trained), "tensors": len(trained)},
@@ -58,6 +62,17 @@ def inspect_run(cfg: RunConfig) -> dict[str, Any]:
         "anchored": anchored(model, [r for r in regs if isinstance(r, L2SP | EWC | SI)], new),
         "reference": reference_plan(model, [o for r in regs if (o := r.reference_options()) is not None], corda),
     }
+
+
+def osf_plan(model: nn.Module) -> dict[str, Any]:
+    """OSF's split of each adapted weight: how many layers, their frozen (top) and trained singular directions."""
+    from peft.tuners.osf.layer import OSFLayer
+
+    layers = [m for m in model.modules() if isinstance(m, OSFLayer)]
+    active = model.active_adapter
+    frozen = sum(m.effective_rank[active] for m in layers)
+    trained = sum(m.osf_svd_params[active]["S_low"].numel() for m in layers)
+    return {"layers": len(layers), "frozen_directions": frozen, "trained_directions": trained}
 
 
 def optimizer_groups(stack: RegularizerStack, model: nn.Module, lr: float) -> list[dict[str, Any]]:
@@ -132,6 +147,12 @@ def render(plan: dict[str, Any]) -> list[str]:
     """The plan as short lines for the terminal."""
     m, t = plan["model"], plan["trainable"]
     how = "LoRA" if m["lora"] else "full fine-tuning"
+    if m["osf"] is not None:
+        o = m["osf"]
+        how = (
+            f"OSF ({o['layers']} layers, {o['frozen_directions']:,} singular directions frozen, "
+            f"{o['trained_directions']:,} trained orthogonally to them)"
+        )
     lines = [
         f"model: {m['type']} ({m['class']}), {m['task']}, {how}; {m['parameters']:,} parameters, "
         f"{t['parameters']:,} trainable in {t['tensors']} tensors"

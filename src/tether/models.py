@@ -1,8 +1,10 @@
-"""Loading the model and tokenizer to fine-tune (from a path or hub id, or a synthetic tiny one), and LoRA."""
+"""Loading the model and tokenizer to fine-tune (from a path or hub id, or a synthetic tiny one), LoRA and OSF."""
 
 from __future__ import annotations
 
+import copy
 import logging
+import re
 from collections.abc import Iterable
 from itertools import islice
 from typing import TYPE_CHECKING, Any, NamedTuple
@@ -10,7 +12,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 import torch
 from torch import nn
 
-from tether.config import LoraSection, ModelConfig
+from tether.config import LoraSection, ModelConfig, OsfSection
 from tether.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -182,6 +184,80 @@ def apply_lora(
     if left:
         log.warning("lora: the fused expert weights %s get no adapter (lora.target_modules)", ", ".join(left))
     return wrapped
+
+
+def apply_osf(model: nn.Module, cfg: OsfSection, task: str) -> nn.Module:
+    """Wrap the model in a fresh PEFT OSF adapter (orthogonal subspace fine-tuning, arXiv 2504.07097): each target
+    nn.Linear weight is split by its SVD, the top `effective_rank` directions stay frozen and the rest train, PEFT's
+    gradient hooks projecting their gradients off the frozen directions; the outputs are unchanged at the start. As
+    apply_lora: under all-linear a classifier head is trained whole, not adapted. What would leave a target untrained
+    is one line: a target that is no nn.Linear (GPT-2's Conv1D), a layer with no direction left to train."""
+    from peft import OSFConfig, TaskType, get_peft_model
+    from peft.tuners.osf.layer import OSFLayer
+    from peft.tuners.tuners_utils import _maybe_include_all_linear_layers, check_target_module_exists
+    from peft.utils.constants import SEQ_CLS_HEAD_NAMES
+
+    task_type = TaskType.CAUSAL_LM if task == "causal_lm" else TaskType.SEQ_CLS
+    osf = OSFConfig(effective_rank=cfg.effective_rank, target_modules=cfg.target_modules, task_type=task_type)
+    if cfg.target_modules == "all-linear" and task_type == TaskType.SEQ_CLS:  # OSFConfig has no exclude_modules
+        osf = _maybe_include_all_linear_layers(osf, model)
+        head = re.compile(rf".*({'|'.join(SEQ_CLS_HEAD_NAMES)})")
+        osf.target_modules = {name for name in osf.target_modules if not head.fullmatch(name)}
+    try:
+        wrapped = get_peft_model(model, osf)
+    except (ValueError, TypeError, RuntimeError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ConfigError(
+            f"osf: PEFT refuses this model's OSF: {first}: change osf.target_modules or effective_rank"
+        ) from None
+    config = wrapped.peft_config[wrapped.active_adapter]
+    modules = list(wrapped.get_base_model().named_modules())
+    skipped = [
+        n
+        for n, m in modules
+        if check_target_module_exists(config, n)
+        and not isinstance(m, OSFLayer)
+        and not re.search(r"\.(modules_to_save|original_module)\b", n)  # a head PEFT trains whole
+    ]
+    if skipped:
+        raise ConfigError(
+            f"osf.target_modules: PEFT's OSF adapts nn.Linear layers only, not {skipped[0]} "
+            f"({type(dict(modules)[skipped[0]]).__name__}): list nn.Linear modules, or use lora"
+        )
+    full = [
+        n
+        for n, m in modules
+        if isinstance(m, OSFLayer) and m.osf_svd_params[wrapped.active_adapter]["S_low"].numel() == 0
+    ]
+    if full:
+        raise ConfigError(
+            f"osf.effective_rank {cfg.effective_rank} freezes every direction of {full[0]}: nothing would train "
+            "there: lower it (a fraction applies to each weight's own size)"
+        )
+    left = sorted({name for name, _ in fused_experts(wrapped)})
+    if left:
+        log.warning(
+            "osf: the fused expert weights %s get no adapter and stay frozen (OSF adapts nn.Linear)", ", ".join(left)
+        )
+    return wrapped
+
+
+def is_osf(model: nn.Module) -> bool:
+    """Whether the model is a PEFT model whose active adapter is OSF (saved merged: see merged_osf)."""
+    from tether.reference import is_peft
+
+    if not is_peft(model):
+        return False
+    from peft import PeftType
+
+    return model.peft_config[model.active_adapter].peft_type == PeftType.OSF
+
+
+def merged_osf(model: nn.Module) -> nn.Module:
+    """The trained model as a plain transformers model: PEFT's merge_and_unload (each weight plus its OSF change) on a
+    copy, so that the trained model keeps its adapter. OSF's adapter holds as many values as the weights it adapts
+    and its reload redoes their SVDs (whose signs a device may flip), so the merged model is what a user loads."""
+    return copy.deepcopy(model).merge_and_unload()
 
 
 def corda_init(model: nn.Module, lora: Any, cfg: LoraSection, calibration: Iterable[dict] | None) -> Any:
