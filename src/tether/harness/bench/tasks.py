@@ -57,7 +57,8 @@ class Method:
     quick: tuple[float, ...]
     """The values --quick runs."""
     patch: Callable[[float], dict[str, Any]]
-    """The config sections a grid value sets (regularizers, lora or early_stopping; `training` keys are merged)."""
+    """The config sections a grid value sets (regularizers, lora, osf or early_stopping; `training` keys are
+    merged)."""
     one_run: bool = False
     """One run per seed measures every grid value (wise_ft's alphas)."""
 
@@ -92,10 +93,13 @@ METHODS = (
         (16,),
         lambda r: {"lora": {"r": int(r), "alpha": 2 * r, "init": "corda_kpm"}},
     ),
+    # PEFT's OSF: the top effective_rank singular directions of every linear weight frozen, the rest trained
+    Method("osf", "effective_rank", (0.25, 0.5, 0.75), (0.5,), lambda r: {"osf": {"effective_rank": r}}),
     Method("mofo", "fraction", (0.05, 0.1, 0.2), (0.05,), _reg("mofo", "fraction")),
     Method("dft", "strength", (0.5, 1.0), (0.5,), _reg("dft")),
     Method("eaft", "strength", (0.5, 1.0), (0.5,), _reg("eaft")),
     Method("flow", "strength", (0.5, 1.0), (1.0,), _reg("flow")),
+    Method("asft", "anchor", (0.1, 0.3), (0.1,), _reg("asft", "anchor")),
     Method("ema", "decay", (0.9, 0.97, 0.99), (0.97,), _reg("ema", "decay")),
     Method("early_stopping", "patience", (1, 3), (3,), lambda p: {"early_stopping": {"patience": int(p)}}),
     # The choice on target and retention (check 5): the best validation loss among evaluations whose facts' loss rose
