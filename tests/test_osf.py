@@ -279,3 +279,11 @@ def test_every_regularizer_that_acts_in_the_step_acts_under_osf(tmp_path, name):
     on = trained_osf(tmp_path / "on", name)
     assert on.keys() == PLAIN_OSF.keys() and all(torch.isfinite(w).all() for w in on.values())
     assert any(not torch.equal(PLAIN_OSF[n], on[n]) for n in on), f"{name}: the same weights as without it"
+
+
+def test_a_stack_set_up_on_an_osf_model_refuses_intruder():
+    """Through the Python API there is no config to refuse it: the stack's setup reads the adapter from the model."""
+    model = apply_osf(tiny(), OsfSection(), "causal_lm")
+    stack = RegularizerStack.from_configs([REGISTRY["intruder"].config(name="intruder")])
+    with pytest.raises(ConfigError, match="intruder reduces a LoRA adapter's intruder dimensions"):
+        stack.setup(SetupContext(model))

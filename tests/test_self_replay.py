@@ -130,8 +130,8 @@ def test_refusals(tmp_path: Path):
     from tether.regularizers import RunFacts
 
     with pytest.raises(ConfigError, match="set data.reference, or prompts: bos"):
-        parse_entries([RegularizerEntry(name="self_replay")], RunFacts(False, False, 1e-3))
-    assert parse_entries([RegularizerEntry(name="self_replay", prompts="bos")], RunFacts(False, False, 1e-3))
+        parse_entries([RegularizerEntry(name="self_replay")], RunFacts(False, None, 1e-3))
+    assert parse_entries([RegularizerEntry(name="self_replay", prompts="bos")], RunFacts(False, None, 1e-3))
 
 
 def test_train_mixes_generated_rows_and_a_resumed_run_reuses_them(

@@ -406,10 +406,6 @@ class RunConfig(Section):
             self._check_budget(self.early_stopping.forgetting_measure)
         if self.lora is not None and self.osf is not None:
             raise ValueError("lora and osf are two kinds of adapter: keep one of the two sections")
-        if self.osf is not None and any(r.name == "intruder" for r in self.regularizers):
-            raise ValueError(
-                "intruder reduces a LoRA adapter's intruder dimensions, which osf has not: remove intruder"
-            )
         if self.lora is not None and self.lora.init == "corda_kpm" and not self.data.reference:
             raise ValueError("lora.init corda_kpm preserves what data.reference needs: set data.reference")
         return self
@@ -456,7 +452,7 @@ def validate_config(raw: dict[str, Any]) -> RunConfig:
         raise ConfigError(_one_line(e)) from None
     _check_training_keys(cfg.training)
     learning_rate = float(cfg.training_arguments()["learning_rate"])  # a number: _check_training_keys said so
-    adapter = cfg.lora is not None or cfg.osf is not None  # a PEFT adapter: the reference is the model with it off
+    adapter = "lora" if cfg.lora is not None else "osf" if cfg.osf is not None else None
     parse_entries(cfg.regularizers, RunFacts(cfg.data.reference is not None, adapter, learning_rate))
     _check_files(cfg)
     if cfg.sweep is not None:

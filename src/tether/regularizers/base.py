@@ -64,8 +64,9 @@ class RunFacts:
 
     reference_data: bool
     """The run has reference rows (data.reference, or rows given to the stack)."""
-    lora: bool
-    """The model trains through LoRA adapters."""
+    adapter: str | None
+    """The PEFT adapter the model trains through ("lora", "osf"; None: the whole model): switched off, the model is
+    the original (the frozen reference needs no copy)."""
     learning_rate: float
 
 
@@ -120,7 +121,10 @@ class SetupContext:
         """The run as RegularizerConfig.check_run sees it, from the model and data at hand."""
         from tether.reference import is_peft  # late: tether.reference imports this module
 
-        return RunFacts(self.reference_batches is not None, is_peft(self.model), self.learning_rate)
+        adapter = None
+        if is_peft(self.model):
+            adapter = str(self.model.active_peft_config.peft_type.value).lower()
+        return RunFacts(self.reference_batches is not None, adapter, self.learning_rate)
 
 
 @dataclass

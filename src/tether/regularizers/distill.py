@@ -59,7 +59,7 @@ class DistillConfig(RegularizerConfig):
     """How the original model is kept (see tether.reference); shared with kl: give the same options or one."""
 
     def check_run(self, run: RunFacts) -> str | None:
-        message = self.reference.conflict(run.lora)
+        message = self.reference.conflict(run.adapter is not None)
         return None if message is None else f"{self.name}.{message}"
 
 

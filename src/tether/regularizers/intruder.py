@@ -32,7 +32,7 @@ class IntruderConfig(NoPenaltyConfig):
     nothing, 0 removes them; lower recovers more of what was forgotten and costs more target."""
 
     def check_run(self, run: RunFacts) -> str | None:
-        if not run.lora:
+        if run.adapter != "lora":
             return "intruder reduces a LoRA adapter's intruder dimensions: add a `lora:` section or remove intruder"
         return None
 
