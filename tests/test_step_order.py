@@ -4,6 +4,7 @@ transformers does under FSDP2), a stack never set up, and the autograd penalties
 from __future__ import annotations
 
 import random
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -68,111 +69,65 @@ def test_a_stack_never_set_up_stops_the_first_step(tmp_path: Path) -> None:
         trainer.train()
 
 
-def smoothed_step_by_hand(model: torch.nn.Module, batch: list[dict[str, Any]], alpha: float, lr: float) -> None:
-    """One SGD step on torch's label-smoothed cross-entropy, token mean over the whole batch, row by row."""
-    total, positions = 0.0, 0
-    for row in batch:
-        logits = model(input_ids=torch.tensor([row["input_ids"]])).logits[0, :-1]
-        labels = torch.tensor(row["labels"][1:])
-        total = total + F.cross_entropy(logits, labels, label_smoothing=alpha, reduction="sum")
-        positions += int((labels != -100).sum())
-    (total / positions).backward()
+def label_smoothed(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(logits, labels, label_smoothing=0.2, reduction="sum")
+
+
+def dft_weighted(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    nll = F.cross_entropy(logits, labels, reduction="none")  # 0 at -100
+    return (torch.exp(-nll).detach() * nll).sum()
+
+
+def step_by_hand(model: torch.nn.Module, groups: list[list[dict[str, Any]]], loss: Callable, lr: float) -> None:
+    """One SGD step on the mean over `groups` of each group's token mean of `loss` (torch's, a row at a time)."""
+    total = torch.zeros(())
+    for group in groups:
+        summed, positions = torch.zeros(()), 0
+        for row in group:
+            logits = model(input_ids=torch.tensor([row["input_ids"]])).logits[0, :-1]
+            labels = torch.tensor(row["labels"][1:])
+            summed = summed + loss(logits, labels)
+            positions += int((labels != -100).sum())
+        total = total + summed / positions / len(groups)
+    total.backward()
     with torch.no_grad():
         for p in model.parameters():
             p -= lr * p.grad
 
 
-@pytest.mark.parametrize("accumulation", [1, 2, 4])
-def test_label_smoothing_under_accumulation_is_torchs_over_the_whole_batch(tmp_path: Path, accumulation: int) -> None:
-    """The task loss under accumulation is token-weighted over the whole accumulated batch; a penalty weighted per
-    micro-batch mean instead (x 1/GA) was 35 % off this oracle when the micro-batches' lengths differ."""
+ACCUMULATED = [
+    ("label_smoothing", 1, True), ("label_smoothing", 2, True), ("label_smoothing", 4, True),
+    ("label_smoothing", 2, False), ("dft", 1, True), ("dft", 2, True), ("dft", 2, False),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("name", "accumulation", "loss_count"), ACCUMULATED)
+def test_under_accumulation_the_loss_is_weighted_as_the_trainers_own(
+    tmp_path: Path, name: str, accumulation: int, loss_count: bool
+) -> None:
+    """A penalty (label_smoothing) or a shaped loss (dft: the stack's cross-entropy, the model run without labels) is
+    a mean over its micro-batch's loss positions, weighted as the Trainer weighs its own loss: token-weighted over
+    the accumulated batch when the model takes the loss count (a per-micro-batch 1/GA was 35 % off when the
+    micro-batches' lengths differ), a per-micro-batch mean divided by GA once when it does not (it was divided
+    twice). Oracle: torch's losses a row at a time."""
     data = rows(4, seed=3, prompt=2)
     data[0]["labels"][2:-2] = [-100] * len(data[0]["labels"][2:-2])  # few loss positions in one row, many in others
-    reference = tiny_model("llama", "causal_lm", VOCAB, hidden_size=16, num_layers=2, num_heads=2, seed=0)
-    smoothed_step_by_hand(reference, data, alpha=0.2, lr=0.5)
-    trainer = trainer_of(
-        tmp_path, [], per_device_train_batch_size=4 // accumulation, gradient_accumulation_steps=accumulation,
-        optim="sgd", learning_rate=0.5, max_grad_norm=0.0,
-    )  # fmt: skip
-    trainer.stack = RegularizerStack.from_configs(
-        parse_entries([RegularizerEntry(name="label_smoothing", strength=0.2)])
-    )
-    trainer.stack.setup(SetupContext(trainer.model))
-    trainer.train_dataset = data
-    trainer.train()
-    for (name, got), want in zip(trainer.model.named_parameters(), reference.parameters()):
-        torch.testing.assert_close(got, want, atol=2e-6, rtol=1e-5, msg=name)
-
-
-def test_label_smoothing_when_the_model_takes_no_loss_count(tmp_path: Path) -> None:
-    """A model whose forward takes no num_items_in_batch gives a mean per micro-batch, which the Trainer divides by
-    the accumulation steps: the penalty must be weighted the same, once (it was divided by GA twice: 1 % off)."""
-    data = rows(4, seed=3, prompt=2)
-    reference = tiny_model("llama", "causal_lm", VOCAB, hidden_size=16, num_layers=2, num_heads=2, seed=0)
-    total = torch.zeros(())
-    for micro_batch in (data[:2], data[2:]):
-        loss, positions = torch.zeros(()), 0
-        for row in micro_batch:
-            logits = reference(input_ids=torch.tensor([row["input_ids"]])).logits[0, :-1]
-            labels = torch.tensor(row["labels"][1:])
-            loss = loss + F.cross_entropy(logits, labels, label_smoothing=0.2, reduction="sum")
-            positions += int((labels != -100).sum())
-        total = total + loss / positions / 2
-    total.backward()
-    with torch.no_grad():
-        for p in reference.parameters():
-            p -= 0.5 * p.grad
-    trainer = trainer_of(
-        tmp_path, [], per_device_train_batch_size=2, gradient_accumulation_steps=2, optim="sgd", learning_rate=0.5,
-        max_grad_norm=0.0,
-    )  # fmt: skip
-    trainer.stack = RegularizerStack.from_configs(
-        parse_entries([RegularizerEntry(name="label_smoothing", strength=0.2)])
-    )
-    trainer.stack.setup(SetupContext(trainer.model))
-    trainer.train_dataset = data
-    trainer.model_accepts_loss_kwargs = False
-    trainer.train()
-    for (name, got), want in zip(trainer.model.named_parameters(), reference.parameters()):
-        torch.testing.assert_close(got, want, atol=2e-6, rtol=1e-5, msg=name)
-
-
-@pytest.mark.parametrize(("accumulation", "loss_count"), [(1, True), (2, True), (2, False)])
-def test_dft_through_the_trainer_is_the_token_weighted_loss_of_the_whole_batch(
-    tmp_path: Path, accumulation: int, loss_count: bool
-) -> None:
-    """dft's shaped loss (the stack's cross-entropy, the model run without labels) is weighted as the Trainer weighs
-    its own: token-weighted over the accumulated batch when the model takes the loss count, per micro-batch mean
-    divided by the accumulation steps when it does not. Oracle: torch's cross-entropy, a row at a time."""
-    data = rows(4, seed=3, prompt=2)
-    data[0]["labels"][2:-2] = [-100] * len(data[0]["labels"][2:-2])
-    reference = tiny_model("llama", "causal_lm", VOCAB, hidden_size=16, num_layers=2, num_heads=2, seed=0)
     micro = 4 // accumulation
-    total = torch.zeros(())
-    for start in range(0, 4, micro) if not loss_count else [0]:
-        terms, positions = torch.zeros(()), 0
-        for row in data[start : start + (micro if not loss_count else 4)]:
-            logits = reference(input_ids=torch.tensor([row["input_ids"]])).logits[0, :-1]
-            labels = torch.tensor(row["labels"][1:])
-            nll = F.cross_entropy(logits, labels, reduction="none")  # 0 at -100
-            terms = terms + (torch.exp(-nll).detach() * nll).sum()
-            positions += int((labels != -100).sum())
-        total = total + terms / positions / (accumulation if not loss_count else 1)
-    total.backward()
-    with torch.no_grad():
-        for p in reference.parameters():
-            p -= 0.5 * p.grad
+    groups = [data] if loss_count else [data[i : i + micro] for i in range(0, 4, micro)]
+    reference = tiny_model("llama", "causal_lm", VOCAB, hidden_size=16, num_layers=2, num_heads=2, seed=0)
+    step_by_hand(reference, groups, label_smoothed if name == "label_smoothing" else dft_weighted, lr=0.5)
     trainer = trainer_of(
         tmp_path, [], per_device_train_batch_size=micro, gradient_accumulation_steps=accumulation, optim="sgd",
         learning_rate=0.5, max_grad_norm=0.0,
     )  # fmt: skip
-    trainer.stack = RegularizerStack.from_configs(parse_entries([RegularizerEntry(name="dft", strength=1.0)]))
+    strength = 0.2 if name == "label_smoothing" else 1.0
+    trainer.stack = RegularizerStack.from_configs(parse_entries([RegularizerEntry(name=name, strength=strength)]))
     trainer.stack.setup(SetupContext(trainer.model))
     trainer.train_dataset = data
     trainer.model_accepts_loss_kwargs = loss_count
     trainer.train()
-    for (name, got), want in zip(trainer.model.named_parameters(), reference.parameters()):
-        torch.testing.assert_close(got, want, atol=2e-6, rtol=1e-5, msg=name)
+    for (param, got), want in zip(trainer.model.named_parameters(), reference.parameters()):
+        torch.testing.assert_close(got, want, atol=2e-6, rtol=1e-5, msg=param)
 
 
 @pytest.mark.parametrize("own_loss", ["compute_loss_func", "label_smoothing_factor"])
