@@ -20,9 +20,10 @@ Measures of each run, then mean and sample standard deviation over seeds (ratios
   overfit gap   target val loss - target train loss
   wall time     seconds per run in its worker: load, measure before, setup (Fisher), train, measure after
 The measured model is the final one (early stopping: the restored best checkpoint); for ema the average
-(model_ema/); for wise_ft each alpha's interpolation (one run per seed gives every alpha; alpha 0 is the base
-model, whose target loss is T_base below, and has no point of its own); for merge the least-forgetting candidate
-within 5% of the best target loss.
+(model_ema/); for intruder the LoRA adapter after PEFT's intruder-dimension reduction (model_intruder/); for wise_ft
+each alpha's interpolation (one run per seed gives every alpha; alpha 0 is the base model, whose target loss is
+T_base below, and has no point of its own); for merge the least-forgetting candidate within 5% of the best target
+loss.
 
 Checks, printed PASS/FAIL, computed from the measured means (F: forgetting, T: target loss):
   1  the best of l2_sp, ewc, distill (KD), replay on arithmetic: some strength has 1 - F/F_plain >= 50% at

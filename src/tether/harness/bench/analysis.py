@@ -46,7 +46,7 @@ def points_of(job: Job, metrics: dict[str, Any], wall_s: float) -> list[dict[str
         ]  # fmt: skip
     if job.method == "merge":
         return [common | merge_point(metrics)]
-    measured = metrics["ema"] if job.method == "ema" else metrics
+    measured = metrics[job.method] if job.method in ("ema", "intruder") else metrics  # their second final model
     forgetting = measured["forgetting"]
     if "forgetting_budget" in metrics:  # the same run's evaluation with the lowest validation loss, as tracked
         budget = metrics["forgetting_budget"]

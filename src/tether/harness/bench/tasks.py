@@ -100,6 +100,14 @@ METHODS = (
     Method("eaft", "strength", (0.5, 1.0), (0.5,), _reg("eaft")),
     Method("flow", "strength", (0.5, 1.0), (1.0,), _reg("flow")),
     Method("asft", "anchor", (0.1, 0.3), (0.1,), _reg("asft", "anchor")),
+    # the lora rows' r 16 run, measured after PEFT's intruder-dimension reduction (its second final model)
+    Method(
+        "intruder",
+        "mitigation",
+        (0.25, 0.5, 0.75),
+        (0.5,),
+        lambda m: {"lora": {"r": 16, "alpha": 32}, "regularizers": [{"name": "intruder", "mitigation": m}]},
+    ),
     Method("ema", "decay", (0.9, 0.97, 0.99), (0.97,), _reg("ema", "decay")),
     Method("early_stopping", "patience", (1, 3), (3,), lambda p: {"early_stopping": {"patience": int(p)}}),
     # The choice on target and retention (check 5): the best validation loss among evaluations whose facts' loss rose
