@@ -75,6 +75,7 @@ class RegularizerStack:
         """The regularizers with an autograd penalty (they need the logits of the forward that makes the loss)."""
         self.shaping_names = self.overriding("token_weights")
         """The loss-shaping regularizers (the stack computes the task loss itself: token_loss)."""
+        self._shaping = [(reg, strength) for reg, strength in regularizers if reg.name in self.shaping_names]
         self.group_names = self.overriding("param_groups")
         """The optimizer-level regularizers (they shape the optimizer's parameter groups)."""
         # an update filter (Regularizer.filters_update) runs its step_begin last and its step_end first
@@ -199,10 +200,9 @@ class RegularizerStack:
         weighted by the shaping regularizers (shaping.weighted_nll), a mean over this micro-batch's loss positions.
         Each one's term, its weighting's cross-entropy minus the plain one, is logged as `reg/<name>` with this
         micro-batch's penalties."""
-        shaping = [(reg, strength) for reg, strength in self.items if reg.name in self.shaping_names]
-        weighers = [(reg.token_weights(inputs), strength) for reg, strength in shaping]
+        weighers = [(reg.token_weights(inputs), strength) for reg, strength in self._shaping]
         loss, terms = weighted_nll(logits, inputs["labels"], weighers)
-        self._shaped = {reg.name: term for (reg, _), term in zip(shaping, terms)}
+        self._shaped = {reg.name: term for (reg, _), term in zip(self._shaping, terms)}
         return loss
 
     def penalty(self, model: nn.Module, inputs: dict[str, Any], outputs: Any) -> torch.Tensor | None:
