@@ -10,11 +10,12 @@ this filter after their step_begin and before any step_end (EMA averages the fil
 Adam-family optimizer (its state holds exp_avg). Memory: one copy of the trainable weights, and 9 bytes per entry of
 the largest tensor for the selection.
 
-The top-α is exact (the k-th largest |m| is found, and ties with it count), by a histogram select: |m| of an fp32
+The top-α is exact (the k-th largest |m| is found, and ties with it count), by a radix select: |m| of an fp32
 number read as an int32 is monotonic in |m|, so one bincount of its top 12 bits finds the bin that holds the k-th
-largest, and kthvalue runs only on that bin's entries (~1-2% of the tensor). kthvalue over whole tensors cost ~10 ms a
-step for 1.3M parameters on one CPU core, 12% of a step of the tiny Llama in benchmarks/overhead.py; the filter now
-costs ~4 ms there.
+largest, and kthvalue runs only on that bin's entries (~1-2% of the tensor; the next 12 bits first if more remain).
+Zeros that fill the rank (an embedding's rows no batch has reached) are counted, not selected. kthvalue over whole
+tensors cost ~10 ms a step for 1.3M parameters on one CPU core, 12% of a step of the tiny Llama in
+benchmarks/overhead.py; the filter now costs ~4 ms there.
 """
 
 from __future__ import annotations
@@ -72,7 +73,7 @@ class MoFO(Regularizer):
                 )
             put_back = outside_top(shards([state["exp_avg"]])[0], self.config.fraction, self.scratch)
             if put_back is not None:
-                # lerp by exactly 0 or 1 gives theta or kept bit for bit, in a third of torch.where's time on CPU
+                # lerp by exactly 0 or 1 gives theta or kept bit for bit, faster than torch.where on CPU
                 theta.lerp_(kept, put_back.to(theta.dtype).view(theta.shape))
 
 
@@ -101,15 +102,19 @@ def outside_top(momentum: torch.Tensor, fraction: float, scratch: Scratch | None
     if k >= n:
         return None
     if momentum.dtype == torch.float64:  # no exact fp32 magnitude: its own int64 bits, fresh tensors
-        bits, ints, mask, weights = momentum.abs().view(torch.int64).reshape(-1), None, None, None
+        bits, ints, mask = momentum.abs().view(torch.int64).reshape(-1), None, None
     else:
         scratch = scratch if scratch is not None and scratch.magnitude.numel() >= n else Scratch(n, momentum.device)
-        weights, ints, mask = scratch.magnitude[:n], scratch.ints[:n], scratch.mask[:n]
-        bits = weights.copy_(momentum.reshape(-1)).abs_().view(torch.int32)  # bf16/fp16 widen exactly
+        magnitude, ints, mask = scratch.magnitude[:n], scratch.ints[:n], scratch.mask[:n]
+        flat = momentum.reshape(-1)
+        if flat.dtype == torch.float32:
+            bits = torch.abs(flat, out=magnitude).view(torch.int32)
+        else:
+            bits = magnitude.copy_(flat).abs_().view(torch.int32)  # bf16/fp16 widen exactly
     rank = n - k + 1
     threshold = bits.kthvalue(rank).values if n <= SMALL else kth_smallest(bits, rank, ints, mask)
-    below = torch.sub(threshold, bits, out=ints).clamp_(0, 1)  # 1 where |m| < threshold, in exact int arithmetic
-    return below.to(torch.float64) if weights is None else weights.copy_(below)
+    below = torch.lt(bits, threshold, out=mask)  # |m| below the threshold, compared exactly as integers
+    return below.to(torch.float64) if ints is None else magnitude.copy_(below)
 
 
 def top_fraction(momentum: torch.Tensor, fraction: float) -> torch.Tensor:
@@ -121,12 +126,26 @@ def top_fraction(momentum: torch.Tensor, fraction: float) -> torch.Tensor:
 def kth_smallest(
     bits: torch.Tensor, rank: int, high: torch.Tensor | None, in_bin: torch.Tensor | None
 ) -> torch.Tensor:
-    """The rank-th smallest (1-based) of non-negative `bits` (int32 or int64): the bin of their top 12 bits that
-    holds it, from one histogram, then kthvalue among that bin's entries only. `high`, `in_bin`: scratch the size of
-    `bits`, or None."""
+    """The rank-th smallest (1-based) of non-negative `bits` (int32 or int64), by radix select: the histogram of
+    their top 12 bits finds the bin that holds it, then the next 12 bits of that bin's entries, and so on, until few
+    entries remain (kthvalue) or they are all equal. Zeros (an embedding's rows no batch has reached: most of the
+    tensor) are answered by a count, not a select over them. `high`, `in_bin`: scratch the size of `bits`
+    for the first level, or None."""
     shift = 8 * bits.element_size() - 1 - 12
-    high = torch.bitwise_right_shift(bits, shift, out=high) if high is not None else bits >> shift
-    below = torch.bincount(high, minlength=1 << 12).cumsum(0)  # entries in this bin and those below
-    b = int(torch.searchsorted(below, rank - 1, right=True))  # the first bin whose cumulative count reaches rank
-    candidates = bits[torch.eq(high, b, out=in_bin) if in_bin is not None else high == b]
-    return candidates.kthvalue(rank - (int(below[b - 1]) if b else 0)).values
+    values = bits
+    while True:
+        digits = torch.bitwise_right_shift(values, shift, out=high if values is bits else None)
+        if values is not bits:
+            digits &= (1 << 12) - 1  # the higher bits are the same in every entry left
+        below = torch.bincount(digits, minlength=1 << 12).cumsum(0)  # entries in this bin and those below
+        b = int(torch.searchsorted(below, rank - 1, right=True))  # the first bin whose cumulative count reaches rank
+        rank -= int(below[b - 1]) if b else 0
+        if b == 0 and values.numel() - int(torch.count_nonzero(values)) >= rank:
+            return values.new_zeros(())  # zeros fill the rank: an embedding's rows no batch has reached
+        values = values[torch.eq(digits, b, out=in_bin if values is bits else None)]
+        if values.numel() <= SMALL:
+            return values.kthvalue(rank).values
+        low, top = torch.aminmax(values)
+        if bool(low == top) or shift == 0:
+            return low
+        shift = max(0, shift - 12)
