@@ -1,6 +1,6 @@
 """Step time and peak memory of each regularizer on a GPU, on a random-init Llama of about 0.5B parameters.
 
-    python benchmarks/gpu.py [--layers 28] [--hidden 1024] [--seq 512] [--reps 15] [--out FILE.md]
+    python benchmarks/gpu.py [--layers 28] [--hidden 1024] [--seq 512] [--reps 15] [--out FILE.md] [--only NAME...]
 
 No weights can be downloaded on the GPU machines, so the model is a Llama built from its config (hidden 1024,
 28 layers, MLP 4096, vocab 32000: 0.54B parameters) with random weights: step times depend on the shapes, not on
@@ -98,6 +98,11 @@ CONFIGS: list[tuple[str, str, list[dict[str, Any]]]] = [  # (kind, name, regular
     ("full", "weight_decay", [{"name": "weight_decay", "strength": 0.01}]),
     ("full", "ema", [{"name": "ema"}]),
     ("full", "neftune", [{"name": "neftune", "alpha": 5.0}]),
+    ("full", "mofo", [{"name": "mofo", "fraction": 0.1}]),
+    ("full", "dft", [{"name": "dft"}]),
+    ("full", "eaft", [{"name": "eaft"}]),
+    ("full", "flow", [{"name": "flow"}]),
+    ("full", "asft (frozen fp32 copy)", [{"name": "asft", "reference": NEW_ROWS}]),
     ("full", "kl (frozen fp32 copy)", [{"name": "kl", "reference": NEW_ROWS}]),
     ("full", "kl (frozen bf16 copy)", [{"name": "kl", "reference": {**NEW_ROWS, "dtype": "bfloat16"}}]),
     ("LoRA", "l2_sp (LoRA: on B A)", [{"name": "l2_sp", "strength": 1.0}]),
@@ -109,6 +114,7 @@ CONFIGS: list[tuple[str, str, list[dict[str, Any]]]] = [  # (kind, name, regular
     ("FSDP2 (1 GPU)", "l2_sp (penalty)", [{"name": "l2_sp", "strength": 0.01, "form": "penalty"}]),
     ("FSDP2 (1 GPU)", "ewc", [{"name": "ewc", "strength": 0.3}]),
     ("FSDP2 (1 GPU)", "si", [{"name": "si", "strength": 0.3}]),
+    ("FSDP2 (1 GPU)", "mofo", [{"name": "mofo", "fraction": 0.1}]),
 ]
 
 
@@ -151,7 +157,14 @@ def measure(
 
 def measure_kind(base: torch.nn.Module, kind: str, prepare: Prepare, args: argparse.Namespace, refs: Callable,
                  device: str, batch: dict[str, torch.Tensor], order: random.Random) -> list[tuple]:  # fmt: skip
-    configs, rows = [(name, entries) for k, name, entries in CONFIGS if k == kind], []
+    configs = [(name, entries) for k, name, entries in CONFIGS if k == kind and name in (args.only or [name])]
+    if not configs:
+        return []
+    rows: list[tuple] = []
+    train_rows = [  # the batch's rows, for flow's weights at setup
+        {"input_ids": ids, "attention_mask": [1] * len(ids), "labels": labels}
+        for ids, labels in zip(batch["input_ids"].tolist(), batch["labels"].tolist())
+    ]
     start = allocated(device)
     plain = Run(base, [], refs, prepare=prepare, fused=device == "cuda")
     for _ in range(3):
@@ -159,7 +172,7 @@ def measure_kind(base: torch.nn.Module, kind: str, prepare: Prepare, args: argpa
     plain_peak = max(timed_step(plain, batch, device)[1] for _ in range(2)) - start
     for name, entries in configs:
         start = allocated(device)  # the base model and the plain run: not this configuration's memory
-        run = Run(base, entries, refs, prepare=prepare, fused=device == "cuda")
+        run = Run(base, entries, refs, prepare=prepare, fused=device == "cuda", train_rows=train_rows)
         for _ in range(3):
             timed_step(run, batch, device)
         pairs, peaks = [], []
@@ -233,6 +246,8 @@ def main() -> None:
     parser.add_argument("--seq", type=int, default=512)
     parser.add_argument("--reps", type=int, default=15, help="timed pairs per configuration")
     parser.add_argument("--out", type=Path, default=None, help="also write the table here (markdown)")
+    names = sorted({name for _, name, _ in CONFIGS})
+    parser.add_argument("--only", nargs="+", choices=names, help="time only these configurations, no Fisher pass")
     args = parser.parse_args()
     device = "cuda" if torch.cuda.is_available() else "cpu"
     base = llama(args.layers, args.hidden, args.vocab, args.seq, device)
@@ -244,16 +259,17 @@ def main() -> None:
     head = (
         f"{name}, torch {torch.__version__}: random-init Llama, {n_params / 1e9:.2f}B parameters "
         f"({args.layers} layers, hidden {args.hidden}, vocab {args.vocab}), batch {BATCH} x {args.seq} tokens, "
-        f"bf16 autocast, fused AdamW, {args.reps} pairs"
+        f"{'bf16 autocast, fused AdamW' if device == 'cuda' else 'fp32, AdamW'}, {args.reps} pairs"
     )
     print(head, flush=True)
-    fisher, fb = fisher_cost(base, refs, device)
+    fisher, fb = fisher_cost(base, refs, device) if not args.only else (0.0, 0.0)
     rows = measure(base, args, refs, device)
     lines = [head, "", "| kind | configuration | step / plain step | plain step ms | footprint GiB | plain GiB |",
              "| --- | --- | --- | --- | --- | --- |"]  # fmt: skip
     lines += [f"| {k} | {n} | {r:.3f}x | {ms:.1f} | {pk:.2f} | {pp:.2f} |" for k, n, r, ms, pk, pp in rows]
-    lines += ["", f"ewc sampled Fisher pass over {len(reference)} batches: {fisher:.3f} s = {fisher / fb:.2f}x one "
-              f"forward + backward over them ({fb:.3f} s)"]  # fmt: skip
+    if fb:
+        lines += ["", f"ewc sampled Fisher pass over {len(reference)} batches: {fisher:.3f} s = {fisher / fb:.2f}x "
+                  f"one forward + backward over them ({fb:.3f} s)"]  # fmt: skip
     text = "\n".join(lines)
     print("\n" + text)
     if args.out is not None:
