@@ -146,3 +146,23 @@ def test_the_registry_does_not_import_the_run_config():
     code = "import sys, tether.regularizers; print('tether.config' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "False"
+
+
+@pytest.mark.parametrize(
+    ("change", "refused"),
+    [
+        ({"early_stopping": {"metric": "loss"}}, None),  # the Trainer completes it to eval_loss
+        ({"early_stopping": {"metric": "eval_forgetting"}}, None),
+        ({"early_stopping": {"metric": "eval_probe_kl"}}, None),
+        ({"early_stopping": {"metric": "eval_forgetting"}, "evaluation": {"track": False}}, "eval_forgetting is not"),
+        ({"early_stopping": {"metric": "eval_probe_kl"}, "evaluation": {"probe_rows": 0}}, "eval_probe_kl is not"),
+        ({"early_stopping": {"metric": "eval_lm_eval/x/acc"}}, "use one of eval_loss, eval_reference_loss"),
+    ],
+)
+def test_early_stopping_watches_a_metric_the_evaluations_log(raw_config, change, refused):
+    raw = raw_config | change
+    if refused is None:
+        validate_config(raw)
+        return
+    with pytest.raises(ConfigError, match=refused):
+        validate_config(raw)

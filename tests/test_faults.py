@@ -141,6 +141,8 @@ def test_the_lock_of_a_killed_run_is_taken_over(raw_config, tmp_path, caplog):
         ("regularizers.0={name: kl, reference: {adapter: clone}}", "regularizers[0]: kl.reference.adapter applies"),
         ("regularizers.0={name: ewc, fisher_path: /no/f.safetensors}", "regularizers[0]: ewc.fisher_path: /no/f."),
         ("regularizers.0={name: l2_sp, strength: 1000}", "regularizers[0]: l2_sp.strength: lr * strength = 3 >= 1"),
+        # a metric no evaluation logs stopped the run only at its first evaluation
+        ("early_stopping={metric: eval_los}", "early_stopping.metric eval_los is not logged at this run's"),
     ],
 )
 def test_validate_rejects_what_train_rejects_with_the_same_line(raw_config, tmp_path, monkeypatch, capsys, override,

@@ -393,11 +393,8 @@ class RunConfig(Section):
             raise ValueError("data.packing is for task causal_lm: remove it (classification rows are one text each)")
         if self.data.packing and any(r.name == "neftune" for r in self.regularizers):
             raise ValueError("neftune scales its noise by each row's length, which packing hides: drop one of them")
-        if self.early_stopping and self.early_stopping.metric in CLASSIFICATION_METRICS and self.task == "causal_lm":
-            raise ValueError(
-                f"early_stopping.metric {self.early_stopping.metric} is measured for task sequence_classification "
-                "only: use eval_loss"
-            )
+        if self.early_stopping:
+            self._check_metric(self.early_stopping.metric)
         if self.model.synthetic and self.task == "causal_lm" and self.model.synthetic.arch in ("bert", "roberta"):
             raise ValueError(
                 f"model.synthetic.arch {self.model.synthetic.arch} is an encoder: use task sequence_classification"
@@ -409,6 +406,28 @@ class RunConfig(Section):
         if self.lora is not None and self.lora.init == "corda_kpm" and not self.data.reference:
             raise ValueError("lora.init corda_kpm preserves what data.reference needs: set data.reference")
         return self
+
+    def _check_metric(self, metric: str) -> None:
+        """early_stopping.metric must be one the evaluations log: a misspelled one stopped the run at its first
+        evaluation, after the training up to it."""
+        if metric in CLASSIFICATION_METRICS and self.task == "causal_lm":
+            raise ValueError(
+                f"early_stopping.metric {metric} is measured for task sequence_classification only: use eval_loss"
+            )
+        name = metric if metric.startswith("eval_") else f"eval_{metric}"  # the Trainer's own completion
+        logged = ["eval_loss", *(["eval_accuracy", "eval_f1"] if self.task != "causal_lm" else [])]
+        ev = self.evaluation
+        if ev.track and self.data.reference:
+            logged += ["eval_reference_loss", "eval_forgetting", "eval_recall"]
+        if ev.track and ev.probe_rows:
+            logged.append("eval_probe_kl")
+        lm_eval = ev.track and ev.lm_eval is not None and ev.lm_eval.at_evaluations
+        if name not in logged and not (lm_eval and name.startswith("eval_lm_eval/")):
+            more = ", eval_lm_eval/<task>/<metric>" if lm_eval else ""
+            raise ValueError(
+                f"early_stopping.metric {metric} is not logged at this run's evaluations: use one of "
+                f"{', '.join(logged)}{more}"
+            )
 
     def _check_budget(self, measure: str) -> None:
         if not self.evaluation.track:
