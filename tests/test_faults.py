@@ -213,3 +213,24 @@ def test_version(monkeypatch, capsys):
     monkeypatch.setattr(sys, "argv", ["tether", "--version"])
     main()  # exit status 0: main() returns
     assert capsys.readouterr().out == f"tether {version('tether')}\n"
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("regularizers.0={name: kl}", "kl on FSDP need LoRA (a `lora:` section)"),
+        ("regularizers.0={name: ema}", "ema keep whole-model copies and do not run on FSDP"),
+        ("osf={effective_rank: 0.5}", "osf: FSDP2 replaces each parameter by its shards"),
+    ],
+)
+def test_validate_refuses_what_cannot_run_on_the_fsdp_the_config_asks_for(raw_config, tmp_path, monkeypatch, capsys,
+                                                                           override, message):  # fmt: skip
+    """training.fsdp in the config: validate asks run.check_sharding, which train asks of the trainer's launch."""
+    config = _write(_config(raw_config), tmp_path)
+    code, err = _cli(monkeypatch, capsys, "validate", str(config), "--set", "training.fsdp=true", "--set", override)
+    assert code == 2 and err.startswith(f"error: {message}") and len(err.strip().splitlines()) == 1, err
+    from tether.cli import main
+
+    monkeypatch.setattr(sys, "argv", ["tether", "validate", str(config), "--set", "training.fsdp=true"])
+    main()  # l2 and weight_decay run on shards: no refusal
+    assert capsys.readouterr().out.startswith("ok ")

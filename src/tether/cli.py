@@ -78,10 +78,13 @@ def validate(config: Path, set_: SetOpt = []) -> None:  # noqa: B006
     """Check a config (sections, training arguments, regularizers, files, the data's rows) without training."""
     from tether.config import load_config
     from tether.data import check_data
-    from tether.run import training_args
+    from tether.regularizers import RegularizerStack, parse_entries
+    from tether.run import check_sharding, training_args
 
     cfg = load_config(config, set_)
-    training_args(cfg, Path(cfg.output_dir))  # as train builds them before anything is written: the same refusals
+    args = training_args(cfg, Path(cfg.output_dir))  # as train builds them before anything is written
+    version = int(args.fsdp_config.get("version", 2)) if args.fsdp else None  # transformers' own default
+    check_sharding(cfg, RegularizerStack.from_configs(parse_entries(cfg.regularizers)), version, bool(args.deepspeed))
     summary = check_data(cfg)  # the tokenizer, every row and label, as train reads them
     names = ", ".join(r.name for r in cfg.regularizers) or "none"
     console.print(f"[green]ok[/] {config}: task {cfg.task}, regularizers: {names}")

@@ -491,16 +491,24 @@ def _trainer(cfg: RunConfig, model: nn.Module, tokenizer: Any, args: Any, data: 
     except ValueError as e:  # the Trainer checks the arguments against the launch (e.g. fsdp needs processes)
         raise ConfigError(f"training: {str(e).strip().splitlines()[0]}: change the training section") from None
     trainer.remove_callback(PrinterCallback)  # history.jsonl and the progress bar carry the logs
-    if trainer.is_deepspeed_enabled:
-        check_deepspeed(stack)
-    if trainer.is_fsdp_enabled:
-        if cfg.osf is not None:  # a silent no-op otherwise: tests/test_osf.py shows the hooks lost under fully_shard
-            raise ConfigError(
-                "osf: FSDP2 replaces each parameter by its shards, and with them the gradient hooks by which PEFT's "
-                "OSF keeps the updates off the frozen directions: train osf without FSDP, or use lora"
-            )
-        check_fsdp(stack, getattr(trainer.accelerator.state.fsdp_plugin, "fsdp_version", 1), cfg.lora is not None)
+    version = getattr(trainer.accelerator.state.fsdp_plugin, "fsdp_version", 1) if trainer.is_fsdp_enabled else None
+    check_sharding(cfg, stack, version, trainer.is_deepspeed_enabled)
     return trainer
+
+
+def check_sharding(cfg: RunConfig, stack: RegularizerStack, fsdp_version: int | None, deepspeed: bool) -> None:
+    """What cannot run on FSDP (fsdp_version given) or DeepSpeed: train asks it of the trainer's launch, validate of
+    the training section (training.fsdp / training.deepspeed)."""
+    if deepspeed:
+        check_deepspeed(stack)
+    if fsdp_version is None:
+        return
+    if cfg.osf is not None:  # a silent no-op otherwise: tests/test_osf.py shows the hooks lost under fully_shard
+        raise ConfigError(
+            "osf: FSDP2 replaces each parameter by its shards, and with them the gradient hooks by which PEFT's "
+            "OSF keeps the updates off the frozen directions: train osf without FSDP, or use lora"
+        )
+    check_fsdp(stack, fsdp_version, cfg.lora is not None)
 
 
 def check_deepspeed(stack: RegularizerStack) -> None:
