@@ -106,6 +106,18 @@ def test_weight_decay_groups_exempt_biases_and_norms(arch):
     assert all(model.get_parameter(n).ndim >= 2 for n in decayed)
 
 
+def test_mambas_log_decay_rates_are_not_decayed():
+    from tests.archs import tiny
+
+    model = tiny("mamba")
+    groups = _stack(model, {"name": "weight_decay", "strength": 0.1}).param_groups(model)
+    by_id = {id(p): n for n, p in model.named_parameters()}
+    decayed = {by_id[id(p)] for g in groups if g["weight_decay"] == 0.1 for p in g["params"]}
+    a_log = [n for n in by_id.values() if n.endswith("A_log")]
+    assert a_log and not decayed.intersection(a_log)
+    assert any(n.endswith("in_proj.weight") for n in decayed)
+
+
 def test_weight_decay_behaviour_decays_only_decayed_group():
     model = _model()
     stack = _stack(model, {"name": "weight_decay", "strength": 0.5})

@@ -259,8 +259,10 @@ def base_name(name: str) -> str:
 
 
 def no_decay(module: nn.Module, param_name: str, param: torch.Tensor) -> bool:
-    """Biases, every norm (LayerNorm, RMSNorm and custom *Norm classes, matched by class name) and 1-D tensors."""
-    return param_name.endswith("bias") or param.ndim < 2 or "norm" in type(module).__name__.lower()
+    """Biases, every norm (LayerNorm, RMSNorm and custom *Norm classes, matched by class name), 1-D tensors, and the
+    log decay rates of state-space layers (A_log: Mamba, Jamba, Bamba; the Mamba reference exempts them too: decayed
+    toward 0, every channel's memory would drift toward one rate)."""
+    return param_name.endswith(("bias", "A_log")) or param.ndim < 2 or "norm" in type(module).__name__.lower()
 
 
 def trainable_weights(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
