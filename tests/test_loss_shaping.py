@@ -229,3 +229,18 @@ def test_the_shaped_loss_at_strength_0_is_the_models_own(task):
     params = [p for p in model.parameters() if p.requires_grad]
     for g, w in zip(torch.autograd.grad(shaped, params), torch.autograd.grad(own, params)):
         torch.testing.assert_close(g, w)
+
+
+def test_flow_weighs_the_rows_replay_mixes_in_wherever_it_is_listed():
+    """The stack gives flow (Regularizer.reads_rows) the rows after replay's even when flow is listed first: before,
+    a batch of replayed rows stopped the run at its first step."""
+    model = model_of()
+    train, reference = rows_of(8, seed=1), rows_of(8, seed=2)
+    entries = [{"name": "flow"}, {"name": "replay", "ratio": 0.5}]
+    stack = RegularizerStack.from_configs([REGISTRY[e["name"]].config(**e) for e in entries])
+    rows = stack.train_data(train, reference, 0)
+    mixed = [row for row in rows if row not in train]
+    assert mixed
+    stack.setup(SetupContext(model, None, 1e-2))
+    loss, _ = shaped_forward(stack, model, Collator(0)(mixed))
+    assert torch.isfinite(loss)

@@ -162,6 +162,9 @@ class Regularizer(Protocol):
     touches_parameters: ClassVar[bool] = False
     """True: reads or writes the parameters or their gradients directly (anchors, closed-form pulls), which
     DeepSpeed ZeRO hides in its own flattened partitions."""
+    reads_rows: ClassVar[bool] = False
+    """True: its train_data only reads the training rows (flow weighs them): the stack gives it the rows after every
+    regularizer that changes them (replay, self_replay), wherever it is listed."""
     filters_update: ClassVar[bool] = False
     """True: undoes part of the optimizer's own update (mofo): its step_begin runs after every other's, its
     step_end before every other's, so that it sees exactly the optimizer's step."""

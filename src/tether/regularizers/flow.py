@@ -4,8 +4,9 @@
 
 so that rows far from what the model knows (which would pull it furthest) count less. The weights are computed once,
 at setup, by one forward pass of the model as loaded (before any training; under LoRA the adapters are still at
-their initial value) over the training rows after the regularizers before it in the list (replay rows included),
-and looked up by each row's content (tether.reference.row_keys): a step costs nothing more than the plain loss.
+their initial value) over the training rows as they will train (replay's and self_replay's rows included: the
+stack gives flow the rows last, Regularizer.reads_rows), and looked up by each row's content
+(tether.reference.row_keys): a step costs nothing more than the plain loss.
 Normalized to mean 1 over the rows, so the learning rate keeps its meaning. tau: None takes the median row loss.
 
 With strength s the loss is (1 - s) * CE + s * FLOW, exactly FLOW at s = 1: each token of row i gets w_i (the row
@@ -39,6 +40,8 @@ class FLOWConfig(RegularizerConfig):
 
 @register("flow", FLOWConfig)
 class FLOW(Regularizer):
+    reads_rows = True  # weighs the rows replay / self_replay mix in, wherever flow is listed
+
     def __init__(self, config: FLOWConfig) -> None:
         self.config = config
         self.rows: list[dict] | None = None
@@ -79,9 +82,8 @@ class FLOW(Regularizer):
         missing = [i for i, k in enumerate(keys) if k not in self.weights]
         if missing:
             raise ConfigError(
-                "flow: a training batch holds a row it did not weigh at setup (rows added by a regularizer listed "
-                "after flow, another collator, or packing): list flow after replay / self_replay, train on the rows "
-                "given to the stack, unpacked, or remove flow"
+                "flow: a training batch holds a row it did not weigh at setup (another collator, or packing): train "
+                "on the rows given to the stack, unpacked, or remove flow"
             )
         per_row = torch.tensor([self.weights[k] for k in keys], device=inputs["labels"].device)
         return lambda logits, nll, rows: per_row[rows]

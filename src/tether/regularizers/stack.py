@@ -157,9 +157,10 @@ class RegularizerStack:
         ctx: SetupContext | None = None,
     ) -> list[dict]:
         """The training rows after each regularizer's train_data, in order (replay mixes reference rows in; ctx: the
-        model before setup, for self_replay's generation: Regularizer.train_data)."""
+        model before setup, for self_replay's generation: Regularizer.train_data), those that only read them last
+        (Regularizer.reads_rows: flow weighs the rows replay mixed in, whatever the order of the list)."""
         self.reference_rows_given = self.reference_rows_given or reference is not None
-        for reg, _ in self.items:
+        for reg, _ in sorted(self.items, key=lambda item: item[0].reads_rows):
             train = reg.train_data(train, reference, seed, load, ctx)
         return train
 
