@@ -113,6 +113,8 @@ def outside_top(momentum: torch.Tensor, fraction: float, scratch: Scratch | None
             bits = magnitude.copy_(flat).abs_().view(torch.int32)  # bf16/fp16 widen exactly
     rank = n - k + 1
     threshold = bits.kthvalue(rank).values if n <= SMALL else kth_smallest(bits, rank, ints, mask)
+    if not bool(threshold):  # ties at 0 count: every entry moves (an embedding most of whose rows saw no batch)
+        return None
     below = torch.lt(bits, threshold, out=mask)  # |m| below the threshold, compared exactly as integers
     return below.to(torch.float64) if ints is None else magnitude.copy_(below)
 
