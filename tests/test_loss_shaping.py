@@ -11,27 +11,10 @@ import pytest
 import torch
 from torch import nn
 
+from tests.test_reference_regularizers import VOCAB, batch_of, model_of
 from tether.data import IGNORE, Collator
 from tether.regularizers import REGISTRY, RegularizerStack, SetupContext
 from tether.step import regularized_loss, shaped_forward
-from tether.synthetic import tiny_model
-
-VOCAB = 40
-
-
-def model_of(task: str = "causal_lm") -> nn.Module:
-    return tiny_model("llama", task, VOCAB, hidden_size=16, num_layers=2, num_heads=2, seed=0)
-
-
-def batch_of(n: int, task: str = "causal_lm") -> dict[str, torch.Tensor]:
-    """Padded rows whose first 3 positions are a prompt without loss (causal LM), or class labels."""
-    rng = random.Random(0)
-    rows = []
-    for _ in range(n):
-        ids = [rng.randrange(4, VOCAB) for _ in range(rng.randint(5, 10))]
-        labels = rng.randrange(2) if task != "causal_lm" else [IGNORE] * 3 + ids[3:]
-        rows.append({"input_ids": ids, "attention_mask": [1] * len(ids), "labels": labels})
-    return Collator(0)(rows)
 
 
 def stack_of(model: nn.Module, entry: dict) -> RegularizerStack:
@@ -81,7 +64,7 @@ CASES = [("dft", dft_weight, {}), ("eaft", eaft_weight, {"top_k": 5})]
 @pytest.mark.parametrize("strength", [1.0, 0.4])
 @pytest.mark.parametrize(("name", "weight", "fields"), CASES, ids=[c[0] for c in CASES])
 def test_the_loss_is_the_reweighted_cross_entropy(name, weight, fields, strength, task):
-    model = model_of(task)
+    model = model_of(task=task)
     batch = batch_of(4, task=task)
     if task == "causal_lm":
         batch["labels"][1, 6:] = IGNORE  # an ignored tail: those positions carry no loss
@@ -198,7 +181,7 @@ def step_loss(stack: RegularizerStack, model: nn.Module, batch: dict) -> torch.T
 def test_asft_is_dft_plus_the_kl_anchor(task):
     """asft's loss is dft's plus anchor times kl's, on the same batch, each against a frozen copy of the model as it
     was at setup (then moved, so that the KL is not zero); its reg/asft log is the sum of both terms."""
-    model = model_of(task)
+    model = model_of(task=task)
     batch = batch_of(4, task=task)
     entries = [{"name": "asft", "anchor": 0.3}, {"name": "dft"}, {"name": "kl", "strength": 1.0}]
     stacks = []
@@ -221,7 +204,7 @@ def test_asft_is_dft_plus_the_kl_anchor(task):
 @pytest.mark.parametrize("task", ["causal_lm", "sequence_classification"])
 def test_the_shaped_loss_at_strength_0_is_the_models_own(task):
     """The stack's one cross-entropy pass replaces the model's: unweighted, it is the model's loss and gradient."""
-    model = model_of(task)
+    model = model_of(task=task)
     batch = batch_of(4, task=task)
     own = model(**batch).loss
     shaped, _ = shaped_forward(stack_of(model, {"name": "dft", "strength": 0.0}), model, batch)
