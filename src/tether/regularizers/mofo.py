@@ -7,20 +7,21 @@ afterwards puts back every entry outside the top-α of |exp_avg|, per tensor (on
 so the top-α is per shard there). Everything the optimizer step does is filtered, AdamW's decoupled weight decay
 included; regularizers that move weights before the step (l2_sp decoupled, weight_decay) are not: the stack runs
 this filter after their step_begin and before any step_end (EMA averages the filtered weights). Needs an
-Adam-family optimizer (its state holds exp_avg). Memory: one copy of the trainable weights, and 9 bytes per entry of
+Adam-family optimizer (its state holds exp_avg). Memory: one copy of the trainable weights, and 7 bytes per entry of
 the largest tensor for the selection.
 
-The top-α is exact (the k-th largest |m| is found, and ties with it count), by a radix select: |m| of an fp32
-number read as an int32 is monotonic in |m|, so one bincount of its top 12 bits finds the bin that holds the k-th
-largest, and kthvalue runs only on that bin's entries (~1-2% of the tensor; the next 12 bits first if more remain).
-Zeros that fill the rank (an embedding's rows no batch has reached) are counted, not selected. kthvalue over whole
-tensors cost ~10 ms a step for 1.3M parameters on one CPU core, 12% of a step of the tiny Llama in
-benchmarks/overhead.py; the filter now costs ~4 ms there.
+The top-alpha is exact (the k-th largest |m| is found, and ties with it count), by a radix select: the top 16 bits of
+an fp32 (or bf16, fp64) number, sign dropped, are ordered as |m| is, and they are a strided view of the tensor, so one
+bincount of them finds the bin that holds the k-th largest; only that bin's entries (about 0.2% of a tensor) are
+gathered for the rest of the bits. Zeros that fill the rank (an embedding's rows no batch has reached) are counted, not
+selected. A step of the 58M-parameter Llama in benchmarks/gpu.py (on one CPU core) is 1.06x plain with it, 1.18x
+with kthvalue over whole tensors, 1.08-1.10x with a first level of 12 bits from a copy of |m| (benchmarks/RESULTS.md).
 """
 
 from __future__ import annotations
 
 import math
+import sys
 
 import torch
 from pydantic import Field
@@ -82,41 +83,42 @@ class Scratch:
     step on CPU."""
 
     def __init__(self, size: int, device: torch.device) -> None:
-        self.magnitude = torch.empty(size, dtype=torch.float32, device=device)
-        self.ints = torch.empty(size, dtype=torch.int32, device=device)
+        self.top = torch.empty(size, dtype=torch.int16, device=device)
         self.mask = torch.empty(size, dtype=torch.bool, device=device)
+        self.weight = torch.empty(size, dtype=torch.float32, device=device)
 
     @classmethod
     def for_tensors(cls, tensors: list[torch.Tensor]) -> Scratch:
         return cls(max((t.numel() for t in tensors), default=0), tensors[0].device if tensors else torch.device("cpu"))
 
     def nbytes(self) -> int:
-        return nbytes([self.magnitude, self.ints, self.mask])
+        return nbytes([self.top, self.mask, self.weight])
 
 
 def outside_top(momentum: torch.Tensor, fraction: float, scratch: Scratch | None = None) -> torch.Tensor | None:
-    """Flat weights, 0.0 where |momentum| is among its ceil(fraction * n) largest entries (ties at the threshold
-    all count), 1.0 elsewhere; None when that is every entry. fp32, in `scratch` (fp64 for fp64 momentum)."""
+    """Flat fp32 weights, 0.0 where |momentum| is among its ceil(fraction * n) largest entries (ties at the
+    threshold all count), 1.0 elsewhere; None when that is every entry. In `scratch` when it is large enough."""
     n = momentum.numel()
     k = max(1, math.ceil(fraction * n))
     if k >= n:
         return None
-    if momentum.dtype == torch.float64:  # no exact fp32 magnitude: its own int64 bits, fresh tensors
-        bits, ints, mask = momentum.abs().view(torch.int64).reshape(-1), None, None
-    else:
-        scratch = scratch if scratch is not None and scratch.magnitude.numel() >= n else Scratch(n, momentum.device)
-        magnitude, ints, mask = scratch.magnitude[:n], scratch.ints[:n], scratch.mask[:n]
-        flat = momentum.reshape(-1)
-        if flat.dtype == torch.float32:
-            bits = torch.abs(flat, out=magnitude).view(torch.int32)
-        else:
-            bits = magnitude.copy_(flat).abs_().view(torch.int32)  # bf16/fp16 widen exactly
-    rank = n - k + 1
-    threshold = bits.kthvalue(rank).values if n <= SMALL else kth_smallest(bits, rank, ints, mask)
-    if not bool(threshold):  # ties at 0 count: every entry moves (an embedding most of whose rows saw no batch)
-        return None
-    below = torch.lt(bits, threshold, out=mask)  # |m| below the threshold, compared exactly as integers
-    return below.to(torch.float64) if ints is None else magnitude.copy_(below)
+    flat, rank = momentum.reshape(-1), n - k + 1  # the threshold is the rank-th smallest |m|
+    if n <= SMALL:
+        bits = magnitude_bits(flat)
+        threshold = bits.kthvalue(rank).values
+        return None if not bool(threshold) else torch.lt(bits, threshold).float()
+    scratch = scratch if scratch is not None and scratch.top.numel() >= n else Scratch(n, momentum.device)
+    top = torch.bitwise_and(high_half(flat), 0x7FFF, out=scratch.top[:n])  # |m|'s top 15 bits, monotonic in |m|
+    below = torch.bincount(top, minlength=1 << 15).cumsum(0)  # entries in each bin and those below it
+    b = int(torch.searchsorted(below, rank - 1, right=True))  # the bin that holds the threshold
+    rank -= int(below[b - 1]) if b else 0
+    if b == 0 and n - int(torch.count_nonzero(flat)) >= rank:
+        return None  # ties at 0 count, so every entry moves: an embedding most of whose rows no batch has reached
+    in_bin = torch.eq(top, b, out=scratch.mask[:n]).nonzero().squeeze(1)
+    values = magnitude_bits(flat[in_bin])
+    put_back = torch.lt(top, b, out=scratch.weight[:n])  # the bins below the threshold's, then its entries below it
+    put_back[in_bin[values < kth_smallest(values, rank)]] = 1.0
+    return put_back
 
 
 def top_fraction(momentum: torch.Tensor, fraction: float) -> torch.Tensor:
@@ -125,29 +127,27 @@ def top_fraction(momentum: torch.Tensor, fraction: float) -> torch.Tensor:
     return torch.ones_like(momentum, dtype=torch.bool) if put_back is None else (put_back == 0).view(momentum.shape)
 
 
-def kth_smallest(
-    bits: torch.Tensor, rank: int, high: torch.Tensor | None, in_bin: torch.Tensor | None
-) -> torch.Tensor:
-    """The rank-th smallest (1-based) of non-negative `bits` (int32 or int64), by radix select: the histogram of
-    their top 12 bits finds the bin that holds it, then the next 12 bits of that bin's entries, and so on, until few
-    entries remain (kthvalue) or they are all equal. Zeros (an embedding's rows no batch has reached: most of the
-    tensor) are answered by a count, not a select over them. `high`, `in_bin`: scratch the size of `bits`
-    for the first level, or None."""
-    shift = 8 * bits.element_size() - 1 - 12
-    values = bits
-    while True:
-        digits = torch.bitwise_right_shift(values, shift, out=high if values is bits else None)
-        if values is not bits:
-            digits &= (1 << 12) - 1  # the higher bits are the same in every entry left
-        below = torch.bincount(digits, minlength=1 << 12).cumsum(0)  # entries in this bin and those below
-        b = int(torch.searchsorted(below, rank - 1, right=True))  # the first bin whose cumulative count reaches rank
+def high_half(x: torch.Tensor) -> torch.Tensor:
+    """The most significant 16 bits of each element (sign, exponent, the mantissa's top bits) as int16: a view."""
+    halves = x.view(torch.int16).view(-1, x.element_size() // 2)
+    return halves[:, -1 if sys.byteorder == "little" else 0]
+
+
+def magnitude_bits(x: torch.Tensor) -> torch.Tensor:
+    """|x|'s bits as a non-negative integer as wide as x: ordered as |x| is."""
+    ints = {2: torch.int16, 4: torch.int32, 8: torch.int64}[x.element_size()]
+    return x.view(ints) & torch.iinfo(ints).max
+
+
+def kth_smallest(values: torch.Tensor, rank: int) -> torch.Tensor:
+    """The rank-th smallest (1-based) of non-negative integers that agree in their top 16 bits: a radix select on
+    the next 16 bits at a time (bincount, keep the bin that holds it) until few remain or no bits are left."""
+    shift = 8 * values.element_size() - 16
+    while values.numel() > SMALL and shift > 0:
+        shift -= 16
+        digits = torch.bitwise_right_shift(values, shift) & 0xFFFF
+        below = torch.bincount(digits, minlength=1 << 16).cumsum(0)
+        b = int(torch.searchsorted(below, rank - 1, right=True))
         rank -= int(below[b - 1]) if b else 0
-        if b == 0 and values.numel() - int(torch.count_nonzero(values)) >= rank:
-            return values.new_zeros(())  # zeros fill the rank: an embedding's rows no batch has reached
-        values = values[torch.eq(digits, b, out=in_bin if values is bits else None)]
-        if values.numel() <= SMALL:
-            return values.kthvalue(rank).values
-        low, top = torch.aminmax(values)
-        if bool(low == top) or shift == 0:
-            return low
-        shift = max(0, shift - 12)
+        values = values[digits == b]
+    return values[0] if values.numel() > SMALL else values.kthvalue(rank).values  # more than SMALL: all equal
