@@ -175,7 +175,7 @@ def test_a_full_disk_during_a_save_is_one_line(raw_config, tmp_path, monkeypatch
     config, out = _write(_config(raw_config), tmp_path), tmp_path / "run"
     code, err = _cli(monkeypatch, capsys, "train", str(config), "--output-dir", str(out))
     assert code == 2 and len(err.strip().splitlines()) == 1, err
-    staged = out / ".staging" / "checkpoint-4" / "tether_state.safetensors"
+    staged = out / ".staging" / "run" / "checkpoint-4" / "tether_state.safetensors"
     assert err == f"error: no space left on device at {staged}: free space and rerun; nothing lost\n"
 
 

@@ -242,7 +242,7 @@ def test_a_kill_during_a_save_leaves_no_checkpoint_to_resume_from(raw_config, tm
     with pytest.raises(KeyboardInterrupt):
         train(cfg, tmp_path / "run")
     assert sorted(p.name for p in (tmp_path / "run").glob("checkpoint-*")) == ["checkpoint-4"]
-    assert (tmp_path / "run" / ".staging" / "checkpoint-8" / "model.safetensors").is_file()  # the half-written one
+    assert (tmp_path / "run" / ".staging" / "run" / "checkpoint-8" / "model.safetensors").is_file()  # half-written
     monkeypatch.setattr(RegularizedTrainer, "_save_rng_state", save_rng)
     resumed = train(cfg, tmp_path / "run")
     assert not (tmp_path / "run" / ".staging").exists()

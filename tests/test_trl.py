@@ -129,6 +129,7 @@ def test_sft_checkpoints_save_and_resume_with_the_stack_state(tmp_path: Path) ->
     whole = sft(tmp_path / "whole", regs, max_steps=4, save_strategy="steps", save_steps=2)
     whole.train()
     assert {p.name for p in (tmp_path / "whole").iterdir()} == {"README.md", "checkpoint-2", "checkpoint-4"}
+    assert "model_name: whole" in (tmp_path / "whole" / "README.md").read_text()  # the run's name, not the staging's
     resumed = sft(tmp_path / "resumed", regs, max_steps=4, save_strategy="steps", save_steps=2)
     resumed.train(resume_from_checkpoint=str(tmp_path / "whole" / "checkpoint-2"))
     ema_whole, ema_resumed = whole.stack.items[0][0], resumed.stack.items[0][0]

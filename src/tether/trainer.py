@@ -191,12 +191,13 @@ class RegularizedMixin:
         self._at_this_step(self.stack.closed_form_values)  # checked per log and save, not per step: see README
         run_dir = Path(self._get_output_dir(trial=trial))
         name = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
-        staged = run_dir / STAGING / name
+        # named as the run folder: TRL names the model card it writes beside the checkpoint after output_dir
+        staged = run_dir / STAGING / run_dir.name / name
         if self.args.should_save:
-            shutil.rmtree(staged.parent, ignore_errors=True)  # what a save killed earlier left
+            shutil.rmtree(run_dir / STAGING, ignore_errors=True)  # what a save killed earlier left
             save_safetensors_atomic(self.stack.state_dict(), staged / STACK_STATE)
         barrier()  # the staging folder is there before any process writes its part (rng_state_<rank>.pth)
-        output_dir, self.args.output_dir = self.args.output_dir, str(run_dir / STAGING)
+        output_dir, self.args.output_dir = self.args.output_dir, str(staged.parent)
         try:
             super()._save_checkpoint(model, trial)
         finally:
@@ -217,6 +218,7 @@ class RegularizedMixin:
         for left in staged.parent.iterdir():  # what a TRL trainer writes beside the checkpoint (its model card)
             os.replace(left, final.parent / left.name)
         staged.parent.rmdir()
+        staged.parent.parent.rmdir()
         limit, best = self.args.save_total_limit, self.state.best_model_checkpoint
         rotate_checkpoints(str(final.parent), save_total_limit=limit, best_model_checkpoint=best)
 
