@@ -15,11 +15,15 @@ from typing import Any
 
 import torch
 
+from tether.api import encode_rows
+from tether.data import Collator, Split
 from tether.distributed import full, is_main_process, world_size
 from tether.errors import TetherError
+from tether.evaluate import reference_metrics
 from tether.regularizers import REGISTRY, RegularizerStack, SetupContext
 from tether.step import train_step
-from tether.synthetic import tiny_model
+from tether.synthetic import char_tokenizer, tiny_model
+from tether.tracking import Probe, RunLog
 
 KINDS: dict[str, dict[str, Any]] = {
     "penalties": {
@@ -59,23 +63,27 @@ def batches(seed: int, count: int) -> list[dict[str, torch.Tensor]]:
     return out
 
 
-def build(kind: dict[str, Any], shard: bool) -> torch.nn.Module:
+def build(kind: dict[str, Any], shard: bool, vocab: int = VOCAB) -> torch.nn.Module:
     torch.manual_seed(0)
-    model = tiny_model("llama", "causal_lm", VOCAB, hidden_size=32, num_layers=2, num_heads=4)
+    model = tiny_model("llama", "causal_lm", vocab, hidden_size=32, num_layers=2, num_heads=4)
     if kind.get("lora"):
         from peft import LoraConfig, get_peft_model
 
         torch.manual_seed(1)
         model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
-    if shard:
-        from torch.distributed.device_mesh import init_device_mesh
-        from torch.distributed.fsdp import fully_shard
+    return sharded(model) if shard else model
 
-        mesh = init_device_mesh("cpu", (world_size(),))
-        for module in model.modules():
-            if type(module).__name__.endswith("DecoderLayer"):
-                fully_shard(module, mesh=mesh)
-        fully_shard(model, mesh=mesh)
+
+def sharded(model: torch.nn.Module) -> torch.nn.Module:
+    """FSDP2 over every process: each decoder layer, then the rest."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = init_device_mesh("cpu", (world_size(),))
+    for module in model.modules():
+        if type(module).__name__.endswith("DecoderLayer"):
+            fully_shard(module, mesh=mesh)
+    fully_shard(model, mesh=mesh)
     return model
 
 
@@ -133,6 +141,32 @@ def train(kind: dict[str, Any], out: Path, shard: bool) -> None:
         (out / "logs.json").write_text(json.dumps(logs))
 
 
+def tracked(out: Path, shard: bool) -> None:
+    """Forgetting tracked as at an evaluation of `tether train` (tracking.RunLog: reference loss and its increase,
+    greedy recall, the probe's KL), on the model after STEPS AdamW steps, sharded or not; the base's numbers and the
+    probe's logits are taken before, as start_tracking takes them. Under FSDP every process measures."""
+    tokenizer = char_tokenizer()
+    model = build({}, shard=False, vocab=len(tokenizer))
+    facts = [{"prompt": f"{a} plus {b} is", "completion": f" {a + b}"} for a, b in [(1, 2), (3, 4), (5, 6), (7, 1)]]
+    measured = Split(facts, encode_rows(facts, tokenizer, 32), "prompt_completion")
+    collator = Collator(tokenizer.pad_token_id)
+    run_log = RunLog(None)
+    before = reference_metrics(model, tokenizer, measured, collator)
+    probe = Probe.build(model, measured.encoded, collator, None, 2**20)
+    model = sharded(model) if shard else model
+    run_log.start(model, tokenizer, collator, measured, before, probe)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    rank, world = (torch.distributed.get_rank(), world_size()) if shard else (0, 1)
+    for batch in batches(3, STEPS):
+        model(**{k: v[rank::world] for k, v in batch.items()}).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    measures = run_log.measure(model)
+    if is_main_process():
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "tracked.json").write_text(json.dumps(measures))
+
+
 if __name__ == "__main__":
     torch.set_num_threads(1)  # two processes on two cores
     torch.distributed.init_process_group("gloo")
@@ -140,4 +174,5 @@ if __name__ == "__main__":
     for name, kind in KINDS.items():
         train(kind, root / f"fsdp-{name}", shard=True)
     refused(root)
+    tracked(root / "fsdp-tracked", shard=True)
     torch.distributed.destroy_process_group()

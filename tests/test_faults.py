@@ -221,6 +221,10 @@ def test_version(monkeypatch, capsys):
         ("regularizers.0={name: kl}", "kl on FSDP need LoRA (a `lora:` section)"),
         ("regularizers.0={name: ema}", "ema keep whole-model copies and do not run on FSDP"),
         ("osf={effective_rank: 0.5}", "osf: FSDP2 replaces each parameter by its shards"),
+        (
+            "evaluation.lm_eval={tasks: [arc_easy], at_evaluations: true}",
+            "evaluation.lm_eval.at_evaluations does not run on FSDP's shards",
+        ),
     ],
 )
 def test_validate_refuses_what_cannot_run_on_the_fsdp_the_config_asks_for(raw_config, tmp_path, monkeypatch, capsys,

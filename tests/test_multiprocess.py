@@ -146,6 +146,7 @@ def fsdp(tmp_path_factory) -> Path:
     assert proc.returncode == 0, proc.stderr[-3000:]
     for name, kind in fsdp_runs.KINDS.items():
         fsdp_runs.train(kind, root / f"one-{name}", shard=False)
+    fsdp_runs.tracked(root / "one-tracked", shard=False)
     return root
 
 
@@ -191,6 +192,17 @@ def test_fsdp_mofo_keeps_only_its_shards(fsdp: Path) -> None:
     for rank in (0, 1):
         held = json.loads((fsdp / "fsdp-filter" / f"memory.rank{rank}.json").read_text())
         assert 0.35 * whole <= held["mofo: weights before the step"] <= 0.65 * whole
+
+
+def test_fsdp_tracks_forgetting_as_one_process_does(fsdp: Path) -> None:
+    """At an evaluation under FSDP every process measures the sharded model (collective forwards, generation kept
+    in step): the reference loss, its increase, recall and the probe's KL equal the unsharded run's."""
+    one = json.loads((fsdp / "one-tracked" / "tracked.json").read_text())
+    two = json.loads((fsdp / "fsdp-tracked" / "tracked.json").read_text())
+    assert set(one) == set(two) == {"eval_reference_loss", "eval_forgetting", "eval_recall", "eval_probe_kl"}
+    assert one["eval_forgetting"] > 0.01 and one["eval_probe_kl"] > 0.01  # the steps moved the model
+    for key in one:
+        assert two[key] == pytest.approx(one[key], rel=1e-4, abs=1e-6), key
 
 
 def test_fsdp_refuses_whole_model_state(fsdp: Path) -> None:

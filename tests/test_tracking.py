@@ -255,3 +255,29 @@ def test_base_val_loss_is_the_untrained_models(raw_config: dict, tmp_path: Path)
     data = load_datasets(cfg.data, cfg.task, tokenizer)
     expected = dataset_metrics(model, data.validation.encoded, Collator(tokenizer.pad_token_id))["loss"]
     assert metrics["target"]["base_val_loss"] == pytest.approx(expected, rel=1e-6)
+
+
+@pytest.mark.parametrize("launch", ["fsdp", "deepspeed"])
+def test_tracking_starts_under_fsdp_and_is_said_off_under_deepspeed(raw_config: dict, launch: str, caplog) -> None:
+    """Under FSDP every process measures at each evaluation (tests/test_multiprocess.py measures sharded models
+    against one process); DeepSpeed is untested, so it is off there and the log says so."""
+    from types import SimpleNamespace
+
+    from tether.data import load_datasets
+    from tether.tracking import RunLog, start_tracking
+
+    cfg = validate_config(raw_config)
+    tokenizer = char_tokenizer()
+    data = load_datasets(cfg.data, cfg.task, tokenizer)
+    model = tiny_model("llama", "causal_lm", len(tokenizer), hidden_size=32, num_layers=2, num_heads=4)
+    run_log = RunLog(None)
+    trainer = SimpleNamespace(
+        callback_handler=SimpleNamespace(callbacks=[run_log]), model=model, stack=SimpleNamespace(reference=None),
+        is_fsdp_enabled=launch == "fsdp", is_deepspeed_enabled=launch == "deepspeed",
+    )  # fmt: skip
+    with caplog.at_level("WARNING", logger="tether.tracking"):
+        start_tracking(run_log, cfg, trainer, tokenizer, Collator(tokenizer.pad_token_id), data, {"loss": 1.0})
+    if launch == "fsdp":
+        assert run_log.model is model and run_log.probe is not None and not caplog.records
+    else:
+        assert run_log.model is None and "not tracked during training under DeepSpeed" in caplog.text

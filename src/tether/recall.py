@@ -7,6 +7,8 @@ from collections.abc import Callable
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from tether.distributed import gathers_per_module, has_sharded_parameters, world_size
+
 
 def exact_match_recall(
     model: PreTrainedModel,
@@ -58,6 +60,14 @@ def _greedy(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts:
     input_ids = torch.tensor([[pad_id] * (width - len(row)) + row for row in ids], device=device)
     mask = torch.tensor([[0] * (width - len(row)) + [1] * len(row) for row in ids], device=device)
     out = model.generate(
-        input_ids=input_ids, attention_mask=mask, max_new_tokens=n, do_sample=False, pad_token_id=pad_id
-    )
+        input_ids=input_ids, attention_mask=mask, max_new_tokens=n, do_sample=False, pad_token_id=pad_id,
+        synced_gpus=sharded(model),
+    )  # fmt: skip
     return out[:, width:].tolist()
+
+
+def sharded(model: PreTrainedModel) -> bool:
+    """Whether every process holds a part of the weights (FSDP2, ZeRO-3), so that each generation step is a collective
+    call: a process whose rows all ended would stop calling and leave the others waiting, unless generate keeps every
+    process stepping until all are done (synced_gpus)."""
+    return world_size() > 1 and (has_sharded_parameters(model) or gathers_per_module(model))

@@ -501,8 +501,21 @@ def check_sharding(cfg: RunConfig, stack: RegularizerStack, fsdp_version: int | 
     the training section (training.fsdp / training.deepspeed)."""
     if deepspeed:
         check_deepspeed(stack)
+        if cfg.evaluation.track and budget_of(cfg) is not None:
+            raise ConfigError(
+                "early_stopping.forgetting_budget: forgetting is not tracked during training under DeepSpeed: "
+                "train with FSDP2 or DDP, or drop the budget"
+            )
     if fsdp_version is None:
         return
+    lm_eval = cfg.evaluation.lm_eval
+    # lm-eval's generation does not keep the processes stepping together (synced_gpus), and each forward on shards
+    # is collective: one process done early would leave the others waiting
+    if cfg.evaluation.track and lm_eval is not None and lm_eval.at_evaluations:
+        raise ConfigError(
+            "evaluation.lm_eval.at_evaluations does not run on FSDP's shards: set it to false (the scores after "
+            "training are still taken, on the gathered model)"
+        )
     if cfg.osf is not None:  # a silent no-op otherwise: tests/test_osf.py shows the hooks lost under fully_shard
         raise ConfigError(
             "osf: FSDP2 replaces each parameter by its shards, and with them the gradient hooks by which PEFT's "
