@@ -221,3 +221,97 @@ def test_self_replay_and_flow_through_regularize(tmp_path: Path) -> None:
     t.train()
     with pytest.raises(TetherError, match="flow weighs each training row by its labelled tokens"):
         tether.regularize(trainer(tmp_path / "b"), [{"name": "flow"}])
+
+
+def ids(rows: Any) -> set[tuple[int, ...]]:
+    return {tuple(row["input_ids"]) for row in rows}
+
+
+def measured_and_replayed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, regs: list[dict[str, Any]],
+                          **given: Any) -> tuple[set, set, dict[str, Any]]:  # fmt: skip
+    """Train a regularized tiny trainer and run finish(): the rows finish() measured forgetting on (as passed to
+    knowledge), the reference rows replay mixed into the training rows (after the 16 of rows()), finish()'s results."""
+    seen: list[Any] = []
+    monkeypatch.setattr(tether.api, "knowledge", lambda model, tok, rows: seen.append(rows) or {"loss": 1.0})
+    t = tether.regularize(trainer(tmp_path, eval_strategy="no"), regs, **given)
+    replayed = ids(t.train_dataset.to_list()[16:])
+    t.eval_dataset = rows()
+    t.train()
+    results = tether.finish(t)
+    assert len(seen) > 1 and all(ids(r) == ids(seen[0]) for r in seen)  # before, and each candidate after
+    return ids(seen[0]), replayed, results
+
+
+WISE_FT = {"name": "wise_ft", "alphas": [0.0, 1.0]}
+REPLAY_ALL = {"name": "replay", "ratio": 0.34}  # 8 of 24 rows: every row of a source of up to 8, once
+
+
+def test_replay_and_wise_ft_split_the_reference(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """finish() measures wise_ft's models on reference rows replay never trained on: the two halves are disjoint
+    and together the reference, the same ones for the same seed, and finish() says so."""
+    everything = ids(tether.api.encode_rows(FACTS, TOKENIZER, 64))
+    measured, replayed, results = measured_and_replayed(tmp_path / "a", monkeypatch, [REPLAY_ALL, WISE_FT],
+                                                        reference=FACTS)  # fmt: skip
+    assert measured and replayed and not measured & replayed and measured | replayed == everything
+    assert measured_and_replayed(tmp_path / "b", monkeypatch, [REPLAY_ALL, WISE_FT], reference=FACTS)[0] == measured
+    assert results["reference_roles"] == {
+        "measured_rows": 4, "held_out_rows": 4, "holdout_share": 0.5, "split_seed": 0,
+        "readers": {"replay": "the held-out rows of reference (4 rows)"}, "trained_on_measured": False,
+    }  # fmt: skip
+
+
+def test_a_rows_windows_stay_on_one_side_of_the_split(tmp_path: Path) -> None:
+    long = [{"text": c * 20} for c in "abcdefgh"]  # 21 tokens with EOS: windows of 8, 8, 5, none shared by two rows
+    t = tether.regularize(trainer(tmp_path), [REPLAY_ALL, WISE_FT], reference=long, max_length=8)
+    measured = ids(t.reference_rows)
+    windows = [ids(tether.api.encode_rows([row], TOKENIZER, 8)) for row in long]
+    assert all(len(w) > 1 and (w <= measured or not w & measured) for w in windows)
+    assert (
+        sum(w <= measured for w in windows) == 4 and t.reference_roles["measured_rows"] == len(t.reference_rows) == 12
+    )
+
+
+def test_ewc_and_ema_split_the_reference(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """ewc's Fisher is estimated on the rows ema's model is not measured on."""
+    read: list[Any] = []
+    batches_of = tether.api.batches_of
+    monkeypatch.setattr(tether.api, "batches_of", lambda rows, *a: read.append(rows) or batches_of(rows, *a))
+    measured, _, results = measured_and_replayed(tmp_path, monkeypatch, [{"name": "ewc"}, {"name": "ema"}],
+                                                 reference=FACTS)  # fmt: skip
+    assert len(read) == 1 and len(measured) == len(read[0]) == 4 and not measured & ids(read[0])
+    assert results["reference_roles"]["readers"] == {"ewc": "the held-out rows of reference (4 rows)"}
+
+
+def test_measure_given_the_regularizers_read_every_reference_row(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    other = [{"prompt": f"The size of item {i} is", "completion": f" s{i}."} for i in range(3)]
+    measured, replayed, results = measured_and_replayed(tmp_path / "a", monkeypatch, [REPLAY_ALL, WISE_FT],
+                                                        reference=FACTS, measure=other)  # fmt: skip
+    assert replayed == ids(tether.api.encode_rows(FACTS, TOKENIZER, 64))
+    assert measured == ids(tether.api.encode_rows(other, TOKENIZER, 64))
+    roles = results["reference_roles"]
+    assert roles["held_out_rows"] == 0 and roles["holdout_share"] is None and not roles["trained_on_measured"]
+    assert roles["readers"] == {"replay": "every row of reference (8 rows)"}
+    again = measured_and_replayed(tmp_path / "b", monkeypatch, [REPLAY_ALL, WISE_FT], reference=FACTS, measure=FACTS)
+    assert again[0] == again[1] and again[2]["reference_roles"]["trained_on_measured"]  # asked for: and said so
+    alone = tether.regularize(trainer(tmp_path / "c"), [WISE_FT], measure=other)  # no reference: measure= only
+    assert ids(alone.reference_rows) == measured and alone.reference_before is not None
+
+
+@pytest.mark.parametrize("regs", [[REPLAY_ALL], [WISE_FT]], ids=["replay", "wise_ft"])
+def test_readers_or_measurers_alone_use_every_reference_row(regs: list[dict[str, Any]], tmp_path: Path) -> None:
+    t = tether.regularize(trainer(tmp_path), regs, reference=FACTS)
+    everything = ids(tether.api.encode_rows(FACTS, TOKENIZER, 64))
+    assert ids(t.reference_rows) == everything
+    if regs == [REPLAY_ALL]:
+        assert ids(t.train_dataset.select(range(16, 24))) == everything and t.reference_before is None
+    else:
+        assert len(t.train_dataset) == 16 and t.reference_before is not None
+
+
+def test_what_cannot_be_split_or_measured_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(TetherError, match="fewer than 2 rows: .* pass measure="):
+        tether.regularize(trainer(tmp_path / "a"), [REPLAY_ALL, WISE_FT], reference=FACTS[:1])
+    with pytest.raises(TetherError, match="measure= is what finish\\(\\) measures"):
+        tether.regularize(trainer(tmp_path / "b"), [REPLAY_ALL], reference=FACTS, measure=FACTS)

@@ -13,6 +13,7 @@ trainer then refuses to train when something would make a regularizer do nothing
 from __future__ import annotations
 
 import dataclasses
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -24,11 +25,19 @@ from tether.evaluate import forgetting as forgetting_of
 from tether.evaluate import reference_metrics
 from tether.reference import is_peft
 from tether.regularizers import FinishContext, RegularizerConfig, RegularizerStack, SetupContext, parse_entries
+from tether.roles import DEFAULT_HOLDOUT, split_reference
 from tether.section import RegularizerEntry
 from tether.trainer import RegularizedMixin, StepEnd, check_trainer, row_mixers
 
 Reference = str | Path | list[dict[str, Any]] | Any  # a JSONL file, rows, or a datasets.Dataset
+Rows = list[dict[str, Any]]
 MAX_LENGTH = 1024  # tokens per reference row when the trainer's arguments name no max_length
+MEASURERS = frozenset({"ema", "wise_ft", "merge"})  # finish() measures their models' forgetting on the reference
+TOO_FEW = (
+    "reference has fewer than 2 rows: it cannot be split between the regularizers that read it and finish()'s "
+    "measurement: add rows, or pass measure=<the rows to measure>"
+)
+log = logging.getLogger(__name__)
 
 
 def regularize(
@@ -36,6 +45,7 @@ def regularize(
     regularizers: list[dict[str, Any] | RegularizerConfig],
     reference: Reference | None = None,
     *,
+    measure: Reference | None = None,
     max_length: int | None = None,
     skip_non_finite: int = 0,
 ) -> Any:
@@ -47,51 +57,124 @@ def regularize(
     model itself): a JSONL path, a list of rows or a datasets.Dataset, with `text`, `prompt`/`completion` or
     `messages` (or already tokenized: `input_ids`, optional `labels`). A nonzero TrainingArguments.weight_decay
     becomes the weight_decay regularizer (biases and norms excluded, as transformers does).
+    measure: the rows tether.finish measures the forgetting of ema's, wise_ft's and merge's models on (same forms).
+    Left out while a regularizer reads the reference rows (replay, ewc, si, self_replay's reference prompts), the
+    reference is split as `tether train` splits data.reference: half its rows (seeded by args.seed, a row's windows
+    together) go to those regularizers, the rest is measured, so rows trained on do not flatter the measurement or
+    wise_ft's / merge's choice by it. Given, every reference row goes to the regularizers. finish() returns what
+    went where as `reference_roles`.
     The regularizers are set up now, on trainer.model as the trainer wraps it (under FSDP when it has sharded it):
     call this after building the trainer, and wrap no adapter around its model afterwards (refused at train())."""
     if isinstance(trainer, RegularizedMixin):
         raise TetherError("this trainer is regularized already: call tether.regularize once, with every regularizer")
     given_optimizer = trainer.optimizer is not None  # Trainer(optimizers=(opt, None)): args.weight_decay unused
     configs = _configs(regularizers, 0.0 if given_optimizer else trainer.args.weight_decay)
+    readers = [c.name for c in configs if c.without_reference_data() is not None]
+    measuring = bool(MEASURERS & {c.name for c in configs})
     tokenizer = trainer.processing_class
-    rows = _rows(reference)
-    if rows is None:
-        missing = [c.name for c in configs if c.without_reference_data() is not None]
-        if missing:
-            raise ConfigError(
-                f"{', '.join(missing)} need reference data: pass reference=<JSONL path, rows or Dataset>"
-            )
-    if rows is not None and tokenizer is None:
-        raise ConfigError("tether encodes the reference with the trainer's tokenizer: pass processing_class=tokenizer")
+    rows, measure_rows = _rows(reference), _rows(measure)
+    _check_reference(readers, measuring, rows, measure_rows, tokenizer)
     length = max_length or getattr(trainer.args, "max_length", None) or MAX_LENGTH  # TRL's configs have one
-    encoded = None if rows is None else encode_rows(rows, tokenizer, length)
+    ref, measured = _split(rows, tokenizer, length), _split(measure_rows, tokenizer, length)
+    roles = _roles(readers, measuring, ref, measured, trainer.args.seed)
     stack = RegularizerStack.from_configs(configs, skip_non_finite)
     cls = type(trainer)
     regularized = type(f"Regularized{cls.__name__}", (RegularizedMixin, cls), {"__module__": cls.__module__})
     check_trainer(regularized, stack)
-    if row_mixers(stack):  # replay: reference rows mixed into the training rows, in their form; self_replay
-        mixed = None if rows is None else _replayed(trainer, rows, encoded)  # generates with the model as it is
+    if row_mixers(stack):  # replay: the regularizers' reference rows mixed in, in the training rows' form;
+        given = roles.given  # self_replay generates from them with the model as it is
+        mixed = None if given is None else _replayed(trainer, _distinct(given.rows), given.encoded)
         before = SetupContext(trainer.model, None, trainer.args.learning_rate)
         trainer.train_dataset = stack.train_data(trainer.train_dataset, mixed, trainer.args.seed, ctx=before)
     trainer.__class__ = regularized
-    _install(trainer, stack, encoded)
+    _install(trainer, stack, roles)
     trainer.check_regularized()  # what is known now is refused now, not at train()
     return trainer
 
 
-def _install(trainer: Any, stack: RegularizerStack, encoded: list[dict[str, Any]] | None) -> None:
+def _check_reference(
+    readers: list[str], measuring: bool, rows: Rows | None, measure_rows: Rows | None, tokenizer: Any
+) -> None:
+    if rows is None and readers:
+        raise ConfigError(f"{', '.join(readers)} need reference data: pass reference=<JSONL path, rows or Dataset>")
+    if measure_rows is not None and not measuring:
+        raise ConfigError(
+            "measure= is what finish() measures ema's, wise_ft's and merge's models on: add one of them, or leave "
+            "measure out"
+        )
+    if (rows is not None or measure_rows is not None) and tokenizer is None:
+        raise ConfigError("tether encodes the reference with the trainer's tokenizer: pass processing_class=tokenizer")
+
+
+@dataclasses.dataclass(frozen=True)
+class _Roles:
+    given: Split | None  # what the regularizers read
+    measured: Split | None  # what finish() measures forgetting on
+    record: dict[str, Any] | None  # finish()'s reference_roles, as metrics.json's of `tether train`
+
+
+def _roles(readers: list[str], measuring: bool, reference: Split | None, measure: Split | None, seed: int) -> _Roles:
+    """Who reads which rows (see regularize's `measure`); one log line when readers and measurement share them."""
+    if reference is None and measure is None:
+        return _Roles(None, None, None)
+    share = DEFAULT_HOLDOUT if readers and measuring and measure is None else None
+    given, measured = reference, measure if measure is not None else reference
+    if share is not None:
+        measured, given = split_reference(reference, share, seed, TOO_FEW)
+    read = 0 if given is None else len(given.encoded)
+    what = "the held-out rows" if share else "every row"
+    record = {
+        "measured_rows": len(measured.encoded) if measuring else 0,
+        "held_out_rows": read if share is not None else 0,
+        "holdout_share": share,
+        "split_seed": seed if share is not None else None,
+        "readers": {name: f"{what} of reference ({read} rows)" for name in readers},
+        "trained_on_measured": bool(readers and measuring and _ids(given) & _ids(measured)),
+    }
+    if readers and measuring:
+        _say(", ".join(readers), read, len(measured.encoded), share, seed)
+    return _Roles(given, measured, record)
+
+
+def _say(readers: str, read: int, measured: int, share: float | None, seed: int) -> None:
+    if share:
+        log.info("reference: %d rows held out for %s (share %s, seed %d), the other %d measured by finish(); "
+                 "measure= names the rows to measure", read, readers, share, seed, measured)  # fmt: skip
+    else:
+        log.info("reference: all %d rows to %s; finish() measures the %d rows of measure=", read, readers, measured)
+
+
+def _split(rows: Rows | None, tokenizer: Any, max_length: int) -> Split | None:
+    """The rows and their examples, a windowed row repeated once per window (as a data.Split holds them)."""
+    if rows is None:
+        return None
+    pairs = [(row, example) for row in rows for example in encode_rows([row], tokenizer, max_length)]
+    return Split([row for row, _ in pairs], [example for _, example in pairs], "text")
+
+
+def _distinct(rows: Rows) -> Rows:
+    return list({id(row): row for row in rows}.values())  # a windowed row's windows share the one row
+
+
+def _ids(split: Split | None) -> set[tuple[int, ...]]:
+    return set() if split is None else {tuple(example["input_ids"]) for example in split.encoded}
+
+
+def _install(trainer: Any, stack: RegularizerStack, roles: _Roles) -> None:
     """The stack on the (regularized) trainer, set up on its model: now, or under FSDP once it is sharded."""
     trainer.stack = stack
-    trainer.reference_rows = encoded
+    trainer.reference_rows = None if roles.measured is None else roles.measured.encoded
+    trainer.reference_roles = roles.record
     tokenizer = trainer.processing_class
-    refs = None if encoded is None else batches_of(encoded, collator(tokenizer), 8, trainer.args.device)
+    given = roles.given
+    refs = None if given is None else batches_of(given.encoded, collator(tokenizer), 8, trainer.args.device)
     ctx = SetupContext(trainer.model, refs, trainer.args.learning_rate)
     if trainer.is_fsdp_enabled:  # FSDP shards the model inside train(): set up on the shards there
         trainer.pending_setup = lambda: stack.setup(dataclasses.replace(ctx, model=trainer.model))
     else:
         stack.setup(ctx)
-    if encoded is not None and {"ema", "wise_ft", "merge"} & set(stack.names):  # their final models are measured too
-        trainer.reference_before = knowledge(trainer.model, tokenizer, encoded)
+    if trainer.reference_rows is not None and MEASURERS & set(stack.names):  # their final models are measured too
+        trainer.reference_before = knowledge(trainer.model, tokenizer, trainer.reference_rows)
     trainer.add_callback(StepEnd(stack))
 
 
@@ -185,8 +268,10 @@ def forgetting(
 
 
 def finish(trainer: Any, output_dir: str | Path | None = None) -> dict[str, Any]:
-    """After train(): what ema and wise_ft do at the end of a run (their models measured on the trainer's eval data
-    and the reference, and saved under output_dir/model_ema, model_wise_ft); {name: results}."""
+    """After train(): what ema, wise_ft and merge do at the end of a run (their models measured on the trainer's eval
+    data and the measured reference rows, and saved under output_dir/model_ema, model_wise_ft, model_merge);
+    {name: results}, and `reference_roles` when regularize() was given rows: which reference rows were measured and
+    which the regularizers read (as metrics.json's of `tether train`)."""
     if not isinstance(trainer, RegularizedMixin):
         raise TetherError("finish() takes a trainer that tether.regularize returned")
     out = Path(output_dir or trainer.args.output_dir)
@@ -206,4 +291,6 @@ def finish(trainer: Any, output_dir: str | Path | None = None) -> dict[str, Any]
         tokenizer.save_pretrained(out / name)
         return out / name
 
-    return trainer.stack.after_training(trainer.model, FinishContext(out, evaluate, save))
+    results = trainer.stack.after_training(trainer.model, FinishContext(out, evaluate, save))
+    roles = getattr(trainer, "reference_roles", None)  # a mixin trainer built by hand has none
+    return results if roles is None else results | {"reference_roles": roles}

@@ -64,8 +64,8 @@ def assign_roles(cfg: RunConfig, reference: Split | None) -> Roles:
     if share is None and needing and not ev.train_on_measured:
         share = DEFAULT_HOLDOUT
     measured, held = reference, None
-    if share is not None:  # its own stream: not the validation split's order
-        measured, held = split_off(reference, share, f"reference-roles-{cfg.data.seed}", TOO_FEW)
+    if share is not None:
+        measured, held = split_reference(reference, share, cfg.data.seed)
     given = reference if ev.train_on_measured else held
     same_file = [n for n, own in readers.items() if own is not None and _same(own, cfg.data.reference)]
     trained_on_measured = bool(needing and ev.train_on_measured) or bool(same_file)
@@ -78,6 +78,12 @@ def assign_roles(cfg: RunConfig, reference: Split | None) -> Roles:
         "trained_on_measured": trained_on_measured,
     }
     return Roles(measured, given if needing else None, record)
+
+
+def split_reference(reference: Split, share: float, seed: int, too_few: str = TOO_FEW) -> tuple[Split, Split]:
+    """(measured, held out for the regularizers): `share` of the rows held out, a row's windows together. Its own
+    seeded stream, not the validation split's order; `tether train` and tether.regularize split alike by it."""
+    return split_off(reference, share, f"reference-roles-{seed}", too_few)
 
 
 def readers_text(readers: dict[str, str | None], given: Split | None, everything: bool) -> dict[str, str]:
