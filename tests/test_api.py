@@ -230,9 +230,15 @@ def ids(rows: Any) -> set[tuple[int, ...]]:
 def measured_and_replayed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, regs: list[dict[str, Any]],
                           **given: Any) -> tuple[set, set, dict[str, Any]]:  # fmt: skip
     """Train a regularized tiny trainer and run finish(): the rows finish() measured forgetting on (as passed to
-    knowledge), the reference rows replay mixed into the training rows (after the 16 of rows()), finish()'s results."""
+    reference_metrics), the reference rows replay mixed into the training rows (after the 16 of rows()), finish()'s
+    results."""
     seen: list[Any] = []
-    monkeypatch.setattr(tether.api, "knowledge", lambda model, tok, rows: seen.append(rows) or {"loss": 1.0})
+
+    def measured(model: Any, tokenizer: Any, split: Any, collate: Any) -> dict[str, float]:
+        seen.append(split.encoded)
+        return {"loss": 1.0}
+
+    monkeypatch.setattr(tether.api, "reference_metrics", measured)
     t = tether.regularize(trainer(tmp_path, eval_strategy="no"), regs, **given)
     replayed = ids(t.train_dataset.to_list()[16:])
     t.eval_dataset = rows()
@@ -263,12 +269,11 @@ def test_replay_and_wise_ft_split_the_reference(tmp_path: Path, monkeypatch: pyt
 def test_a_rows_windows_stay_on_one_side_of_the_split(tmp_path: Path) -> None:
     long = [{"text": c * 20} for c in "abcdefgh"]  # 21 tokens with EOS: windows of 8, 8, 5, none shared by two rows
     t = tether.regularize(trainer(tmp_path), [REPLAY_ALL, WISE_FT], reference=long, max_length=8)
-    measured = ids(t.reference_rows)
+    measured = ids(t.reference_measured.encoded)
     windows = [ids(tether.api.encode_rows([row], TOKENIZER, 8)) for row in long]
     assert all(len(w) > 1 and (w <= measured or not w & measured) for w in windows)
-    assert (
-        sum(w <= measured for w in windows) == 4 and t.reference_roles["measured_rows"] == len(t.reference_rows) == 12
-    )
+    assert sum(w <= measured for w in windows) == 4
+    assert t.reference_roles["measured_rows"] == len(t.reference_measured.encoded) == 12
 
 
 def test_ewc_and_ema_split_the_reference(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -296,14 +301,14 @@ def test_measure_given_the_regularizers_read_every_reference_row(
     again = measured_and_replayed(tmp_path / "b", monkeypatch, [REPLAY_ALL, WISE_FT], reference=FACTS, measure=FACTS)
     assert again[0] == again[1] and again[2]["reference_roles"]["trained_on_measured"]  # asked for: and said so
     alone = tether.regularize(trainer(tmp_path / "c"), [WISE_FT], measure=other)  # no reference: measure= only
-    assert ids(alone.reference_rows) == measured and alone.reference_before is not None
+    assert ids(alone.reference_measured.encoded) == measured and alone.reference_before is not None
 
 
 @pytest.mark.parametrize("regs", [[REPLAY_ALL], [WISE_FT]], ids=["replay", "wise_ft"])
 def test_readers_or_measurers_alone_use_every_reference_row(regs: list[dict[str, Any]], tmp_path: Path) -> None:
     t = tether.regularize(trainer(tmp_path), regs, reference=FACTS)
     everything = ids(tether.api.encode_rows(FACTS, TOKENIZER, 64))
-    assert ids(t.reference_rows) == everything
+    assert ids(t.reference_measured.encoded) == everything
     if regs == [REPLAY_ALL]:
         assert ids(t.train_dataset.select(range(16, 24))) == everything and t.reference_before is None
     else:
@@ -315,3 +320,15 @@ def test_what_cannot_be_split_or_measured_is_refused(tmp_path: Path) -> None:
         tether.regularize(trainer(tmp_path / "a"), [REPLAY_ALL, WISE_FT], reference=FACTS[:1])
     with pytest.raises(TetherError, match="measure= is what finish\\(\\) measures"):
         tether.regularize(trainer(tmp_path / "b"), [REPLAY_ALL], reference=FACTS, measure=FACTS)
+
+
+def test_finish_measures_the_recall_of_a_fact_set(tmp_path: Path) -> None:
+    """prompt/completion reference rows are a fact set: finish() measures their recall beside the loss, as
+    tether.knowledge and `tether train` do (it had measured the loss only)."""
+    t = tether.regularize(trainer(tmp_path, eval_strategy="no"), [WISE_FT], reference=FACTS)
+    t.eval_dataset = rows()
+    t.train()
+    rows_measured = tether.finish(t)["wise_ft"]["alphas"]
+    before = tether.knowledge(t.model, TOKENIZER, FACTS)  # the trained model: wise_ft restored alpha 1
+    assert all("recall" in row for row in rows_measured)
+    assert rows_measured[-1]["recall"] == before["recall"]

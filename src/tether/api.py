@@ -145,11 +145,14 @@ def _say(readers: str, read: int, measured: int, share: float | None, seed: int)
 
 
 def _split(rows: Rows | None, tokenizer: Any, max_length: int) -> Split | None:
-    """The rows and their examples, a windowed row repeated once per window (as a data.Split holds them)."""
+    """The rows and their examples, a windowed row repeated once per window (as a data.Split holds them); prompt/
+    completion rows are a fact set, whose greedy recall is measured too."""
     if rows is None:
         return None
     pairs = [(row, example) for row in rows for example in encode_rows([row], tokenizer, max_length)]
-    return Split([row for row, _ in pairs], [example for _, example in pairs], "text")
+    facts = all({"prompt", "completion"} <= row.keys() for row in rows)
+    examples = [example for _, example in pairs]
+    return Split([row for row, _ in pairs], examples, "prompt_completion" if facts else "text")
 
 
 def _distinct(rows: Rows) -> Rows:
@@ -163,7 +166,7 @@ def _ids(split: Split | None) -> set[tuple[int, ...]]:
 def _install(trainer: Any, stack: RegularizerStack, roles: _Roles) -> None:
     """The stack on the (regularized) trainer, set up on its model: now, or under FSDP once it is sharded."""
     trainer.stack = stack
-    trainer.reference_rows = None if roles.measured is None else roles.measured.encoded
+    trainer.reference_measured = roles.measured
     trainer.reference_roles = roles.record
     tokenizer = trainer.processing_class
     given = roles.given
@@ -173,8 +176,8 @@ def _install(trainer: Any, stack: RegularizerStack, roles: _Roles) -> None:
         trainer.pending_setup = lambda: stack.setup(dataclasses.replace(ctx, model=trainer.model))
     else:
         stack.setup(ctx)
-    if trainer.reference_rows is not None and MEASURERS & set(stack.names):  # their final models are measured too
-        trainer.reference_before = knowledge(trainer.model, tokenizer, trainer.reference_rows)
+    if roles.measured is not None and MEASURERS & set(stack.names):  # their final models are measured too
+        trainer.reference_before = reference_metrics(trainer.model, tokenizer, roles.measured, collator(tokenizer))
     trainer.add_callback(StepEnd(stack))
 
 
@@ -242,10 +245,7 @@ def _replayed(trainer: Any, rows: list[dict[str, Any]], encoded: list[dict[str, 
 def knowledge(model: nn.Module, tokenizer: Any, rows: Reference, *, max_length: int = MAX_LENGTH) -> dict[str, float]:
     """What `model` knows of `rows`: their loss (token-weighted), and greedy exact-match recall of the completions
     for prompt/completion rows. Take it before training to measure forgetting after (see `forgetting`)."""
-    listed = _rows(rows)
-    facts = all({"prompt", "completion"} <= r.keys() for r in listed)  # recall is measured on these only
-    split = Split(listed, encode_rows(listed, tokenizer, max_length), "prompt_completion" if facts else "text")
-    return reference_metrics(model, tokenizer, split, collator(tokenizer))
+    return reference_metrics(model, tokenizer, _split(_rows(rows), tokenizer, max_length), collator(tokenizer))
 
 
 def forgetting(
@@ -282,7 +282,7 @@ def finish(trainer: Any, output_dir: str | Path | None = None) -> dict[str, Any]
             raise TetherError("ema and wise_ft measure their models on the eval data: give the trainer eval_dataset")
         metrics: dict[str, Any] = {"target": {"val_loss": trainer.evaluate()["eval_loss"]}}
         if trainer.reference_before is not None:
-            after = knowledge(model, tokenizer, trainer.reference_rows)
+            after = reference_metrics(model, tokenizer, trainer.reference_measured, collator(tokenizer))
             metrics["forgetting"] = forgetting_of(trainer.reference_before, after)
         return metrics
 
@@ -292,5 +292,5 @@ def finish(trainer: Any, output_dir: str | Path | None = None) -> dict[str, Any]
         return out / name
 
     results = trainer.stack.after_training(trainer.model, FinishContext(out, evaluate, save))
-    roles = getattr(trainer, "reference_roles", None)  # a mixin trainer built by hand has none
+    roles = trainer.reference_roles
     return results if roles is None else results | {"reference_roles": roles}

@@ -15,6 +15,7 @@ from transformers import Trainer, TrainerCallback
 from transformers.trainer import TRAINER_STATE_NAME
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint, rotate_checkpoints
 
+from tether.data import Split
 from tether.distributed import barrier, has_sharded_parameters
 from tether.errors import ConfigError, NonFiniteError, TetherError
 from tether.outputs import save_safetensors_atomic
@@ -36,8 +37,10 @@ class RegularizedMixin:
     """The stack's setup, when it must wait until FSDP has sharded the model (tether.run sets it)."""
     resume_state: dict[str, torch.Tensor] | None = None
     """The stack's state of the checkpoint train() resumes from, kept until the pending setup has run."""
-    reference_rows: list[dict[str, Any]] | None = None
-    """The reference data, encoded (tether.regularize sets it, for tether.finish)."""
+    reference_measured: Split | None = None
+    """The reference rows tether.finish measures ema's, wise_ft's and merge's models on (tether.regularize sets it)."""
+    reference_roles: dict[str, Any] | None = None
+    """Which reference rows are measured and which the regularizers read (tether.regularize sets it)."""
     reference_before: dict[str, float] | None = None
     """What the model knew of the reference data before training, when ema or wise_ft measure their models."""
     _hooked: torch.optim.Optimizer | None = None  # the optimizer the stack's hooks are attached to
