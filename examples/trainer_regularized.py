@@ -1,6 +1,7 @@
 """A plain transformers.Trainer script, regularized with tether: the lines marked `# added` are all that changed
-(l2_sp + ewc + kl + replay against forgetting, early stopping against overfitting). Runs offline on a tiny model
-built in code; put your own model, tokenizer and data in their place. EXAMPLE_STEPS sets the length."""
+(l2_sp + ewc + kl + replay against forgetting, early stopping against overfitting). The regularizers read one half
+of the facts and forgetting is measured on the other, rows never trained on. Runs offline on a tiny model built in
+code; put your own model, tokenizer and data in their place. EXAMPLE_STEPS sets the length."""
 
 import os
 from pathlib import Path
@@ -14,7 +15,8 @@ from tether.synthetic import char_tokenizer, tiny_model
 steps = int(os.environ.get("EXAMPLE_STEPS", "60"))
 tokenizer = char_tokenizer()
 model = tiny_model("llama", "causal_lm", len(tokenizer))  # AutoModelForCausalLM.from_pretrained(...) in real use
-facts = Path(__file__).parent / "data" / "facts.jsonl"  # what the model must not forget (JSONL rows)
+facts = Dataset.from_json(str(Path(__file__).parent / "data" / "facts.jsonl"))  # what the model must not forget
+held, measured = facts.train_test_split(0.5, seed=0).values()  # added
 rows = Dataset.from_list([{"text": f"{a}+{b}={a + b}"} for a in range(30) for b in range(10)])
 train, val = rows.map(lambda r: tokenizer(r["text"]), remove_columns=["text"]).train_test_split(0.1, seed=0).values()
 args = TrainingArguments(
@@ -27,8 +29,8 @@ trainer = Trainer(
     data_collator=DataCollatorForLanguageModeling(tokenizer, mlm=False),
     callbacks=[EarlyStoppingCallback(early_stopping_patience=2)],  # added
 )  # fmt: skip
-before = tether.knowledge(model, tokenizer, facts)  # added
+before = tether.knowledge(model, tokenizer, measured)  # added
 regularizers = [{"name": "l2_sp", "strength": 0.01}, {"name": "ewc", "strength": 0.3}, {"name": "kl", "strength": 0.1}]
-trainer = tether.regularize(trainer, [*regularizers, {"name": "replay", "ratio": 0.1}], reference=facts)  # added
+trainer = tether.regularize(trainer, [*regularizers, {"name": "replay", "ratio": 0.1}], reference=held)  # added
 trainer.train()
-print("forgetting:", tether.forgetting(trainer.model, tokenizer, facts, before))  # added
+print("forgetting:", tether.forgetting(trainer.model, tokenizer, measured, before))  # added
