@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 from transformers import TrainingArguments
 
 from tests.test_matrix import CASES
@@ -18,9 +18,9 @@ from tether.config import OsfSection, validate_config
 from tether.data import Collator
 from tether.errors import ConfigError
 from tether.inspect import inspect_run, render
-from tether.models import apply_osf, is_osf, load_model
+from tether.models import apply_osf, is_osf, load_model, merged_osf
 from tether.reference import Reference, ReferenceOptions
-from tether.regularizers import REGISTRY, RegularizerStack, SetupContext
+from tether.regularizers import REGISTRY, FinishContext, RegularizerStack, SetupContext
 from tether.run import _save_model, evaluate_saved, train
 from tether.synthetic import char_tokenizer, tiny_model
 from tether.trainer import RegularizedTrainer
@@ -287,3 +287,137 @@ def test_a_stack_set_up_on_an_osf_model_refuses_intruder():
     stack = RegularizerStack.from_configs([REGISTRY["intruder"].config(name="intruder")])
     with pytest.raises(ConfigError, match="intruder reduces a LoRA adapter's intruder dimensions"):
         stack.setup(SetupContext(model))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# wise_ft and merge under OSF: each candidate is W_0 + w * delta W of each adapted layer
+
+
+def moved_osf(arch: str, task: str, *entries: dict) -> tuple[dict[str, torch.Tensor], torch.nn.Module, list]:
+    """(the original weights, an OSF model whose U_low, S_low, V_low (and head) moved by a seeded random step after
+    the regularizers in `entries` were set up on it, those regularizers)."""
+    model = tiny(arch, task)
+    original = {n: t.clone() for n, t in model.state_dict().items()}
+    osf = apply_osf(model, OsfSection(effective_rank=0.5), task)
+    regs = [REGISTRY[e["name"]].cls(REGISTRY[e["name"]].config(**e)) for e in entries]
+    for reg in regs:
+        reg.setup(SetupContext(osf))
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in osf.parameters():
+            if p.requires_grad:
+                p.add_(0.1 * p.abs().mean().clamp(min=0.01) * torch.randn(p.shape, generator=gen))  # a zero bias too
+    return original, osf, regs
+
+
+class SavedCandidates:
+    """A FinishContext that records the merged weights of every model measured and saves through tether.run's save
+    (for OSF: merged_osf), as a run does."""
+
+    def __init__(self, tmp_path: Path, task: str) -> None:
+        self.task, self.dir, self.measured = task, tmp_path, []
+        self.ctx = FinishContext(tmp_path, self.evaluate, self.save)
+
+    def evaluate(self, model: torch.nn.Module) -> dict:
+        merged = merged_osf(model)
+        self.measured.append({n: t.clone() for n, t in merged.state_dict().items()})
+        with torch.no_grad():
+            out = model(**batch(self.task))
+            torch.testing.assert_close(out.logits, merged(**batch(self.task)).logits, rtol=1e-4, atol=1e-5)
+        return {"target": {"val_loss": out.loss.item()}}  # what is measured is the merged candidate
+
+    def save(self, model: torch.nn.Module, name: str) -> Path:
+        _save_model(model, char_tokenizer(), self.dir / name)
+        return self.dir / name
+
+    def saved(self, name: str) -> dict[str, torch.Tensor]:
+        return load_file(str(self.dir / name / "model.safetensors"))
+
+
+def interpolation(original: dict, trained: dict, weight) -> dict[str, torch.Tensor]:
+    """W_0 + w * (W_1 - W_0) of each tensor, w a number or a function of the tensor's name."""
+    w = weight if callable(weight) else lambda name: weight
+    return {n: original[n] + w(n) * (trained[n] - original[n]) for n in trained}
+
+
+def assert_same(got: dict, expected: dict, msg: str = "") -> None:
+    for n in expected:
+        torch.testing.assert_close(got[n], expected[n], rtol=1e-5, atol=1e-6, msg=f"{msg} {n}")
+
+
+def weights_of(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Every parameter and buffer (the adapted layers' weights, U_low, S_low, V_low and their starts)."""
+    return {n: t.detach().clone() for n, t in model.state_dict().items()}
+
+
+@pytest.mark.parametrize(("arch", "task"), [("llama", "causal_lm"), ("bert", "sequence_classification")])
+def test_wise_ft_candidates_under_osf_are_the_original_plus_alpha_times_the_weight_change(tmp_path, arch, task):
+    original, model, (wise,) = moved_osf(arch, task, {"name": "wise_ft", "alphas": [0, 0.3, 0.7, 1]})
+    trained, before = merged_osf(model).state_dict(), weights_of(model)
+    moved = [n for n in trained if not torch.equal(trained[n], original[n])]  # the adapted weights (and the head)
+    assert wise.memory() == {"start weights": sum(original[n].numel() * 4 for n in moved)}  # W_0, not U, S, V
+    finish = SavedCandidates(tmp_path, task)
+    result = wise.after_training(model, finish.ctx)
+    for alpha, measured in zip(wise.config.alphas, finish.measured):
+        assert_same(measured, interpolation(original, trained, alpha), f"alpha {alpha}")
+    assert_same(finish.saved("model_wise_ft"), interpolation(original, trained, result["chosen_alpha"]))
+    after = weights_of(model)
+    assert all(torch.equal(after[n], before[n]) for n in before)  # U, S, V trained and W_0, bit for bit
+
+
+def test_wise_ft_saves_under_osf_the_interpolation_of_the_merged_models(raw_config, tmp_path):
+    """Through `tether train`: model_wise_ft/ at alpha 0.5 is halfway between the original and model/ (the merged
+    fine-tuned model), and differs from both. Interpolating U_low, S_low, V_low elementwise would not be."""
+    cfg = validate_config(_raw(raw_config, [{"name": "wise_ft", "alphas": [0.5]}]))
+    train(cfg, tmp_path / "run")
+    original = load_model(cfg.model, cfg.task).model.state_dict()
+    tuned = load_file(str(tmp_path / "run" / "model" / "model.safetensors"))
+    wise = load_file(str(tmp_path / "run" / "model_wise_ft" / "model.safetensors"))
+    assert wise.keys() == tuned.keys()
+    assert any(not torch.allclose(wise[n], tuned[n]) for n in wise)
+    assert any(not torch.allclose(wise[n], original[n]) for n in wise)
+    assert_same(wise, interpolation(original, tuned, 0.5))
+
+
+def test_merge_candidates_under_osf_act_on_each_weight_change_and_fisher_is_left_out(tmp_path):
+    fields = {"alphas": [0, 0.5, 1], "densities": [0.5], "search_evaluations": 4, "fisher_scales": [1.0]}
+    original, model, (merge,) = moved_osf("llama", "causal_lm", {"name": "merge", **fields})
+    trainable_ = {n: torch.rand(p.shape) for n, p in model.named_parameters() if p.requires_grad}
+    save_file(trainable_, str(tmp_path / "fisher.safetensors"))  # what ewc writes: the Fisher of U_low, S_low, V_low
+    trained, before = merged_osf(model).state_dict(), weights_of(model)
+    delta = {n: trained[n] - original[n] for n in trained}
+    finish = SavedCandidates(tmp_path, "causal_lm")
+    result = merge.after_training(model, finish.ctx)
+    rows = result["candidates"]
+    assert {r["method"] for r in rows} == {"global", "layers", "dare", "ties"} and "OSF" in result["fisher"]
+    for row, measured in zip(rows, finish.measured):
+        change = {n: measured[n] - original[n] for n in delta}
+        a, d = row["alpha"], row.get("density")
+        if row["method"] == "global":
+            expected = {n: a * delta[n] for n in delta}
+        elif row["method"] == "layers":  # block i is depth i: the adapted weights are all in the blocks
+            expected = {
+                n: row["layer_alphas"][block(n)] * delta[n] if ".layers." in n else 0 * delta[n] for n in delta
+            }
+        elif row["method"] == "ties":
+            expected = {n: a * delta[n] * top(delta[n], d) for n in delta}
+        else:  # dare: each entry of delta W dropped or divided by the density
+            expected = {n: torch.where(change[n] == 0, 0.0, a * delta[n] / d) for n in delta}
+            kept = torch.cat([(change[n] != 0).flatten() for n in delta if delta[n].any()]).float().mean()
+            assert 0.4 < kept < 0.6, row["candidate"]
+        assert_same(change, expected, row["candidate"])
+    chosen = next(m for r, m in zip(rows, finish.measured) if r["candidate"] == result["chosen"])
+    assert_same(finish.saved("model_merge"), chosen)
+    after = weights_of(model)
+    assert all(torch.equal(after[n], before[n]) for n in before)  # U, S, V trained and W_0, bit for bit
+
+
+def block(name: str) -> int:
+    return int(name.split(".layers.")[1].split(".")[0])
+
+
+def top(delta: torch.Tensor, density: float) -> torch.Tensor:
+    """1 at the int(density * numel) entries of delta largest in magnitude (TIES's trim), 0 elsewhere."""
+    mask = torch.zeros(delta.numel())
+    mask[delta.abs().flatten().topk(int(density * delta.numel())).indices] = 1
+    return mask.view_as(delta)

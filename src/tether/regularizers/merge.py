@@ -30,7 +30,10 @@ fine-tuned one. The choice and the layer search look at the validation data: the
 optimistic, the more so the more candidates. Under LoRA the dare and ties candidates act on that factor:
 E[delta W'] = delta W for dare, and each candidate keeps the adapter's rank. PEFT's add_weighted_adapter is not used:
 given one adapter it turns every combination type into "linear" (peft 0.21, _check_add_weighted_adapter), and its
-DARE/TIES without SVD prune both factors, the random initialization of A too. strength is unused.
+DARE/TIES without SVD prune both factors, the random initialization of A too. Under OSF delta is each adapted
+layer's weight change U_low S_low V_low - U_low_0 S_low_0 V_low_0 (wise_ft's module docstring), so every candidate
+is W_0 + w * delta' of those weights too; the fisher candidates are left out (said in the results): the Fisher ewc
+writes there is of U_low, S_low, V_low, whose entries are not the weight change's. strength is unused.
 """
 
 from __future__ import annotations
@@ -48,10 +51,11 @@ from tether.regularizers.anchor import snapshot
 from tether.regularizers.base import FinishContext, Regularizer, SetupContext, nbytes, register
 from tether.regularizers.ewc import RUN_FISHER
 from tether.regularizers.llrd import depths
-from tether.regularizers.wise_ft import WiseFTConfig, interpolated, pick, plot_front, summary
+from tether.regularizers.wise_ft import WiseFTConfig, interpolated, osf_folded, osf_layers, pick, plot_front, summary
 from tether.selection import within_tolerance
 
 Values = list[torch.Tensor]
+NO_FISHER = f"no {RUN_FISHER} in the run (add ewc, strength 0 only estimates it)"
 
 
 class MergeConfig(WiseFTConfig):
@@ -104,20 +108,26 @@ class Merge(Regularizer):
         return {"start weights": nbytes(self.start)}
 
     def after_training(self, model: nn.Module, ctx: FinishContext) -> dict[str, Any]:
-        trained = [p.detach().clone() for p in self.params]
-        delta = torch._foreach_sub(trained, self.start)
-        search = Search(self, model, ctx.evaluate, delta)
-        try:
-            notes = search.run(load_fisher_weights(ctx.output_dir / RUN_FISHER, self.names, self.params))
-            chosen = pick(search.rows, self.config.choose, self.config.tolerance)
-            self.set(search.values[chosen["candidate"]]())
-            ctx.save(model, "model_merge")
-        finally:
-            with torch.no_grad():
-                torch._foreach_copy_(self.params, trained)
+        with osf_folded(model, self.params, self.start):
+            trained = [p.detach().clone() for p in self.params]
+            search = Search(self, model, ctx.evaluate, torch._foreach_sub(trained, self.start))
+            try:
+                notes = search.run(*self.fisher_weights(model, ctx.output_dir / RUN_FISHER))
+                chosen = pick(search.rows, self.config.choose, self.config.tolerance)
+                self.set(search.values[chosen["candidate"]]())
+                ctx.save(model, "model_merge")
+            finally:
+                with torch.no_grad():
+                    torch._foreach_copy_(self.params, trained)
         plot(search.rows, chosen, ctx.output_dir / "merge.png")
         out = {"candidates": search.rows, "chosen": chosen["candidate"], "choose": self.config.choose, **notes}
         return {**out, **search.metrics[chosen["candidate"]]}
+
+    def fisher_weights(self, model: nn.Module, path: Path) -> tuple[Values | None, str]:
+        """The run's Fisher as the fisher candidates' weights (load_fisher_weights), or None and why there are none."""
+        if osf_layers(model):  # ewc's Fisher is of the trained tensors: U_low, S_low, V_low, not the weights' entries
+            return None, f"under OSF {RUN_FISHER} weighs U_low, S_low, V_low, not the entries of the weight change"
+        return load_fisher_weights(path, self.names, self.params), NO_FISHER
 
     def set(self, values: Values) -> None:
         """Put a candidate's values into the interpolated tensors."""
@@ -143,7 +153,7 @@ class Search:
             self.values[name], self.metrics[name] = values, metrics
         return next(r for r in self.rows if r["candidate"] == name)
 
-    def run(self, fisher: Values | None) -> dict[str, Any]:
+    def run(self, fisher: Values | None, why_no_fisher: str = NO_FISHER) -> dict[str, Any]:
         cfg, start, delta = self.config, self.merge.start, self.delta
         for a in cfg.alphas:
             self.measure(f"global {a:g}", "global", a, lambda a=a: scaled(start, delta, [a] * len(delta)))
@@ -157,7 +167,7 @@ class Search:
                     build = lambda make=make, a=a: scaled(start, make(), [a] * len(delta))  # noqa: E731
                     self.measure(f"{method} {d:g} x {a:g}", method, a, build, density=d)
         if fisher is None:
-            notes["fisher"] = f"no {RUN_FISHER} in the run (add ewc, strength 0 only estimates it)"
+            notes["fisher"] = why_no_fisher
         for lam in cfg.fisher_scales if fisher is not None else []:
             weights = [lam / (lam + f) for f in fisher]
             self.measure(f"fisher {lam:g}", "fisher", 1.0, lambda w=weights: scaled(start, delta, w), scale=lam)

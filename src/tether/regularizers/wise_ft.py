@@ -16,15 +16,21 @@ Full fine-tuning keeps theta_0, a copy of the trainable weights at setup. Under 
 s * B @ A; interpolating both factors would give alpha^2 terms, so the factor that was zero at setup (B, or A for
 embedding adapters) is interpolated and the other keeps its trained value: exactly alpha * delta W (the scaling
 of the adapter by alpha). An adapter with neither factor zero at setup (trained before this run) cannot be
-interpolated that way: setup stops with an error. Other trainable tensors (a classification head) are interpolated
-elementwise. strength is unused.
+interpolated that way: setup stops with an error. Under PEFT's OSF the change of an adapted layer is
+U_low S_low V_low - U_low_0 S_low_0 V_low_0; interpolating the three factors would give a cubic in alpha, so the
+layer's weight is interpolated instead: for the candidates the change is folded into the weight (W_0 + delta W, as
+PEFT's merge computes it) and U_low, S_low, V_low are set to their start, where the adapter adds exactly nothing;
+each candidate is then W_0 + alpha * delta W, in the forward and in the merged model saved. W_0 of the adapted
+layers is the copy kept from setup (memory: start weights), and afterwards the trained factors and W_0 come back
+bit for bit. Other trainable tensors (a classification head) are interpolated elementwise. strength is unused.
 """
 
 from __future__ import annotations
 
 import os
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Literal
 
@@ -72,18 +78,19 @@ class WiseFT(Regularizer):
         return {"start weights": nbytes(self.start)}
 
     def after_training(self, model: nn.Module, ctx: FinishContext) -> dict[str, Any]:
-        trained = [p.detach().clone() for p in self.params]
         rows = []
-        try:
-            for alpha in self.config.alphas:
-                self.interpolate(trained, alpha)
-                rows.append({"alpha": alpha, **summary(ctx.evaluate(model))})
-            chosen = choose(rows, self.config.choose, self.config.tolerance)
-            self.interpolate(trained, chosen)
-            ctx.save(model, "model_wise_ft")
-        finally:
-            with torch.no_grad():
-                torch._foreach_copy_(self.params, trained)
+        with osf_folded(model, self.params, self.start):
+            trained = [p.detach().clone() for p in self.params]
+            try:
+                for alpha in self.config.alphas:
+                    self.interpolate(trained, alpha)
+                    rows.append({"alpha": alpha, **summary(ctx.evaluate(model))})
+                chosen = choose(rows, self.config.choose, self.config.tolerance)
+                self.interpolate(trained, chosen)
+                ctx.save(model, "model_wise_ft")
+            finally:
+                with torch.no_grad():
+                    torch._foreach_copy_(self.params, trained)
         plot(rows, chosen, ctx.output_dir / "wise_ft.png")
         return {"alphas": rows, "chosen_alpha": chosen, "choose": self.config.choose}
 
@@ -96,10 +103,59 @@ class WiseFT(Regularizer):
 
 def interpolated(model: nn.Module) -> list[tuple[str, torch.Tensor]]:
     """(name, tensor) of what moves between the original and the fine-tuned model: every trainable tensor, under
-    LoRA with each adapter's factor that was zero at setup only (module docstring); merge shares it."""
+    LoRA with each adapter's factor that was zero at setup only, under OSF each adapted layer's weight in place of
+    its factors (module docstring); merge shares it."""
     named = trainable(model)
-    kept = lora_factors_to_keep(named)
-    return [(n, p) for n, p in named if id(p) not in kept]
+    layers = osf_layers(model)
+    factors = {id(p) for _, layer, adapter in layers for p in layer.osf_svd_params[adapter].values()}
+    left_out = lora_factors_to_keep(named) | factors
+    weights = [(f"{name}.base_layer.weight", layer.get_base_layer().weight) for name, layer, _ in layers]
+    return [(n, p) for n, p in named if id(p) not in left_out] + weights
+
+
+def osf_layers(model: nn.Module) -> list[tuple[str, Any, str]]:
+    """(name, layer, adapter) of each PEFT OSF layer with the model's active adapter; [] for other models."""
+    from tether.models import is_osf  # late: tether.models imports the config, which imports the regularizers
+
+    if not is_osf(model):
+        return []
+    from peft.tuners.osf.layer import OSFLayer
+
+    adapter = model.active_adapter
+    return [
+        (n, m, adapter) for n, m in model.named_modules() if isinstance(m, OSFLayer) and adapter in m.osf_svd_params
+    ]
+
+
+def osf_start(layer: Any, adapter: str) -> dict[str, torch.Tensor]:
+    """U_low, S_low, V_low of an OSF layer at their start (PEFT keeps them to compute the change)."""
+    return {"U_low": layer._osf_U_low_init[adapter], "S_low": layer._osf_S_low_init[adapter],
+            "V_low": layer._osf_V_low_init[adapter]}  # fmt: skip
+
+
+@contextmanager
+def osf_folded(model: nn.Module, params: list[torch.Tensor], start: list[torch.Tensor]) -> Iterator[None]:
+    """Under OSF, while inside: each adapted layer's weight holds W_0 + delta W and its U_low, S_low, V_low their
+    start, so that what is written into the weight is the layer's weight (module docstring). On exit the trained
+    factors and W_0 (from `start`, the setup copy of `params`) come back bit for bit. Nothing for other models."""
+    layers = osf_layers(model)
+    factors = [layer.osf_svd_params[adapter] for _, layer, adapter in layers]
+    trained = [{k: p.detach().clone() for k, p in f.items()} for f in factors]
+    originals = {id(p): s for p, s in zip(params, start)}
+    try:
+        with torch.no_grad():
+            for (_, layer, adapter), f in zip(layers, factors):
+                weight = layer.get_base_layer().weight
+                weight.copy_((weight + layer.get_delta_weight(adapter)).to(weight.dtype))  # PEFT's merge, exactly
+                for key, init in osf_start(layer, adapter).items():  # get_delta_weight is then exactly zero
+                    f[key].copy_(init)
+        yield
+    finally:
+        with torch.no_grad():
+            for (_, layer, _), f, saved in zip(layers, factors, trained):
+                layer.get_base_layer().weight.copy_(originals[id(layer.get_base_layer().weight)])
+                for key, p in f.items():
+                    p.copy_(saved[key])
 
 
 def lora_factors_to_keep(named: list[tuple[str, torch.Tensor]]) -> set[int]:
