@@ -47,3 +47,19 @@ def test_peft_internals_corda_resolves_targets_with() -> None:
     from peft.tuners.tuners_utils import _maybe_include_all_linear_layers
 
     assert list(inspect.signature(_maybe_include_all_linear_layers).parameters) == ["peft_config", "model"]
+
+
+def test_peft_osf_internals_wise_ft_and_merge_read() -> None:
+    """wise_ft.osf_folded folds an OSF layer's change into its weight and sets U_low, S_low, V_low back to their
+    start, read from PEFT's private copies: the change is then exactly zero (tests/test_osf.py checks the values)."""
+    import torch
+    from peft import OSFConfig, get_peft_model
+
+    from tether.synthetic import tiny_model
+
+    model = get_peft_model(tiny_model("llama", "causal_lm", 32, hidden_size=16), OSFConfig(target_modules=["q_proj"]))
+    layer = next(m for m in model.modules() if hasattr(m, "osf_svd_params"))
+    adapter = model.active_adapter
+    start = {k: getattr(layer, f"_osf_{k}_init")[adapter] for k in ("U_low", "S_low", "V_low")}
+    assert set(layer.osf_svd_params[adapter]) == set(start)
+    assert torch.equal(layer.get_delta_weight(adapter), torch.zeros_like(layer.get_base_layer().weight))
