@@ -261,8 +261,9 @@ def test_replay_and_wise_ft_split_the_reference(tmp_path: Path, monkeypatch: pyt
     assert measured and replayed and not measured & replayed and measured | replayed == everything
     assert measured_and_replayed(tmp_path / "b", monkeypatch, [REPLAY_ALL, WISE_FT], reference=FACTS)[0] == measured
     assert results["reference_roles"] == {
-        "measured_rows": 4, "held_out_rows": 4, "holdout_share": 0.5, "split_seed": 0,
-        "readers": {"replay": "the held-out rows of reference (4 rows)"}, "trained_on_measured": False,
+        "measured_rows": 4, "measured_examples": 4, "held_out_rows": 4, "held_out_examples": 4, "holdout_share": 0.5,
+        "split_seed": 0, "measured_examples_read": 0, "readers": {"replay": "the held-out rows of reference (4 rows)"},
+        "trained_on_measured": False,
     }  # fmt: skip
 
 
@@ -273,7 +274,8 @@ def test_a_rows_windows_stay_on_one_side_of_the_split(tmp_path: Path) -> None:
     windows = [ids(tether.api.encode_rows([row], TOKENIZER, 8)) for row in long]
     assert all(len(w) > 1 and (w <= measured or not w & measured) for w in windows)
     assert sum(w <= measured for w in windows) == 4
-    assert t.reference_roles["measured_rows"] == len(t.reference_measured.encoded) == 12
+    assert t.reference_roles["measured_examples"] == len(t.reference_measured.encoded) == 12
+    assert t.reference_roles["measured_rows"] == t.reference_roles["held_out_rows"] == 4  # rows, not windows
 
 
 def test_ewc_and_ema_split_the_reference(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -147,3 +147,26 @@ def test_the_windows_of_a_long_reference_row_stay_on_one_side() -> None:
         measured = {id(r) for r in roles.measured.rows}
         held = {id(r) for r in roles.regularizers.rows}
         assert not measured & held
+
+
+def test_rows_are_counted_as_rows_and_duplicates_across_the_split_are_flagged(raw_config: dict) -> None:
+    """reference_roles counts rows (a windowed row once) beside the examples they make, and a row that
+    data.reference holds twice, once on each side of the split, is measured after the regularizers read it."""
+    from tether.data import Split
+
+    rows = [{"text": str(i)} for i in range(6)]
+    windows = [row for row in rows for _ in range(3)]  # each row windowed into 3 examples
+    ref = Split(windows, [{"input_ids": [i, w]} for i in range(6) for w in range(3)], "text")
+    raw_config["regularizers"] = [{"name": "replay", "ratio": 0.5}]
+    record = assign_roles(validate_config(raw_config), ref).record
+    assert (record["measured_rows"], record["measured_examples"], record["held_out_rows"]) == (3, 9, 3)
+    assert record["readers"] == {"replay": "the held-out rows of data.reference (3 rows, 9 examples)"}
+    assert record["measured_examples_read"] == 0 and not record["trained_on_measured"]
+    twice = [{"text": "same"}, {"text": "same"}, *rows]  # equal rows, two objects: each side of some split
+    ref = Split(twice, [{"input_ids": [7]}, {"input_ids": [7]}] + [{"input_ids": [i]} for i in range(6)], "text")
+    for seed in range(20):  # a seed that puts the two on different sides
+        raw_config["data"]["seed"] = seed
+        roles = assign_roles(validate_config(raw_config), ref)
+        if [r["text"] for r in roles.measured.rows].count("same") == 1:
+            break
+    assert roles.record["measured_examples_read"] == 1 and roles.record["trained_on_measured"]

@@ -25,7 +25,7 @@ from tether.evaluate import forgetting as forgetting_of
 from tether.evaluate import reference_metrics
 from tether.reference import is_peft
 from tether.regularizers import FinishContext, RegularizerConfig, RegularizerStack, SetupContext, parse_entries
-from tether.roles import DEFAULT_HOLDOUT, split_reference
+from tether.roles import DEFAULT_HOLDOUT, counted, split_record, split_reference
 from tether.section import RegularizerEntry
 from tether.trainer import RegularizedMixin, StepEnd, check_trainer, row_mixers
 
@@ -121,18 +121,14 @@ def _roles(readers: list[str], measuring: bool, reference: Split | None, measure
     given, measured = reference, measure if measure is not None else reference
     if share is not None:
         measured, given = split_reference(reference, share, seed, TOO_FEW)
-    read = 0 if given is None else len(given.encoded)
     what = "the held-out rows" if share else "every row"
-    record = {
-        "measured_rows": len(measured.encoded) if measuring else 0,
-        "held_out_rows": read if share is not None else 0,
-        "holdout_share": share,
-        "split_seed": seed if share is not None else None,
-        "readers": {name: f"{what} of reference ({read} rows)" for name in readers},
-        "trained_on_measured": bool(readers and measuring and _ids(given) & _ids(measured)),
-    }
+    record = split_record(measured, given if share else None, given if readers else None, share, seed)
+    record["readers"] = {name: f"{what} of reference ({counted(given)})" for name in readers}
+    record["trained_on_measured"] = bool(measuring) and record["measured_examples_read"] > 0
+    if not measuring:  # nothing is measured: finish() has no model of ema / wise_ft / merge to measure
+        record.update(measured_rows=0, measured_examples=0, measured_examples_read=0)
     if readers and measuring:
-        _say(", ".join(readers), read, len(measured.encoded), share, seed)
+        _say(", ".join(readers), len(given.encoded), len(measured.encoded), share, seed)
     return _Roles(given, measured, record)
 
 
@@ -157,10 +153,6 @@ def _split(rows: Rows | None, tokenizer: Any, max_length: int) -> Split | None:
 
 def _distinct(rows: Rows) -> Rows:
     return list({id(row): row for row in rows}.values())  # a windowed row's windows share the one row
-
-
-def _ids(split: Split | None) -> set[tuple[int, ...]]:
-    return set() if split is None else {tuple(example["input_ids"]) for example in split.encoded}
 
 
 def _install(trainer: Any, stack: RegularizerStack, roles: _Roles) -> None:

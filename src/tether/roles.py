@@ -68,16 +68,32 @@ def assign_roles(cfg: RunConfig, reference: Split | None) -> Roles:
         measured, held = split_reference(reference, share, cfg.data.seed)
     given = reference if ev.train_on_measured else held
     same_file = [n for n, own in readers.items() if own is not None and _same(own, cfg.data.reference)]
-    trained_on_measured = bool(needing and ev.train_on_measured) or bool(same_file)
-    record = {
-        "measured_rows": len(measured.encoded),
-        "held_out_rows": 0 if held is None else len(held.encoded),
-        "holdout_share": share,
-        "split_seed": cfg.data.seed if share is not None else None,
-        "readers": readers_text(readers, given, ev.train_on_measured),
-        "trained_on_measured": trained_on_measured,
-    }
+    record = split_record(measured, held, given if needing else None, share, cfg.data.seed)
+    record["readers"] = readers_text(readers, given, ev.train_on_measured)
+    record["trained_on_measured"] = bool(same_file) or record["measured_examples_read"] > 0
     return Roles(measured, given if needing else None, record)
+
+
+def split_record(measured: Split, held: Split | None, given: Split | None, share: float | None,
+                 seed: int) -> dict[str, Any]:  # fmt: skip
+    """metrics.json `reference_roles` counts: rows and the examples they make (a long text row is windowed into
+    several), the split, and how many measured examples the regularizers also read (`given`): the measured rows
+    themselves (train_on_measured), or duplicates that the split put on both sides."""
+    read = set() if given is None else {tuple(e["input_ids"]) for e in given.encoded}
+    return {
+        "measured_rows": rows_in(measured),
+        "measured_examples": len(measured.encoded),
+        "held_out_rows": 0 if held is None else rows_in(held),
+        "held_out_examples": 0 if held is None else len(held.encoded),
+        "holdout_share": share,
+        "split_seed": seed if share is not None else None,
+        "measured_examples_read": sum(tuple(e["input_ids"]) in read for e in measured.encoded),
+    }
+
+
+def rows_in(split: Split) -> int:
+    """The rows a split holds (a windowed row's windows share the one row object)."""
+    return len({id(row) for row in split.rows})
 
 
 def split_reference(reference: Split, share: float, seed: int, too_few: str = TOO_FEW) -> tuple[Split, Split]:
@@ -88,11 +104,17 @@ def split_reference(reference: Split, share: float, seed: int, too_few: str = TO
 
 def readers_text(readers: dict[str, str | None], given: Split | None, everything: bool) -> dict[str, str]:
     """What each reader read, in words, for metrics.json and the report."""
-    rows = "" if given is None else f" ({len(given.encoded)} rows)"
+    rows = "" if given is None else f" ({counted(given)})"
     shared = (
         "every row of data.reference, the measured ones too" if everything else "the held-out rows of data.reference"
     )
     return {name: own if own is not None else shared + rows for name, own in readers.items()}
+
+
+def counted(split: Split) -> str:
+    """'8 rows', or '30 rows, 65 examples' when long rows were windowed."""
+    rows, examples = rows_in(split), len(split.encoded)
+    return f"{rows} rows" if rows == examples else f"{rows} rows, {examples} examples"
 
 
 def _same(path: str, reference: str | None) -> bool:

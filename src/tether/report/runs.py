@@ -222,17 +222,23 @@ def roles_note(roles: dict[str, Any] | None) -> str:
     if not roles:
         return ""
     read = "; ".join(f"{name} read {what}" for name, what in roles.get("readers", {}).items())
-    held = f", {roles['held_out_rows']} held out for the regularizers" if roles.get("held_out_rows") else ""
-    note = (
-        f'<p class="note">Measured on {roles["measured_rows"]} rows of data.reference{held}. {html.escape(read)}</p>'
-    )
+    held = f", {rows(roles, 'held_out')} held out for the regularizers" if roles.get("held_out_rows") else ""
+    note = f'<p class="note">Measured on {rows(roles, "measured")} of data.reference{held}. {html.escape(read)}</p>'
     if roles.get("trained_on_measured"):
+        shared = roles.get("measured_examples_read")
         note += (
             '<p class="warning"><strong>Warning:</strong> this run trained on the measured reference rows (replay or '
-            "ewc read them): the forgetting below flatters it. Give the regularizers their own data "
-            "(replay.source, ewc.data) or leave evaluation.train_on_measured off.</p>"
+            f"ewc read {'them' if shared is None else f'{shared} of the measured examples'}): the forgetting below "
+            "flatters it. Give the regularizers their own data (replay.source, ewc.data), leave "
+            "evaluation.train_on_measured off, or remove rows that data.reference holds twice.</p>"
         )
     return note
+
+
+def rows(roles: dict[str, Any], which: str) -> str:
+    """'30 rows', or '30 rows (65 examples)' when long rows were windowed (runs before the count of examples: rows)."""
+    count, examples = roles[f"{which}_rows"], roles.get(f"{which}_examples", roles[f"{which}_rows"])
+    return f"{count} rows" if examples == count else f"{count} rows ({examples} examples)"
 
 
 def tracked_section(run: Run) -> str:
