@@ -281,3 +281,20 @@ def test_tracking_starts_under_fsdp_and_is_said_off_under_deepspeed(raw_config: 
         assert run_log.model is model and run_log.probe is not None and not caplog.records
     else:
         assert run_log.model is None and "not tracked during training under DeepSpeed" in caplog.text
+
+
+def test_an_evaluation_worse_than_the_base_model_is_warned_of_once(raw_config: dict, tmp_path: Path, caplog) -> None:
+    """A falling training loss can hide a task getting worse than before training (dft's reweighted loss, a learning
+    rate too high): the log says so at the first such evaluation, and only then."""
+    raw_config["training"].update(learning_rate=0.5, max_steps=6, eval_steps=2)
+    with caplog.at_level("WARNING", logger="tether.tracking"):
+        metrics = _run(raw_config, tmp_path / "high")
+    worse = [r.getMessage() for r in caplog.records if "above the base model's" in r.getMessage()]
+    assert metrics["target"]["val_loss"] > 1.05 * metrics["target"]["base_val_loss"]
+    assert len(worse) == 1 and worse[0].startswith("eval_loss ") and "at step 2 " in worse[0], worse
+    caplog.clear()
+    raw_config["training"].update(learning_rate=3e-3)
+    with caplog.at_level("WARNING", logger="tether.tracking"):
+        metrics = _run(raw_config, tmp_path / "fine")
+    assert metrics["target"]["val_loss"] < metrics["target"]["base_val_loss"]
+    assert not [r for r in caplog.records if "above the base model's" in r.getMessage()]

@@ -285,7 +285,9 @@ def train(
         if cfg.osf is not None:
             model = apply_osf(model, cfg.osf, cfg.task)
         stack = RegularizerStack.from_configs(parse_entries(cfg.regularizers), cfg.skip_non_finite, new_parameters)
-        run_log = RunLog(output_dir / "history.jsonl" if is_main_process() else None, budget_of(cfg))
+        run_log = RunLog(
+            output_dir / "history.jsonl" if is_main_process() else None, budget_of(cfg), base.get("val_loss")
+        )
         for_regularizers = replace(data, reference=roles.regularizers)
         callbacks = [run_log, *(callbacks or [])]
         trainer = _trainer(cfg, model, tokenizer, args, for_regularizers, collator, stack, callbacks, console)

@@ -41,6 +41,7 @@ from tether.reference import Reference, ReferenceOptions, at_positions, evaluati
 log = logging.getLogger(__name__)
 OUTSIDE = 1e6  # eval_choice of an evaluation over the forgetting budget: worse than any loss within it
 PROBE_BATCH = 8
+WORSE_THAN_BASE = 1.05  # eval_loss above the base model's by more than this factor is warned of (not noise)
 
 
 class Probe:
@@ -135,9 +136,10 @@ class RunLog(TrainerCallback):
     """Adds the tracked measures to each evaluation's log entry and keeps history.jsonl up to date (see the module
     docstring). Inactive parts: no history without a path (other processes), no tracking before start()."""
 
-    def __init__(self, history: Path | None, budget: Budget | None = None) -> None:
+    def __init__(self, history: Path | None, budget: Budget | None = None, base_val_loss: float | None = None) -> None:
         self.history = history
         self.budget = budget
+        self.base_val_loss = base_val_loss  # the untrained model's, on the same validation rows (main process)
         self.model: nn.Module | None = None
         self.tokenizer: Any = None
         self.measured: Split | None = None
@@ -173,6 +175,8 @@ class RunLog(TrainerCallback):
             write_jsonl(self.history, state.log_history)  # a resumed run: the checkpoint's history so far
 
     def on_log(self, args: Any, state: Any, control: Any, logs: dict | None = None, **kwargs: Any) -> None:
+        if logs is not None and "eval_loss" in logs:
+            self.warn_if_worse_than_base(logs["eval_loss"], state.global_step)
         if logs is not None and "eval_loss" in logs and self.model is not None:
             tracked = self.measure(self.model)
             if self.budget is not None:
@@ -184,6 +188,19 @@ class RunLog(TrainerCallback):
         if self.history is not None and state.log_history:
             with self.history.open("a", encoding="utf-8") as f:
                 f.write(json.dumps(state.log_history[-1]) + "\n")  # as write_jsonl writes it
+
+    def warn_if_worse_than_base(self, eval_loss: float, step: int) -> None:
+        """Once per run: the training loss can fall (a reweighted loss such as dft's, an overfit) while the task's
+        validation loss rises above the untrained model's, which no logged loss shows on its own."""
+        base = self.base_val_loss
+        if base is None or eval_loss <= base * WORSE_THAN_BASE:
+            return
+        log.warning(
+            "eval_loss %.4g at step %d is above the base model's %.4g on the same validation rows: training is making "
+            "the task worse (a learning rate too high, or dft / eaft at a high strength on a task the base model "
+            "finds unlikely: see the README)", eval_loss, step, base,
+        )  # fmt: skip
+        self.base_val_loss = None
 
 
 def budget_of(cfg: RunConfig) -> Budget | None:
