@@ -166,3 +166,72 @@ def test_early_stopping_watches_a_metric_the_evaluations_log(raw_config, change,
         return
     with pytest.raises(ConfigError, match=refused):
         validate_config(raw)
+
+
+def _refused_by_validate_and_train(raw: dict, tmp_path: Path, monkeypatch, capsys, override: str) -> str:
+    """The one line `tether validate` and `tether train` both exit 2 with for `--set override`; train wrote nothing."""
+    from .test_faults import _cli, _write
+
+    config, out = _write(raw, tmp_path), tmp_path / "run"
+    code, err = _cli(monkeypatch, capsys, "validate", str(config), "--set", override)
+    train = _cli(monkeypatch, capsys, "train", str(config), "--output-dir", str(out), "--set", override)
+    assert (code, err) == train and code == 2 and len(err.strip().splitlines()) == 1, (err, train)
+    assert not out.exists()
+    return err.removeprefix("error: ").strip()
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("training.save_strategy=no", "training.save_strategy no: early_stopping restores the best checkpoint, so it "
+         "saves at every evaluation (eval_strategy steps): remove save_strategy or set it to steps"),
+        ("training.save_strategy=best", "training.save_strategy best: early_stopping restores"),
+        ("training.save_steps=7", "training.save_steps 7: early_stopping restores the best checkpoint, so it saves at "
+         "every evaluation (eval_steps 10): remove save_steps or set it to 10"),
+        ("training.eval_steps=", "training.eval_steps is empty: early_stopping saves at every evaluation"),
+        ("training.eval_strategy=no", "early_stopping needs evaluations: set training.eval_strategy to steps or"),
+    ],
+)  # fmt: skip
+def test_early_stopping_overrides_no_save_cadence_the_user_gave(raw_config, tmp_path, monkeypatch, capsys, override,
+                                                                message):  # fmt: skip
+    raw = raw_config | {"early_stopping": {"patience": 2}}
+    assert _refused_by_validate_and_train(raw, tmp_path, monkeypatch, capsys, override).startswith(message)
+
+
+@pytest.mark.parametrize(
+    "training",
+    [{}, {"save_strategy": "steps", "save_steps": 10}, {"eval_strategy": "epoch", "save_strategy": "epoch"},
+     {"eval_strategy": "epoch", "save_steps": 7}],  # under epoch saves, save_steps is not read
+)  # fmt: skip
+def test_early_stopping_accepts_the_save_cadence_it_needs(raw_config, tmp_path, training):
+    from tether.run import training_args
+
+    raw = raw_config | {"early_stopping": {"patience": 2}}
+    raw["training"] = raw["training"] | training
+    args = training_args(validate_config(raw), tmp_path / "run")  # given or not, saves follow the evaluations
+    assert args.save_strategy == args.eval_strategy and args.load_best_model_at_end
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("training.max_steps=-5", "training.max_steps: -5 must be -1 (train num_train_epochs) or greater than 0"),
+        ("training.max_steps=0", "training.max_steps: 0 must be -1 (train num_train_epochs) or greater than 0"),
+        ("training.num_train_epochs=-1", "training.num_train_epochs: -1 must be greater than 0"),
+        ("training.eval_steps=0", "training.eval_steps: 0 must be greater than 0"),
+        ("training.learning_rate=0", "training.learning_rate: 0 must be greater than 0"),
+        ("training.save_total_limit=0", "training.save_total_limit: 0 must be greater than 0 (null keeps every"),
+        ("training.eval_accumulation_steps=0", "training.eval_accumulation_steps: 0 must be greater than 0"),
+        ("training.adam_beta2=1.5", "training.adam_beta2: 1.5 must be at least 0 and below 1"),
+        ("training.seed=-1", "training.seed: -1 must be from 0 to 4294967295"),
+        ("training.eval_delay=-2", "training.eval_delay: -2 must be 0 or more"),
+    ],
+)
+def test_training_numbers_out_of_range_are_one_line(raw_config, tmp_path, monkeypatch, capsys, override, message):
+    """transformers takes these without a word: it trains by epochs on max_steps -5, keeps every checkpoint on
+    save_total_limit 0, and the optimizer or numpy fail on the others only once training started."""
+    assert _refused_by_validate_and_train(raw_config, tmp_path, monkeypatch, capsys, override).startswith(message)
+
+
+def test_max_steps_minus_one_trains_by_epochs(raw_config):
+    assert validate_config(_with(raw_config, "training.max_steps", -1)).training_arguments()["max_steps"] == -1

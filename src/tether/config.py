@@ -7,6 +7,7 @@ import difflib
 import json
 import math
 import re
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -470,6 +471,7 @@ def validate_config(raw: dict[str, Any]) -> RunConfig:
     except ValidationError as e:
         raise ConfigError(_one_line(e)) from None
     _check_training_keys(cfg.training)
+    _check_early_stopping_saves(cfg)
     learning_rate = float(cfg.training_arguments()["learning_rate"])  # a number: _check_training_keys said so
     adapter = "lora" if cfg.lora is not None else "osf" if cfg.osf is not None else None
     parse_entries(cfg.regularizers, RunFacts(cfg.data.reference is not None, adapter, learning_rate))
@@ -598,11 +600,22 @@ def _check_training_keys(training: dict[str, Any]) -> None:
 
 
 # TrainingArguments checks neither types nor ranges of its numbers: 'abc' or -1 as a learning rate, a batch size of 0
-# fail only inside training (the optimizer, the data loader), after the output directory was made.
+# fail only inside training (the optimizer, the data loader), after the output directory was made; some it reads as
+# something else without a word (max_steps -5 trains by epochs, save_total_limit 0 keeps every checkpoint).
 NUMBER_TYPES = {str(int): int, "int | None": int, str(float): float, "float | None": float}
 POSITIVE = {"learning_rate", "num_train_epochs", "logging_steps", "save_steps", "eval_steps"}
 POSITIVE |= {"per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps"}
+POSITIVE |= {"eval_accumulation_steps"}
 NON_NEGATIVE = {"warmup_steps", "max_grad_norm", "adam_epsilon", "label_smoothing_factor", "dataloader_num_workers"}
+NON_NEGATIVE |= {"eval_delay"}
+BOUNDS: dict[str, tuple[Callable[[float], bool], str]] = {
+    **{key: (lambda v: v > 0, "greater than 0") for key in POSITIVE},
+    **{key: (lambda v: v >= 0, "0 or more") for key in NON_NEGATIVE},
+    "max_steps": (lambda v: v == -1 or v > 0, "-1 (train num_train_epochs) or greater than 0"),
+    "save_total_limit": (lambda v: v > 0, "greater than 0 (null keeps every checkpoint)"),
+    **{key: (lambda v: 0 <= v < 1, "at least 0 and below 1") for key in ("adam_beta1", "adam_beta2")},
+    **{key: (lambda v: 0 <= v < 2**32, f"from 0 to {2**32 - 1}") for key in ("seed", "data_seed")},  # numpy's range
+}
 
 
 def _check_number(key: str, annotation: str, value: Any) -> None:
@@ -616,9 +629,37 @@ def _check_number(key: str, annotation: str, value: Any) -> None:
         raise ConfigError(f"training.{key}: {value!r} is not a finite number: write one, e.g. 1e-4")
     if kind is int and abs(value) >= 2**63:  # beyond int64: torch and the data loader overflow
         raise ConfigError(f"training.{key}: {value:.3g} is out of range: write a smaller number")
-    if (key in POSITIVE and value <= 0) or (key in NON_NEGATIVE and value < 0):
-        bound = "greater than 0" if key in POSITIVE else "0 or more"
+    within, bound = BOUNDS.get(key, (lambda v: True, ""))
+    if not within(value):
         raise ConfigError(f"training.{key}: {value!r} must be {bound}: change it")
+
+
+def _check_early_stopping_saves(cfg: RunConfig) -> None:
+    """Early stopping restores the best checkpoint, so tether.run.training_args saves at every evaluation: a save
+    cadence the user gave that differs would be overridden without a word (and config.yaml would still state it)."""
+    if cfg.early_stopping is None:
+        return
+    kw, given = cfg.training_arguments(), cfg.training
+    strategy = kw["eval_strategy"]
+    if strategy == "no":
+        raise ConfigError("early_stopping needs evaluations: set training.eval_strategy to steps or epoch")
+    if strategy not in ("steps", "epoch"):
+        return  # not a strategy: TrainingArguments names the choices
+    why = "early_stopping restores the best checkpoint, so it saves at every evaluation"
+    if given.get("save_strategy", strategy) != strategy:
+        raise ConfigError(
+            f"training.save_strategy {given['save_strategy']}: {why} (eval_strategy {strategy}): remove "
+            f"save_strategy or set it to {strategy}"
+        )
+    if strategy != "steps":
+        return  # epoch saves do not read save_steps
+    if kw["eval_steps"] is None:  # TrainingArguments would evaluate every logging_steps, and save every None
+        raise ConfigError("training.eval_steps is empty: early_stopping saves at every evaluation: give it a value")
+    if given.get("save_steps", kw["eval_steps"]) != kw["eval_steps"]:
+        raise ConfigError(
+            f"training.save_steps {given['save_steps']}: {why} (eval_steps {kw['eval_steps']}): remove save_steps "
+            f"or set it to {kw['eval_steps']}"
+        )
 
 
 def _check_files(cfg: RunConfig) -> None:

@@ -199,8 +199,10 @@ def run_config(base: Any, task: Task, train_file: Path, method: Method, value: f
 
     raw = demo_config(base, [])
     raw["data"].update(train=str(train_file), seed=seed)
-    raw["training"].update(max_steps=task.max_steps, eval_steps=task.eval_steps, save_strategy="no", seed=seed)
+    raw["training"].update(max_steps=task.max_steps, eval_steps=task.eval_steps, seed=seed)
     patch = method.patch(value)
+    if "early_stopping" not in patch:  # early stopping saves at every evaluation, to restore the best one
+        raw["training"]["save_strategy"] = "no"
     raw["training"].update(patch.pop("training", {}))
     raw.update(patch)
     return raw
