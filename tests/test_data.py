@@ -239,3 +239,61 @@ def test_no_transformers_warning_about_long_rows(tmp_path, caplog):
     with caplog.at_level(logging.WARNING):
         split = load_split(str(path), "train", "text", "causal_lm", tok, 16)
     assert split.stats.split == 1 and "Token indices sequence length" not in caplog.text
+
+
+def test_a_file_starting_with_a_utf8_bom_is_read(tmp_path, monkeypatch, capsys, raw_config, data_files):
+    """Windows editors start a UTF-8 file with a BOM: every data file (train here, the reference, replay.source,
+    ewc.data through the same reader) is read as if it had none."""
+    for name in ("train", "reference"):
+        path = data_files[name]
+        path.write_bytes(b"\xef\xbb\xbf" + path.read_bytes())
+    config = tmp_path / "c.yaml"
+    config.write_text(yaml.safe_dump(raw_config))
+    code, out, err = cli(monkeypatch, capsys, "validate", str(config))
+    assert code is None and "data train: 48 rows" in out and "data reference: 12 rows" in out, err
+    assert [r["_line"] for r in read_rows(str(data_files["reference"]), "reference")] == list(range(1, 13))
+
+
+EMPTY_ROWS = [
+    ("text", "causal_lm", {"text": ""}, "the text is empty"),
+    ("text", "causal_lm", {"text": " \n"}, "the text is empty"),
+    ("prompt_completion", "causal_lm", {"prompt": "1+1=", "completion": ""}, "the completion is empty"),
+    ("prompt_completion", "causal_lm", {"prompt": "1+1=", "completion": "  "}, "the completion is empty"),
+    ("chat", "causal_lm", {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": ""}]},
+     "the assistant turn messages[1] is empty"),
+    ("chat", "causal_lm", {"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": " "},
+                                        {"role": "user", "content": "b"}, {"role": "assistant", "content": "c"}]},
+     "the assistant turn messages[1] is empty"),
+    ("text", "sequence_classification", {"text": "", "label": 1}, "the text is empty"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("fmt", "task", "row", "message"), EMPTY_ROWS)
+def test_a_row_with_nothing_to_learn_is_refused_naming_the_line(tmp_path, tok, fmt, task, row, message):
+    good = {"text": "ab", "label": 0} if task != "causal_lm" else {"text": "ab", "prompt": "a", "completion": "b"}
+    good = {"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]} | good
+    path = write_jsonl(tmp_path / "e.jsonl", [good, row])
+    with pytest.raises(DataError) as e:
+        load_split(str(path), "train", fmt, task, tok, 32)
+    assert str(e.value) == f"data.train: {path}:2: {message}: fill or remove the row"
+
+
+def test_an_empty_completion_is_one_line_in_validate_and_train(tmp_path, monkeypatch, capsys, raw_config):
+    rows = [json.loads(line) for line in Path(raw_config["data"]["train"]).read_text().splitlines()]
+    rows[11]["completion"] = ""
+    write_jsonl(Path(raw_config["data"]["train"]), rows)
+    config = tmp_path / "c.yaml"
+    config.write_text(yaml.safe_dump(raw_config))
+    outcomes = [cli(monkeypatch, capsys, command, str(config)) for command in ("validate", "train")]
+    assert outcomes[0] == outcomes[1] and outcomes[0][0] == 2, outcomes
+    expected = f"error: data.train: {raw_config['data']['train']}:12: the completion is empty: fill or remove the row"
+    assert outcomes[0][2].strip() == expected
+    assert not Path(raw_config["output_dir"]).exists()
+
+
+def test_an_assistant_turn_that_calls_a_tool_may_have_no_text(tmp_path, tok):
+    """A tool call is what such a turn says (the template renders it): it has something to learn."""
+    call = {"role": "assistant", "content": "", "tool_calls": [{"type": "function", "function": {"name": "f"}}]}
+    rows = [{"messages": [{"role": "user", "content": "a"}, call, {"role": "assistant", "content": "b"}]}]
+    path = write_jsonl(tmp_path / "t.jsonl", rows)
+    assert load_split(str(path), "train", "chat", "causal_lm", tok, 64).stats.rows == 1

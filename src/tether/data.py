@@ -125,6 +125,7 @@ def _read_jsonl(path: Path, field: str) -> list[dict[str, Any]]:
     rows = []
     # Lines end at \n only: str.splitlines would also split at U+2028, U+0085 and others, which JSON strings may hold.
     for line_no, line in enumerate(text.split("\n"), 1):
+        line = line.removeprefix("\ufeff")  # a BOM: Windows editors start files with one (and `cat` joins them)
         if not line.strip():
             continue
         try:
@@ -149,7 +150,7 @@ def _where(field: str, source: str, row: dict[str, Any], index: int) -> str:
 
 
 def check_row(row: dict[str, Any], fmt: str, task: str, where: str) -> None:
-    """Raise a DataError naming the row when it lacks a field or has one of the wrong type."""
+    """Raise a DataError naming the row when it lacks a field, has one of the wrong type, or has nothing to learn."""
     needed = ("text", "label") if task == "sequence_classification" else REQUIRED[fmt]
     for key in needed:
         if key not in row:
@@ -157,18 +158,26 @@ def check_row(row: dict[str, Any], fmt: str, task: str, where: str) -> None:
     if task == "sequence_classification":
         _check_label_value(row["label"], where)
     elif fmt == "chat":
-        msgs = row["messages"]
-        ok = (
-            isinstance(msgs, list)
-            and msgs
-            and all(isinstance(m, dict) and {"role", "content"} <= m.keys() for m in msgs)
-        )
-        if not ok or msgs[-1]["role"] != "assistant":
-            raise DataError(f"{where}: 'messages' must be a list of {{role, content}} ending with an assistant turn")
+        _check_messages(row["messages"], where)
         return
     for key in needed:
         if key != "label" and not isinstance(row[key], str):
             raise DataError(f"{where}: '{key}' must be a string, got {type(row[key]).__name__}")
+    # An empty target carries no loss but EOS (a classification text: the special tokens only): a slip in the data.
+    target = "completion" if fmt == "prompt_completion" and task == "causal_lm" else "text"
+    if not row[target].strip():
+        raise DataError(f"{where}: the {target} is empty: fill or remove the row")
+
+
+def _check_messages(msgs: Any, where: str) -> None:
+    ok = isinstance(msgs, list) and msgs and all(isinstance(m, dict) and {"role", "content"} <= m.keys() for m in msgs)
+    if not ok or msgs[-1]["role"] != "assistant":
+        raise DataError(f"{where}: 'messages' must be a list of {{role, content}} ending with an assistant turn")
+    for i, m in enumerate(msgs):
+        text = m["content"]
+        empty = text is None or (isinstance(text, str) and not text.strip())
+        if m["role"] == "assistant" and empty and not m.get("tool_calls"):  # a tool call is what such a turn says
+            raise DataError(f"{where}: the assistant turn messages[{i}] is empty: fill or remove the row")
 
 
 def _check_label_value(label: Any, where: str) -> None:
