@@ -108,9 +108,11 @@ def train(
     """Fine-tune as configured; writes model/, metrics.json, history.jsonl, curves.png and checkpoints."""
     from tether.config import load_config
     from tether.distributed import shutdown
+    from tether.models import check_max_length
     from tether.run import train as run_train
 
     cfg = load_config(config, set_)
+    check_max_length(cfg.model, cfg.task, cfg.data.max_length)  # as validate, before anything is written
     out = output_dir or Path(cfg.output_dir)
     from tether.progress import RichProgress
 
@@ -145,10 +147,12 @@ def eval_(
 ) -> None:
     """Evaluate a saved model on the configured validation and reference data, or on any file (--data)."""
     from tether.config import load_config
+    from tether.models import check_max_length
     from tether.progress import pass_progress
     from tether.run import evaluate_saved
 
     cfg = load_config(config, set_)
+    check_max_length(cfg.model, cfg.task, cfg.data.max_length)
     if data is not None and not data.exists():
         raise TetherError(f"--data {data} does not exist: pass a JSONL file or a save_to_disk directory")
     with pass_progress(console) as progress:

@@ -7,6 +7,7 @@ import logging
 import re
 from collections.abc import Iterable
 from itertools import islice
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 import torch
@@ -64,6 +65,77 @@ def checkpoint_classes(cfg: ModelConfig) -> tuple[str, ...] | None:
     return None if all(name == f"LABEL_{i}" for i, name in enumerate(names)) else names
 
 
+class PositionLimit(NamedTuple):
+    """How many positions a model's learned position table serves, and the config field that sizes it."""
+
+    positions: int
+    field: str
+    count: int
+    """The field's value (RoBERTa's table spends padding_idx + 1 of its rows before the first position)."""
+
+
+def position_limit(model: nn.Module) -> PositionLimit | None:
+    """The positions a model with learned absolute position embeddings can look up (GPT-2's wpe, BERT's and
+    DistilBERT's position_embeddings, OPT's embed_positions); None for rotary, ALiBi and relative models, whose
+    max_position_embeddings is no hard limit. The table is found by its size, not its name: an nn.Embedding beside
+    the token embeddings with the config's position count of rows, or 2 more (OPT and BART number positions from 2).
+    A table with a padding row (RoBERTa, XLM-R) numbers positions from padding_idx + 1."""
+    config = model.config
+    count = getattr(config, "max_position_embeddings", None)  # GPT-2's n_positions, through its attribute_map
+    if not isinstance(count, int):
+        return None
+    tokens = model.get_input_embeddings()
+    usable = [
+        min(count, e.num_embeddings - (0 if e.padding_idx is None else e.padding_idx + 1))
+        for e in model.modules()
+        if isinstance(e, nn.Embedding) and e is not tokens and count <= e.num_embeddings <= count + 2
+    ]
+    if not usable:
+        return None
+    field = config.attribute_map.get("max_position_embeddings", "max_position_embeddings")
+    return PositionLimit(min(usable), field, count)
+
+
+def check_positions(model: nn.Module, max_length: int) -> None:
+    """A ConfigError when examples of max_length tokens would look up positions past the model's learned position
+    table (an index error deep in the forward). Windows and packed rows hold at most max_length tokens and number
+    their positions from 0, so max_length is the bound for all of them."""
+    limit = position_limit(model)
+    if limit is None or max_length <= limit.positions:
+        return
+    spare = "" if limit.positions == limit.count else ", less the rows before its first position"
+    raise ConfigError(
+        f"data.max_length {max_length} is longer than the {limit.positions} positions this model's learned position "
+        f"embeddings hold ({limit.field} {limit.count}{spare}): lower data.max_length to {limit.positions} or less"
+    )
+
+
+def check_max_length(cfg: ModelConfig, task: str, max_length: int) -> None:
+    """check_positions before any weight is read (`tether validate`, and `tether train` before it writes anything):
+    the model's modules are built from its config on the meta device. A config that cannot be read or built is left
+    to loading the model, which says why."""
+    model = _skeleton(cfg, task)
+    if model is not None:
+        check_positions(model, max_length)
+
+
+def _skeleton(cfg: ModelConfig, task: str) -> nn.Module | None:
+    """The model's modules without memory or weights (meta tensors), or None when its config cannot be built."""
+    if cfg.synthetic is not None:
+        with torch.device("meta"):
+            return _synthetic(cfg, task, None).model
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    auto = AutoModelForCausalLM if task == "causal_lm" else AutoModelForSequenceClassification
+    try:
+        config = AutoConfig.from_pretrained(cfg.path, trust_remote_code=cfg.trust_remote_code)
+        with torch.device("meta"):
+            return auto.from_config(config, trust_remote_code=cfg.trust_remote_code)
+    except (OSError, ValueError, ImportError, RuntimeError, NotImplementedError) as e:
+        log.debug("no meta-device model of %s to check positions against: %s", cfg.path, e)
+        return None
+
+
 def load_tokenizer(cfg: ModelConfig, task: str) -> Any:
     """The tokenizer alone, prepared as load_model prepares it (what `tether validate` checks)."""
     if cfg.synthetic is not None:
@@ -107,17 +179,51 @@ def _synthetic(cfg: ModelConfig, task: str, num_labels: int | None) -> Loaded:
     return Loaded(model.to(DTYPES[cfg.dtype]), tok)  # built whole: the synthetic world calls it pre-trained
 
 
+# What a saved tokenizer leaves in its folder: save_pretrained writes tokenizer_config.json (a fast tokenizer also
+# tokenizer.json); older saves hold only their vocabulary (vocab.json + merges.txt, vocab.txt, a sentencepiece .model).
+TOKENIZER_FILES = ("tokenizer*.json", "vocab.*", "merges.txt", "*.model", "*.tiktoken")
+
+
 def _auto_tokenizer(cfg: ModelConfig) -> Any:
     from transformers import AutoTokenizer
 
+    folder = Path(cfg.path)
+    # Without these files most architectures' tokenizer classes load empty (no vocabulary) instead of failing.
+    if folder.is_dir() and not any(next(folder.glob(p), None) for p in TOKENIZER_FILES):
+        raise ConfigError(
+            f"model.path: {folder} has no tokenizer (no tokenizer.json, tokenizer_config.json or vocabulary file): "
+            f"save it there with tokenizer.save_pretrained('{folder}'), or copy in the tokenizer files of the model "
+            "it was fine-tuned from"
+        )
     try:
-        return AutoTokenizer.from_pretrained(cfg.path, trust_remote_code=cfg.trust_remote_code)
+        tokenizer = AutoTokenizer.from_pretrained(cfg.path, trust_remote_code=cfg.trust_remote_code)
     except (OSError, ValueError) as e:
-        raise ConfigError(f"model.path: cannot load '{cfg.path}': {_first_line(e)}") from None
+        raise ConfigError(f"model.path: cannot load '{cfg.path}': {_one_line(e)}") from None
+    if _special_only(tokenizer):
+        raise ConfigError(
+            f"model.path: the tokenizer in {cfg.path} has no vocabulary, only its special tokens: save the whole "
+            f"tokenizer there with tokenizer.save_pretrained('{cfg.path}')"
+        )
+    return tokenizer
 
 
-def _first_line(e: Exception) -> str:
-    return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+def _special_only(tokenizer: Any) -> bool:
+    """Whether the tokenizer knows its special tokens and nothing else: what most tokenizer classes load from a
+    folder with a tokenizer_config.json and no vocabulary."""
+    try:
+        vocabulary = tokenizer.get_vocab()
+    except NotImplementedError:  # a remote-code tokenizer may not list its vocabulary
+        return False
+    return set(vocabulary) <= set(tokenizer.all_special_tokens)
+
+
+def _one_line(e: Exception) -> str:
+    """The exception's message on one line: its first line, or all of it when the first line ends with a colon
+    (a list follows, and the line alone would end mid-sentence)."""
+    lines = str(e).strip().splitlines()
+    if not lines:
+        return type(e).__name__
+    return " ".join(" ".join(lines).split()) if lines[0].rstrip().endswith(":") else lines[0]
 
 
 def _pretrained(cfg: ModelConfig, task: str, num_labels: int | None) -> Loaded:
@@ -135,8 +241,8 @@ def _pretrained(cfg: ModelConfig, task: str, num_labels: int | None) -> Loaded:
             model, info = AutoModelForSequenceClassification.from_pretrained(cfg.path, **classes, **kwargs)
     except (OSError, ValueError) as e:
         if "Unrecognized configuration class" in str(e):  # the architecture has no model for this task
-            raise ConfigError(f"task: transformers has no {task} model for '{cfg.path}': {_first_line(e)}") from None
-        raise ConfigError(f"model.path: cannot load '{cfg.path}': {_first_line(e)}") from None
+            raise ConfigError(f"task: transformers has no {task} model for '{cfg.path}': {_one_line(e)}") from None
+        raise ConfigError(f"model.path: cannot load '{cfg.path}': {_one_line(e)}") from None
     new = set(info["missing_keys"]) | {key for key, *_ in info["mismatched_keys"]}
     return Loaded(model, tokenizer, frozenset(new & {n for n, _ in model.named_parameters()}))
 
@@ -174,7 +280,7 @@ def apply_lora(
             lora = corda_init(model, lora, cfg, calibration)
         wrapped = get_peft_model(model, lora)
     except (ValueError, TypeError, RuntimeError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        first = _one_line(e)
         field = "lora.dropout" if "dropout" in first else "lora.target_modules"
         hint = "list the modules to adapt" if field == "lora.target_modules" else "set it to 0, or use all-linear"
         raise ConfigError(f"{field}: PEFT refuses this model's LoRA: {first}: {hint}") from None
@@ -206,7 +312,7 @@ def apply_osf(model: nn.Module, cfg: OsfSection, task: str) -> nn.Module:
     try:
         wrapped = get_peft_model(model, osf)
     except (ValueError, TypeError, RuntimeError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        first = _one_line(e)
         raise ConfigError(
             f"osf: PEFT refuses this model's OSF: {first}: change osf.target_modules or effective_rank"
         ) from None
