@@ -334,3 +334,9 @@ def test_finish_measures_the_recall_of_a_fact_set(tmp_path: Path) -> None:
     before = tether.knowledge(t.model, TOKENIZER, FACTS)  # the trained model: wise_ft restored alpha 1
     assert all("recall" in row for row in rows_measured)
     assert rows_measured[-1]["recall"] == before["recall"]
+
+
+def test_reference_rows_are_checked_as_tether_train_checks_its_files(tmp_path: Path) -> None:
+    blank = {"prompt": "x", "completion": " "}
+    with pytest.raises(TetherError, match=r"reference row \{'prompt': 'x', 'completion': ' '\}: the completion is"):
+        tether.regularize(trainer(tmp_path), [REPLAY_ALL], reference=[FACTS[0], blank])

@@ -19,7 +19,7 @@ from typing import Any
 
 from torch import nn
 
-from tether.data import REQUIRED, Collator, Split, batches_of, encode, read_rows
+from tether.data import REQUIRED, Collator, Split, batches_of, check_row, encode, read_rows
 from tether.errors import ConfigError, TetherError
 from tether.evaluate import forgetting as forgetting_of
 from tether.evaluate import reference_metrics
@@ -218,6 +218,7 @@ def encode_rows(rows: list[dict[str, Any]], tokenizer: Any, max_length: int) -> 
         fmt = next((f for f, keys in REQUIRED.items() if set(keys) <= row.keys()), None)
         if fmt is None:
             raise ConfigError(f"reference row {row!r:.80}: give text, prompt and completion, messages or input_ids")
+        check_row(row, fmt, "causal_lm", f"reference row {row!r:.80}")  # as tether train checks its files' rows
         encoded += encode(row, fmt, "causal_lm", tokenizer, max_length)  # a row or its windows
     return encoded
 
