@@ -108,11 +108,9 @@ def train(
     """Fine-tune as configured; writes model/, metrics.json, history.jsonl, curves.png and checkpoints."""
     from tether.config import load_config
     from tether.distributed import shutdown
-    from tether.models import check_max_length
     from tether.run import train as run_train
 
     cfg = load_config(config, set_)
-    check_max_length(cfg.model, cfg.task, cfg.data.max_length)  # as validate, before anything is written
     out = output_dir or Path(cfg.output_dir)
     from tether.progress import RichProgress
 

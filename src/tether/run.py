@@ -45,7 +45,7 @@ from tether.evaluate import (
     reference_metrics,
     start_pass,
 )
-from tether.models import apply_lora, apply_osf, is_osf, load_model, merged_osf
+from tether.models import apply_lora, apply_osf, check_max_length, is_osf, load_model, merged_osf
 from tether.outputs import (
     RUN_STATE,
     hold_run_dir,
@@ -258,6 +258,7 @@ def train(
     from transformers import set_seed
 
     run_started = time.perf_counter()
+    check_max_length(cfg.model, cfg.task, cfg.data.max_length)  # before anything is written, as validate refuses it
     args = training_args(cfg, output_dir)
     resume_from = check_output_dir(output_dir, overwrite, resume)
     record_config(cfg, output_dir, resume_from, accept_changes)
