@@ -29,3 +29,12 @@ class Interrupted(KeyboardInterrupt):
         super().__init__(message)
         self.checkpoint = checkpoint
         """The last complete checkpoint (what `--resume` continues from), None when none was written."""
+
+
+def one_line(e: BaseException) -> str:
+    """A library's message on one line: its first line, or all of it when the first line ends with a colon (a list
+    follows, and the line alone would end mid-sentence)."""
+    lines = str(e).strip().splitlines()
+    if not lines:
+        return type(e).__name__
+    return " ".join(" ".join(lines).split()) if lines[0].rstrip().endswith(":") else lines[0]

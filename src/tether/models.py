@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from tether.config import LoraSection, ModelConfig, OsfSection
-from tether.errors import ConfigError
+from tether.errors import ConfigError, one_line
 
 if TYPE_CHECKING:
     from tether.data import Labels
@@ -198,7 +198,7 @@ def _auto_tokenizer(cfg: ModelConfig) -> Any:
     try:
         tokenizer = AutoTokenizer.from_pretrained(cfg.path, trust_remote_code=cfg.trust_remote_code)
     except (OSError, ValueError) as e:
-        raise ConfigError(f"model.path: cannot load '{cfg.path}': {_one_line(e)}") from None
+        raise ConfigError(f"model.path: cannot load '{cfg.path}': {one_line(e)}") from None
     if _special_only(tokenizer):
         raise ConfigError(
             f"model.path: the tokenizer in {cfg.path} has no vocabulary, only its special tokens: save the whole "
@@ -217,15 +217,6 @@ def _special_only(tokenizer: Any) -> bool:
     return set(vocabulary) <= set(tokenizer.all_special_tokens)
 
 
-def _one_line(e: Exception) -> str:
-    """The exception's message on one line: its first line, or all of it when the first line ends with a colon
-    (a list follows, and the line alone would end mid-sentence)."""
-    lines = str(e).strip().splitlines()
-    if not lines:
-        return type(e).__name__
-    return " ".join(" ".join(lines).split()) if lines[0].rstrip().endswith(":") else lines[0]
-
-
 def _pretrained(cfg: ModelConfig, task: str, num_labels: int | None) -> Loaded:
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
@@ -241,8 +232,8 @@ def _pretrained(cfg: ModelConfig, task: str, num_labels: int | None) -> Loaded:
             model, info = AutoModelForSequenceClassification.from_pretrained(cfg.path, **classes, **kwargs)
     except (OSError, ValueError) as e:
         if "Unrecognized configuration class" in str(e):  # the architecture has no model for this task
-            raise ConfigError(f"task: transformers has no {task} model for '{cfg.path}': {_one_line(e)}") from None
-        raise ConfigError(f"model.path: cannot load '{cfg.path}': {_one_line(e)}") from None
+            raise ConfigError(f"task: transformers has no {task} model for '{cfg.path}': {one_line(e)}") from None
+        raise ConfigError(f"model.path: cannot load '{cfg.path}': {one_line(e)}") from None
     new = set(info["missing_keys"]) | {key for key, *_ in info["mismatched_keys"]}
     return Loaded(model, tokenizer, frozenset(new & {n for n, _ in model.named_parameters()}))
 
@@ -280,7 +271,7 @@ def apply_lora(
             lora = corda_init(model, lora, cfg, calibration)
         wrapped = get_peft_model(model, lora)
     except (ValueError, TypeError, RuntimeError) as e:
-        first = _one_line(e)
+        first = one_line(e)
         field = "lora.dropout" if "dropout" in first else "lora.target_modules"
         hint = "list the modules to adapt" if field == "lora.target_modules" else "set it to 0, or use all-linear"
         raise ConfigError(f"{field}: PEFT refuses this model's LoRA: {first}: {hint}") from None
@@ -312,7 +303,7 @@ def apply_osf(model: nn.Module, cfg: OsfSection, task: str) -> nn.Module:
     try:
         wrapped = get_peft_model(model, osf)
     except (ValueError, TypeError, RuntimeError) as e:
-        first = _one_line(e)
+        first = one_line(e)
         raise ConfigError(
             f"osf: PEFT refuses this model's OSF: {first}: change osf.target_modules or effective_rank"
         ) from None

@@ -36,7 +36,7 @@ from tether.data import (
     run_labels,
 )
 from tether.distributed import barrier, is_main_process, local
-from tether.errors import ConfigError, Interrupted, NonFiniteError, TetherError
+from tether.errors import ConfigError, Interrupted, NonFiniteError, TetherError, one_line
 from tether.evaluate import (
     Progress,
     classification_metrics,
@@ -92,7 +92,7 @@ def training_args(cfg: RunConfig, output_dir: Path) -> Any:
     try:
         return TrainingArguments(**kw)
     except (ValueError, TypeError) as e:
-        raise ConfigError(f"training: {str(e).strip().splitlines()[0]}: change the training section") from None
+        raise ConfigError(f"training: {one_line(e)}: change the training section") from None
 
 
 def check_output_dir(output_dir: Path, overwrite: bool, resume: bool) -> str | None:
@@ -492,7 +492,7 @@ def _trainer(cfg: RunConfig, model: nn.Module, tokenizer: Any, args: Any, data: 
             data_collator=collator, stack=stack, callbacks=callbacks, compute_metrics=metrics,
         )  # fmt: skip
     except ValueError as e:  # the Trainer checks the arguments against the launch (e.g. fsdp needs processes)
-        raise ConfigError(f"training: {str(e).strip().splitlines()[0]}: change the training section") from None
+        raise ConfigError(f"training: {one_line(e)}: change the training section") from None
     trainer.remove_callback(PrinterCallback)  # history.jsonl and the progress bar carry the logs
     version = getattr(trainer.accelerator.state.fsdp_plugin, "fsdp_version", 1) if trainer.is_fsdp_enabled else None
     check_sharding(cfg, stack, version, trainer.is_deepspeed_enabled)
