@@ -168,3 +168,18 @@ def test_a_tokenizer_that_fails_to_load_is_one_whole_line(tmp_path, monkeypatch,
     assert line.startswith(f"error: model.path: cannot load '{model}': Couldn't instantiate the backend tokenizer "
                            "from one of: (1) a `tokenizers` library serialization file, (2) "), line  # fmt: skip
     assert line.endswith("."), line
+
+
+def test_recall_keeps_the_end_of_a_prompt_longer_than_the_positions() -> None:
+    """Greedy recall generates from the whole prompt: past a learned position table it keeps the prompt's end (the
+    loss examples are cut at max_length; the prompts recall reads are not)."""
+    from tether.recall import exact_match_recall
+
+    model, tokenizer = tiny("gpt2").eval(), char_tokenizer()  # one token a character, no BOS added
+    limit = position_limit(model).positions
+    prompt = "".join(chr(97 + i % 26) for i in range(limit + 10))
+    for completion in (" ab", " cd", prompt[-2:]):
+        end = prompt[-(limit - len(completion)) :]
+        assert exact_match_recall(model, tokenizer, [prompt], [completion]) == exact_match_recall(
+            model, tokenizer, [end], [completion]
+        )

@@ -8,6 +8,7 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from tether.distributed import gathers_per_module, has_sharded_parameters, world_size
+from tether.models import position_limit
 
 
 def exact_match_recall(
@@ -55,6 +56,9 @@ def _greedy(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts:
     if pad_id is None:
         raise ValueError("the tokenizer has neither a pad nor an eos token: set tokenizer.pad_token before scoring")
     ids = tokenizer(prompts)["input_ids"]
+    limit = position_limit(model)
+    if limit is not None:  # learned positions: a longer prompt would look up rows the table lacks; keep its end
+        ids = [row[-max(1, limit.positions - n) :] for row in ids]
     width = max(len(row) for row in ids)
     device = next(model.parameters()).device
     input_ids = torch.tensor([[pad_id] * (width - len(row)) + row for row in ids], device=device)
