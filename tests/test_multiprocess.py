@@ -207,3 +207,34 @@ def test_fsdp_tracks_forgetting_as_one_process_does(fsdp: Path) -> None:
 
 def test_fsdp_refuses_whole_model_state(fsdp: Path) -> None:
     assert "ema keep whole-model copies and do not run on FSDP" in (fsdp / "fsdp-refused.txt").read_text()
+
+
+@pytest.mark.slow
+def test_lm_eval_at_evaluations_under_ddp_shares_the_main_process_scores(tmp_path: Path) -> None:
+    """lm-eval returns its results on the main process only (the other processes died at the first evaluation):
+    the main process scores at each evaluation and shares the scores, and the run ends with one process's numbers."""
+    pytest.importorskip("lm_eval")
+    if not _can_spawn():
+        pytest.skip("torchrun is not installed next to this Python")
+    from tether.lmeval import TASK_NAME, write_task_pack
+
+    data = write_data_files(tmp_path)
+    facts = [json.loads(line) for line in data["reference"].read_text().splitlines()]
+    pack = write_task_pack(tmp_path / "tasks", facts)
+    lm_eval = {"lm_eval": {"tasks": [TASK_NAME], "include_path": str(pack), "at_evaluations": True}}
+    (tmp_path / "jobs.json").write_text(
+        json.dumps([[_raw(data, [], 4) | {"evaluation": lm_eval}, str(tmp_path / "two")]])
+    )
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    torchrun = Path(sys.executable).parent / "torchrun"
+    cmd = [str(torchrun), "--standalone", "--nproc_per_node", "2", str(ROOT / "tests" / "ddp_runs.py")]
+    proc = subprocess.run([*cmd, str(tmp_path / "jobs.json")], env=env, cwd=ROOT, capture_output=True, text=True,
+                          timeout=600)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    train(validate_config(_raw(data, [], 8) | {"evaluation": lm_eval}), tmp_path / "one")
+    key = f"eval_lm_eval/{TASK_NAME}/acc"
+    evals = {}
+    for run in ("one", "two"):
+        history = [json.loads(line) for line in (tmp_path / run / "history.jsonl").read_text().splitlines()]
+        evals[run] = [e[key] for e in history if "eval_loss" in e]
+    assert len(evals["one"]) == 2 and evals["two"] == pytest.approx(evals["one"], abs=1e-6)

@@ -9,9 +9,13 @@ summed across processes.
 
 from __future__ import annotations
 
+from typing import TypeVar
+
 import torch
 import torch.distributed as dist
 from torch import nn
+
+T = TypeVar("T")
 
 try:
     from torch.distributed.tensor import DTensor, distribute_tensor
@@ -43,6 +47,15 @@ def sum_across_processes(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
 def barrier() -> None:
     if world_size() > 1:
         dist.barrier()
+
+
+def from_main_process(value: T) -> T:
+    """The main process's `value` in every process (pickled), for what only the main process computes."""
+    if world_size() == 1:
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
 
 
 def is_sharded(t: torch.Tensor) -> bool:

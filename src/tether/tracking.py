@@ -34,6 +34,7 @@ from transformers import TrainerCallback
 
 from tether.config import LmEvalConfig, RunConfig
 from tether.data import Collator, Datasets, Split
+from tether.distributed import from_main_process, is_main_process
 from tether.evaluate import dataset_metrics, reference_metrics, start_pass
 from tether.outputs import write_jsonl
 from tether.reference import Reference, ReferenceOptions, at_positions, evaluating, is_peft, loss_positions
@@ -164,11 +165,20 @@ class RunLog(TrainerCallback):
         if self.probe is not None:
             out["eval_probe_kl"] = self.probe.kl(model)
         if self.lm_eval is not None and self.lm_eval.at_evaluations:
+            out.update(self.lm_eval_logs(model))
+        return out
+
+    def lm_eval_logs(self, model: nn.Module) -> dict[str, float]:
+        """lm-eval's scores as log keys, computed by the main process alone (lm-eval returns its results there only;
+        under DDP each process holds the whole model) and shared, so that every process's early stopping reads
+        the same numbers. FSDP, where each forward is collective, is refused (run.check_sharding)."""
+        logs: dict[str, float] = {}
+        if is_main_process():
             from tether.lmeval import scores
 
             for task, values in scores(model, self.tokenizer, self.lm_eval).items():
-                out.update({f"eval_lm_eval/{task}/{metric}": v for metric, v in values.items()})
-        return out
+                logs.update({f"eval_lm_eval/{task}/{metric}": v for metric, v in values.items()})
+        return from_main_process(logs)
 
     def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         if self.history is not None:
