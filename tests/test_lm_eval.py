@@ -86,3 +86,16 @@ def test_a_run_scores_the_base_and_the_result(raw_config: dict, tmp_path: Path) 
     (last,) = [e for e in history if "eval_loss" in e]  # one evaluation, at the last step: the result's score
     assert last[f"eval_lm_eval/{TASK_NAME}/acc"] == pytest.approx(acc["after"])
     assert "lm-evaluation-harness" in (tmp_path / "run" / "report.html").read_text()
+
+
+def test_tether_eval_scores_the_saved_model_on_the_configured_tasks(raw_config: dict, tmp_path: Path) -> None:
+    """`tether eval` of a run configured with evaluation.lm_eval gives the saved model's scores (it ignored them)."""
+    from tether.run import evaluate_saved
+
+    pack = write_task_pack(tmp_path / "tasks", FACTS)
+    raw_config["training"].update(max_steps=4, eval_steps=4)
+    raw_config["evaluation"] = {"lm_eval": {"tasks": [TASK_NAME], "include_path": str(pack)}}
+    cfg = validate_config(raw_config)
+    metrics = train(cfg, tmp_path / "run", overwrite=True)
+    scored = evaluate_saved(cfg, tmp_path / "run" / "model")
+    assert scored["lm_eval"][TASK_NAME]["acc"] == pytest.approx(metrics["lm_eval"][TASK_NAME]["acc"]["after"])

@@ -633,8 +633,8 @@ def evaluate_saved(
     cfg: RunConfig, model_dir: Path, progress: Progress | None = None, data_file: Path | None = None
 ) -> dict[str, Any]:
     """`tether eval`: metrics of a saved model (a full model or a LoRA adapter over the configured base) on the
-    configured validation and reference data, or with `data_file` on that file alone (the result names it); with
-    `progress`, each evaluation pass shows a display."""
+    configured validation and reference data (and evaluation.lm_eval's tasks when configured), or with `data_file`
+    on that file alone (the result names it); with `progress`, each evaluation pass shows a display."""
     if not model_dir.is_dir():
         raise TetherError(f"--model {model_dir} is not a directory: pass a run's model/ directory")
     classes = cfg.task == "sequence_classification"
@@ -665,4 +665,8 @@ def evaluate_saved(
     }  # fmt: skip
     if data.reference is not None:
         out["reference"] = reference_metrics(model, tokenizer, data.reference, collator, progress)
+    if cfg.evaluation.lm_eval is not None:  # the scores of the saved model alone (metrics.json has the base's)
+        from tether.lmeval import scores
+
+        out["lm_eval"] = scores(model, tokenizer, cfg.evaluation.lm_eval)
     return out
