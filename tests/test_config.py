@@ -235,3 +235,12 @@ def test_training_numbers_out_of_range_are_one_line(raw_config, tmp_path, monkey
 
 def test_max_steps_minus_one_trains_by_epochs(raw_config):
     assert validate_config(_with(raw_config, "training.max_steps", -1)).training_arguments()["max_steps"] == -1
+
+
+def test_a_run_directory_given_as_the_config_names_the_config_inside(tmp_path: Path) -> None:
+    (tmp_path / "run").mkdir()
+    with pytest.raises(ConfigError, match=r"config file .*run is a directory: pass the path of a YAML file$"):
+        load_config(tmp_path / "run")
+    (tmp_path / "run" / "config.yaml").write_text("task: causal_lm\n")
+    with pytest.raises(ConfigError, match=r"a YAML file \(.*run/config.yaml is the run's\)"):
+        load_config(tmp_path / "run")

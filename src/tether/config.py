@@ -449,6 +449,9 @@ class RunConfig(Section):
 def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
     """Read a YAML file, apply `key.path=value` overrides, validate. Raises ConfigError with one clear line."""
     path = Path(path)
+    if path.is_dir():  # a run directory: its config is inside
+        inside = f" ({path / 'config.yaml'} is the run's)" if (path / "config.yaml").is_file() else ""
+        raise ConfigError(f"config file {path} is a directory: pass the path of a YAML file{inside}")
     if not path.is_file():
         raise ConfigError(f"config file {path} does not exist: pass the path of a YAML file")
     try:
