@@ -298,3 +298,18 @@ def test_an_evaluation_worse_than_the_base_model_is_warned_of_once(raw_config: d
         metrics = _run(raw_config, tmp_path / "fine")
     assert metrics["target"]["val_loss"] < metrics["target"]["base_val_loss"]
     assert not [r for r in caplog.records if "above the base model's" in r.getMessage()]
+
+
+@pytest.mark.parametrize("smoothing", [0.0, 0.1])
+def test_a_smoothed_eval_loss_is_not_compared_with_the_base_models(raw_config: dict, tmp_path: Path, monkeypatch,
+                                                                    smoothing: float) -> None:  # fmt: skip
+    """Under training.label_smoothing_factor the Trainer's eval_loss is smoothed, the base's is not: no warning
+    then (it fired on an unchanged model's plain loss)."""
+    import tether.tracking
+
+    given: list[float | None] = []
+    init = tether.tracking.RunLog.__init__
+    monkeypatch.setattr(tether.tracking.RunLog, "__init__", lambda self, *a: given.append(a[2]) or init(self, *a))
+    raw_config["training"].update(max_steps=2, eval_steps=2, label_smoothing_factor=smoothing)
+    metrics = _run(raw_config, tmp_path / "run")
+    assert given == ([None] if smoothing else [metrics["target"]["base_val_loss"]])

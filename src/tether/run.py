@@ -81,9 +81,7 @@ def training_args(cfg: RunConfig, output_dir: Path) -> Any:
         kw.setdefault("use_cpu", True)  # without it, processes started by torchrun on CPU would not form a DDP group
         if int(os.environ.get("WORLD_SIZE", "1")) > 1:
             kw.setdefault("ddp_backend", "gloo")  # only with several processes: a backend alone starts a group
-    if cfg.early_stopping is not None:
-        if kw.get("eval_strategy") == "no":
-            raise ConfigError("early_stopping needs evaluations: set training.eval_strategy to steps or epoch")
+    if cfg.early_stopping is not None:  # with evaluations: validate_config refuses eval_strategy no
         budgeted = cfg.early_stopping.forgetting_budget is not None  # the choice on target and retention: tracking
         metric = "eval_choice" if budgeted else cfg.early_stopping.metric
         kw.update(load_best_model_at_end=True, metric_for_best_model=metric)
@@ -286,9 +284,9 @@ def train(
         if cfg.osf is not None:
             model = apply_osf(model, cfg.osf, cfg.task)
         stack = RegularizerStack.from_configs(parse_entries(cfg.regularizers), cfg.skip_non_finite, new_parameters)
-        run_log = RunLog(
-            output_dir / "history.jsonl" if is_main_process() else None, budget_of(cfg), base.get("val_loss")
-        )
+        # the Trainer's eval_loss is smoothed under label_smoothing_factor: then no base loss to compare it with
+        comparable = base.get("val_loss") if not args.label_smoothing_factor else None
+        run_log = RunLog(output_dir / "history.jsonl" if is_main_process() else None, budget_of(cfg), comparable)
         for_regularizers = replace(data, reference=roles.regularizers)
         callbacks = [run_log, *(callbacks or [])]
         trainer = _trainer(cfg, model, tokenizer, args, for_regularizers, collator, stack, callbacks, console)
