@@ -313,3 +313,23 @@ def test_a_smoothed_eval_loss_is_not_compared_with_the_base_models(raw_config: d
     raw_config["training"].update(max_steps=2, eval_steps=2, label_smoothing_factor=smoothing)
     metrics = _run(raw_config, tmp_path / "run")
     assert given == ([None] if smoothing else [metrics["target"]["base_val_loss"]])
+
+
+def test_lm_eval_failing_at_an_evaluation_is_raised_not_waited_on(monkeypatch) -> None:
+    """The main process scores alone and shares the outcome: a failure is raised (on the other processes as one
+    line naming it), never left for them to wait on."""
+    import tether.lmeval
+    from tether.config import LmEvalConfig
+    from tether.errors import ConfigError
+    from tether.tracking import RunLog
+
+    def broken(*args: Any) -> dict:
+        raise ConfigError("evaluation.lm_eval.tasks: nope not found")
+
+    monkeypatch.setattr(tether.lmeval, "scores", broken)
+    run_log = RunLog(None)
+    run_log.lm_eval = LmEvalConfig(tasks=["nope"], at_evaluations=True)
+    with pytest.raises(ConfigError, match="nope not found"):
+        run_log.lm_eval_logs(torch.nn.Linear(1, 1))
+    monkeypatch.setattr(tether.lmeval, "scores", lambda *a: {"t": {"acc": 0.5}})
+    assert run_log.lm_eval_logs(torch.nn.Linear(1, 1)) == {"eval_lm_eval/t/acc": 0.5}

@@ -35,6 +35,7 @@ from transformers import TrainerCallback
 from tether.config import LmEvalConfig, RunConfig
 from tether.data import Collator, Datasets, Split
 from tether.distributed import from_main_process, is_main_process
+from tether.errors import TetherError, one_line
 from tether.evaluate import dataset_metrics, reference_metrics, start_pass
 from tether.outputs import write_jsonl
 from tether.reference import Reference, ReferenceOptions, at_positions, evaluating, is_peft, loss_positions
@@ -173,12 +174,21 @@ class RunLog(TrainerCallback):
         under DDP each process holds the whole model) and shared, so that every process's early stopping reads
         the same numbers. FSDP, where each forward is collective, is refused (run.check_sharding)."""
         logs: dict[str, float] = {}
+        failure: Exception | None = None
         if is_main_process():
             from tether.lmeval import scores
 
-            for task, values in scores(model, self.tokenizer, self.lm_eval).items():
-                logs.update({f"eval_lm_eval/{task}/{metric}": v for metric, v in values.items()})
-        return from_main_process(logs)
+            try:
+                for task, values in scores(model, self.tokenizer, self.lm_eval).items():
+                    logs.update({f"eval_lm_eval/{task}/{metric}": v for metric, v in values.items()})
+            except Exception as e:  # said to every process: the others would wait for the scores until timeout
+                failure = e
+        logs, said = from_main_process((logs, None if failure is None else one_line(failure)))
+        if failure is not None:
+            raise failure
+        if said is not None:
+            raise TetherError(f"lm-eval failed on the main process at this evaluation: {said}")
+        return logs
 
     def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         if self.history is not None:

@@ -19,8 +19,9 @@ of the adapter by alpha). An adapter with neither factor zero at setup (trained 
 interpolated that way: setup stops with an error. Under PEFT's OSF the change of an adapted layer is
 U_low S_low V_low - U_low_0 S_low_0 V_low_0; interpolating the three factors would give a cubic in alpha, so the
 layer's weight is interpolated instead: for the candidates the change is folded into the weight (W_0 + delta W, as
-PEFT's merge computes it) and U_low, S_low, V_low are set to their start, where the adapter adds exactly nothing;
-each candidate is then W_0 + alpha * delta W, in the forward and in the merged model saved. W_0 of the adapted
+PEFT's merge computes it) and U_low, S_low, V_low are set to their start, where PEFT's change is exactly zero
+(its forward adds the start's product minus itself: zero within rounding); each candidate is then W_0 + alpha *
+delta W, exactly in the merged model saved. W_0 of the adapted
 layers is the copy kept from setup (memory: start weights), and afterwards the trained factors and W_0 come back
 bit for bit. Other trainable tensors (a classification head) are interpolated elementwise. strength is unused.
 """
