@@ -172,14 +172,13 @@ def test_a_tokenizer_that_fails_to_load_is_one_whole_line(tmp_path, monkeypatch,
 
 def test_recall_keeps_the_end_of_a_prompt_longer_than_the_positions() -> None:
     """Greedy recall generates from the whole prompt: past a learned position table it keeps the prompt's end (the
-    loss examples are cut at max_length; the prompts recall reads are not)."""
-    from tether.recall import exact_match_recall
+    loss examples are cut at max_length; the prompts recall reads are not), which generates what the end alone does
+    and not what the start does."""
+    from tether.recall import _greedy
 
     model, tokenizer = tiny("gpt2").eval(), char_tokenizer()  # one token a character, no BOS added
-    limit = position_limit(model).positions
-    prompt = "".join(chr(97 + i % 26) for i in range(limit + 10))
-    for completion in (" ab", " cd", prompt[-2:]):
-        end = prompt[-(limit - len(completion)) :]
-        assert exact_match_recall(model, tokenizer, [prompt], [completion]) == exact_match_recall(
-            model, tokenizer, [end], [completion]
-        )
+    limit, new = position_limit(model).positions, 4
+    prompt = "".join(chr(97 + (i * 7) % 26) for i in range(limit + 10))
+    generated = _greedy(model, tokenizer, [prompt], new)
+    assert generated == _greedy(model, tokenizer, [prompt[-(limit - new) :]], new)
+    assert generated != _greedy(model, tokenizer, [prompt[: limit - new]], new)
