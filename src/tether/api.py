@@ -25,7 +25,7 @@ from tether.evaluate import forgetting as forgetting_of
 from tether.evaluate import reference_metrics
 from tether.reference import is_peft
 from tether.regularizers import FinishContext, RegularizerConfig, RegularizerStack, SetupContext, parse_entries
-from tether.roles import DEFAULT_HOLDOUT, counted, split_record, split_reference
+from tether.roles import DEFAULT_HOLDOUT, counted, distinct, split_record, split_reference
 from tether.section import RegularizerEntry
 from tether.trainer import RegularizedMixin, StepEnd, check_trainer, row_mixers
 
@@ -83,7 +83,7 @@ def regularize(
     check_trainer(regularized, stack)
     if row_mixers(stack):  # replay: the regularizers' reference rows mixed in, in the training rows' form;
         given = roles.given  # self_replay generates from them with the model as it is
-        mixed = None if given is None else _replayed(trainer, _distinct(given.rows), given.encoded)
+        mixed = None if given is None else _replayed(trainer, distinct(given.rows), given.encoded)
         before = SetupContext(trainer.model, None, trainer.args.learning_rate)
         trainer.train_dataset = stack.train_data(trainer.train_dataset, mixed, trainer.args.seed, ctx=before)
     trainer.__class__ = regularized
@@ -149,10 +149,6 @@ def _split(rows: Rows | None, tokenizer: Any, max_length: int) -> Split | None:
     facts = all({"prompt", "completion"} <= row.keys() for row in rows)
     examples = [example for _, example in pairs]
     return Split([row for row, _ in pairs], examples, "prompt_completion" if facts else "text")
-
-
-def _distinct(rows: Rows) -> Rows:
-    return list({id(row): row for row in rows}.values())  # a windowed row's windows share the one row
 
 
 def _install(trainer: Any, stack: RegularizerStack, roles: _Roles) -> None:

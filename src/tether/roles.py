@@ -74,8 +74,9 @@ def assign_roles(cfg: RunConfig, reference: Split | None) -> Roles:
     return Roles(measured, given if needing else None, record)
 
 
-def split_record(measured: Split, held: Split | None, given: Split | None, share: float | None,
-                 seed: int) -> dict[str, Any]:  # fmt: skip
+def split_record(
+    measured: Split, held: Split | None, given: Split | None, share: float | None, seed: int
+) -> dict[str, Any]:
     """metrics.json `reference_roles` counts: rows and the examples they make (a long text row is windowed into
     several), the split, and how many measured examples the regularizers also read (`given`): the measured rows
     themselves (train_on_measured), or duplicates that the split put on both sides."""
@@ -92,8 +93,12 @@ def split_record(measured: Split, held: Split | None, given: Split | None, share
 
 
 def rows_in(split: Split) -> int:
-    """The rows a split holds (a windowed row's windows share the one row object)."""
-    return len({id(row) for row in split.rows})
+    return len(distinct(split.rows))
+
+
+def distinct(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Each row once, in order: a windowed row's windows share the one row object (equal rows are kept)."""
+    return list({id(row): row for row in rows}.values())
 
 
 def split_reference(reference: Split, share: float, seed: int, too_few: str = TOO_FEW) -> tuple[Split, Split]:
