@@ -340,3 +340,95 @@ def test_reference_rows_are_checked_as_tether_train_checks_its_files(tmp_path: P
     blank = {"prompt": "x", "completion": " "}
     with pytest.raises(TetherError, match=r"reference row \{'prompt': 'x', 'completion': ' '\}: the completion is"):
         tether.regularize(trainer(tmp_path), [REPLAY_ALL], reference=[FACTS[0], blank])
+
+
+class ZeroLoss(Trainer):
+    """A user's own loss that trains nothing, counting its calls: tether calls it, or refuses."""
+
+    calls = 0
+
+    def compute_loss(
+        self, model: Any, inputs: Any, return_outputs: bool = False, num_items_in_batch: Any = None
+    ) -> Any:
+        ZeroLoss.calls += 1  # on the class itself: tether.regularize subclasses it
+        outputs = model(**inputs)
+        return (0.0 * outputs.loss, outputs) if return_outputs else 0.0 * outputs.loss
+
+
+class LossOnly(Trainer):
+    """A user's own loss that ignores return_outputs (a common override)."""
+
+    def compute_loss(
+        self, model: Any, inputs: Any, return_outputs: bool = False, num_items_in_batch: Any = None
+    ) -> Any:
+        return model(**inputs).loss
+
+
+class SecondForward(Trainer):
+    """A user's own loss that returns the outputs of a forward without gradient."""
+
+    def compute_loss(
+        self, model: Any, inputs: Any, return_outputs: bool = False, num_items_in_batch: Any = None
+    ) -> Any:
+        loss = model(**inputs).loss
+        with torch.no_grad():
+            outputs = model(**inputs)
+        return (loss, outputs) if return_outputs else loss
+
+
+def of_class(cls: type, out: Path) -> Trainer:
+    t = trainer(out)
+    t.__class__ = cls  # the user's subclass of Trainer, built as the user builds it
+    return t
+
+
+@pytest.mark.parametrize("name", ["dft", "eaft", "flow", "asft"])
+def test_loss_shaping_beside_a_users_compute_loss_is_refused(tmp_path: Path, name: str) -> None:
+    """The shaped loss is tether's own cross-entropy: a user's compute_loss would never run (a ZeroLoss trainer with
+    dft trained on the cross-entropy)."""
+    with pytest.raises(TetherError, match=f"{name} weights .*ZeroLoss.compute_loss would never run: drop {name}") as e:
+        tether.regularize(of_class(ZeroLoss, tmp_path), [{"name": name}], reference=FACTS)
+    assert "\n" not in str(e.value)
+
+
+def test_a_users_compute_loss_is_what_the_penalties_add_to(tmp_path: Path) -> None:
+    """kl beside a user's compute_loss: the user's loss runs every step (with return_outputs=True: kl reads its
+    outputs); one that returns no outputs, or outputs without gradient, is refused in one line."""
+    ZeroLoss.calls = 0
+    t = tether.regularize(of_class(ZeroLoss, tmp_path / "zero"), [{"name": "kl", "strength": 1.0}])
+    t.train()
+    assert ZeroLoss.calls == 3
+    refusals = {LossOnly: r"returned a tensor where return_outputs=True asks for \(loss, outputs\): kl reads the",
+                SecondForward: "returned outputs without logits in the graph: kl reads them"}  # fmt: skip
+    for cls, message in refusals.items():
+        t = tether.regularize(of_class(cls, tmp_path / cls.__name__), [{"name": "kl", "strength": 1.0}])
+        with pytest.raises(TetherError, match=f"{cls.__name__}.compute_loss {message}") as e:
+            t.train()
+        assert "\n" not in str(e.value)
+
+
+def test_a_hand_mixed_trainer_is_told_what_to_set_up(tmp_path: Path) -> None:
+    """RegularizedMixin mixed in by hand: each missing piece (stack, setup, StepEnd) is one line naming all three,
+    and tether.regularize says to build the trainer without the mixin instead of 'regularized already'; set up as
+    told, it trains with the regularizer in the step."""
+
+    class MyT(RegularizedMixin, Trainer):
+        pass
+
+    t = of_class(MyT, tmp_path / "mixed")
+    what_to_do = r"trainer.stack = .*trainer.stack.setup\(SetupContext.*add_callback\(StepEnd\(trainer.stack\)\)"
+    with pytest.raises(TetherError, match=f"MyT has no regularizer stack: .*{what_to_do}") as e:
+        t.train()
+    assert "\n" not in str(e.value)
+    with pytest.raises(TetherError, match="MyT mixes in RegularizedMixin.*build a Trainer without the mixin"):
+        tether.regularize(t, [{"name": "l2_sp", "strength": 1.0}])
+    t.stack = RegularizerStack.from_configs(parse_entries([RegularizerEntry(name="l2_sp", strength=1.0)]))
+    with pytest.raises(TetherError, match=f"MyT has a regularizer stack that was never set up: .*{what_to_do}"):
+        t.train()
+    from tether.regularizers import SetupContext
+
+    t.stack.setup(SetupContext(t.model, None, t.args.learning_rate))
+    with pytest.raises(TetherError, match=r"MyT has no StepEnd\(trainer.stack\) callback"):
+        t.train()
+    t.add_callback(StepEnd(t.stack))
+    assert not torch.equal(weights(t), weights(trainer(tmp_path / "plain")))

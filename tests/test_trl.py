@@ -1,5 +1,6 @@
-"""tether inside TRL's trainers (trl in the dev extras): SFTTrainer with every kind of regularizer, DPOTrainer and
-GRPOTrainer with the parameter-space and optimizer-level ones; what cannot apply beside them is refused.
+"""tether inside TRL's trainers (trl in the dev extras): SFTTrainer with every kind of regularizer; DPOTrainer,
+GRPOTrainer, KTOTrainer and RewardTrainer with the parameter-space, optimizer-level and model-level ones; what cannot
+apply beside them is refused.
 
 Each regularizer's effect is shown on the trained weights (strength 0, or no regularizer, against > 0), never on a
 logged value: a penalty that is logged but not in the gradient changes no weight."""
@@ -15,7 +16,18 @@ import torch
 pytest.importorskip("trl")
 from datasets import Dataset
 from peft import LoraConfig
-from trl import DPOConfig, DPOTrainer, GRPOConfig, GRPOTrainer, SFTConfig, SFTTrainer
+from trl import (
+    DPOConfig,
+    DPOTrainer,
+    GRPOConfig,
+    GRPOTrainer,
+    KTOConfig,
+    KTOTrainer,
+    RewardConfig,
+    RewardTrainer,
+    SFTConfig,
+    SFTTrainer,
+)
 
 import tether
 from tether.errors import TetherError
@@ -60,15 +72,35 @@ def dpo(out: Path, regularizers: list, **args: Any) -> Any:
     return tether.regularize(trainer, regularizers, reference=FACTS)
 
 
-def grpo(out: Path, regularizers: list) -> Any:
+def grpo(out: Path, regularizers: list, **args: Any) -> Any:
     def reward(completions: list[str], **_: Any) -> list[float]:
         return [float(sum(map(ord, c)) % 7) for c in completions]  # varies, so the advantages are not all zero
 
-    config = GRPOConfig(output_dir=str(out), max_steps=2, num_generations=2, max_completion_length=4, **COMMON)
+    config = GRPOConfig(
+        output_dir=str(out), max_steps=2, num_generations=2, max_completion_length=4, **(COMMON | args)
+    )
     rows = Dataset.from_list([{"prompt": f"{a}+1="} for a in range(8)])
     trainer = GRPOTrainer(model=model(), args=config, train_dataset=rows, processing_class=TOKENIZER,
                           reward_funcs=reward)  # fmt: skip
     return tether.regularize(trainer, regularizers, reference=FACTS)
+
+
+def kto(out: Path, regularizers: list, **args: Any) -> Any:
+    rows = [{"prompt": f"{a}+1=", "completion": str(a + 1 + a % 2), "label": a % 2 == 0} for a in range(16)]
+    config = KTOConfig(output_dir=str(out), max_length=32, **(COMMON | {"max_steps": 3} | args))
+    trainer = KTOTrainer(model=model(), ref_model=model(), args=config, train_dataset=Dataset.from_list(rows),
+                         processing_class=TOKENIZER)  # fmt: skip
+    return tether.regularize(trainer, regularizers, reference=FACTS)
+
+
+def reward(out: Path, regularizers: list, reference: Any = None, **args: Any) -> Any:
+    rows = [{"chosen": f"{a}+1={a + 1}", "rejected": f"{a}+1={a + 2}"} for a in range(16)]
+    scorer = tiny_model("llama", "sequence_classification", len(TOKENIZER), hidden_size=32, num_labels=1)
+    scorer.config.pad_token_id = TOKENIZER.pad_token_id
+    config = RewardConfig(output_dir=str(out), max_length=32, **(COMMON | {"max_steps": 3} | args))
+    trainer = RewardTrainer(model=scorer, args=config, train_dataset=Dataset.from_list(rows),
+                            eval_dataset=Dataset.from_list(rows[:4]), processing_class=TOKENIZER)  # fmt: skip
+    return tether.regularize(trainer, regularizers, reference=reference)
 
 
 @pytest.mark.parametrize(
@@ -165,9 +197,9 @@ def test_dpo_parameter_space_and_optimizer_regularizers_change_the_weights(tmp_p
 
 
 def test_dpo_ema_and_wise_ft_models(tmp_path: Path) -> None:
-    """ema and wise_ft at the end of a DPO run (tether.finish): measured on the eval data, saved; the checkpoint
-    (with the EMA state) is saved beside TRL's model card."""
-    regs = [{"name": "ema", "decay": 0.5}, {"name": "wise_ft", "alphas": [0.0, 1.0]}]
+    """ema, wise_ft and merge at the end of a DPO run (tether.finish): measured on the eval data, saved; the
+    checkpoint (with the EMA state) is saved beside TRL's model card."""
+    regs = [{"name": "ema", "decay": 0.5}, {"name": "wise_ft", "alphas": [0.0, 1.0]}, {"name": "merge"}]
     trainer = dpo(tmp_path, regs, save_strategy="steps", save_steps=3)
     trainer.train()
     assert (tmp_path / "checkpoint-3" / "tether_state.safetensors").is_file() and (tmp_path / "README.md").is_file()
@@ -176,6 +208,7 @@ def test_dpo_ema_and_wise_ft_models(tmp_path: Path) -> None:
     assert [row["alpha"] for row in results["wise_ft"]["alphas"]] == [0.0, 1.0]
     assert (tmp_path / "model_ema" / "model.safetensors").is_file()
     assert (tmp_path / "model_wise_ft").is_dir()
+    assert results["merge"]["candidates"] and (tmp_path / "model_merge").is_dir()
 
 
 def test_grpo_regularizers_change_the_weights_and_kl_is_refused(tmp_path: Path) -> None:
@@ -185,3 +218,92 @@ def test_grpo_regularizers_change_the_weights_and_kl_is_refused(tmp_path: Path) 
         assert not torch.equal(plain, trained(grpo(tmp_path / entry["name"], [entry]))), entry["name"]
     with pytest.raises(TetherError, match="beside GRPOTrainer's loss.*use its beta"):
         grpo(tmp_path / "kl", [{"name": "kl"}])
+
+
+MODEL_LEVEL = [{"name": "neftune", "alpha": 50.0}, {"name": "mofo"}]
+
+
+def test_dpo_model_level_regularizers_change_the_weights(tmp_path: Path) -> None:
+    """neftune and mofo under DPO; tether's dropout once DPO's own disable_dropout is off (it is refused beside it:
+    test_dropout_beside_trls_disable_dropout_is_refused)."""
+    plain = trained(dpo(tmp_path / "plain", [], max_steps=2))
+    for entry in MODEL_LEVEL:
+        assert not torch.equal(plain, trained(dpo(tmp_path / entry["name"], [entry], max_steps=2))), entry["name"]
+    plain = trained(dpo(tmp_path / "on", [], max_steps=2, disable_dropout=False))
+    dropout = [{"name": "dropout", "attention": 0.5}]
+    assert not torch.equal(plain, trained(dpo(tmp_path / "dropout", dropout, max_steps=2, disable_dropout=False)))
+
+
+@pytest.mark.parametrize("build", [dpo, kto, reward, lambda out, regs: grpo(out, regs, disable_dropout=True)])
+def test_dropout_beside_trls_disable_dropout_is_refused(tmp_path: Path, build: Any) -> None:
+    """TRL switches dropout off on purpose (DPO, KTO and reward by default, GRPO when asked): tether's dropout would
+    switch it back on; refused in one line naming the switch (GRPO's default leaves dropout on: accepted)."""
+    refusal = (
+        r"dropout: \w+Trainer turns dropout off \(disable_dropout=True\).*set disable_dropout=False in its config"
+    )
+    with pytest.raises(TetherError, match=refusal + " to use tether's dropout, or remove dropout") as e:
+        build(tmp_path / "refused", [{"name": "dropout", "attention": 0.1}])
+    assert "\n" not in str(e.value)
+    grpo(tmp_path / "accepted", [{"name": "dropout", "attention": 0.1}])
+
+
+def test_a_users_subclass_of_dpo_keeps_dpos_refusals(tmp_path: Path) -> None:
+    """A DPOTrainer subclass with its own compute_loss still has DPO's loss: kl is refused as beside DPOTrainer."""
+
+    class MyDPO(DPOTrainer):
+        def compute_loss(self, *args: Any, **kwargs: Any) -> Any:
+            return super().compute_loss(*args, **kwargs)
+
+    config = DPOConfig(output_dir=str(tmp_path), max_length=32, **COMMON)
+    rows = [{"prompt": "1+1=", "chosen": "2", "rejected": "3"}] * 4
+    trainer = MyDPO(model=model(), ref_model=model(), args=config, train_dataset=Dataset.from_list(rows),
+                    processing_class=TOKENIZER)  # fmt: skip
+    with pytest.raises(TetherError, match="kl cannot apply beside DPOTrainer's loss"):
+        tether.regularize(trainer, [{"name": "kl"}], reference=FACTS)
+
+
+def test_kto_regularizers_change_the_weights_and_kl_is_refused(tmp_path: Path) -> None:
+    plain = trained(kto(tmp_path / "plain", []))
+    assert torch.equal(plain, trained(kto(tmp_path / "again", [])))
+    for entry in PARAM_SPACE + MODEL_LEVEL:
+        assert not torch.equal(plain, trained(kto(tmp_path / entry["name"], [entry]))), entry["name"]
+    with pytest.raises(TetherError, match="kl cannot apply beside KTOTrainer's loss.*use its beta"):
+        kto(tmp_path / "kl", [{"name": "kl"}])
+
+
+def test_reward_regularizers_change_the_weights_or_are_refused(tmp_path: Path) -> None:
+    """A reward model scores whole rows: no token loss for ewc's Fisher, si's importance or finish()'s forgetting on
+    the reference rows (each refused in one line, where ewc's had died in an IndexError); the parameter-space,
+    optimizer-level and model-level ones change the weights, and ema's model is measured on the eval data."""
+    plain = trained(reward(tmp_path / "plain", []))
+    assert torch.equal(plain, trained(reward(tmp_path / "again", [])))
+    for entry in [e for e in PARAM_SPACE if e["name"] not in ("ewc", "si")] + MODEL_LEVEL:
+        assert not torch.equal(plain, trained(reward(tmp_path / entry["name"], [entry]))), entry["name"]
+    for name in ("ewc", "si"):
+        with pytest.raises(TetherError, match=f"{name} reads the reference rows by their token loss.*use l2_sp") as e:
+            reward(tmp_path / name, [{"name": name}], reference=FACTS)
+        assert "\n" not in str(e.value)
+    with pytest.raises(TetherError, match="kl cannot apply beside RewardTrainer's loss.*or l2_sp, l1, l2,") as e:
+        reward(tmp_path / "kl", [{"name": "kl"}])
+    assert "ewc" not in str(e.value)  # it had recommended ewc and si, which cannot run here
+    with pytest.raises(TetherError, match="finish\\(\\) measures forgetting .*leave reference and measure out"):
+        reward(tmp_path / "measured", [{"name": "ema"}], reference=FACTS)
+    trainer = reward(tmp_path / "ema", [{"name": "ema", "decay": 0.5}])
+    trainer.train()
+    assert "val_loss" in tether.finish(trainer)["ema"]["target"]
+
+
+def test_a_users_sft_subclass_delegating_to_trls_loss_is_refused_beside_kl(tmp_path: Path) -> None:
+    """TRL's SFTTrainer.compute_loss returns the logits of a second forward without gradient: kl on them would add
+    nothing (it had trained silently without it); refused in one line at the first step."""
+
+    class MySFT(SFTTrainer):
+        def compute_loss(self, *args: Any, **kwargs: Any) -> Any:
+            return super().compute_loss(*args, **kwargs)
+
+    config = SFTConfig(output_dir=str(tmp_path), max_length=32, **(COMMON | {"max_steps": 1}))
+    trainer = MySFT(model=model(), args=config, train_dataset=Dataset.from_list(SFT_DATA["prompt_completion"]),
+                    processing_class=TOKENIZER)  # fmt: skip
+    trainer = tether.regularize(trainer, [{"name": "kl"}], reference=FACTS)
+    with pytest.raises(TetherError, match="MySFT.compute_loss returned outputs without logits in the graph: kl"):
+        trainer.train()

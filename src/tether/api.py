@@ -27,7 +27,7 @@ from tether.reference import is_peft
 from tether.regularizers import FinishContext, RegularizerConfig, RegularizerStack, SetupContext, parse_entries
 from tether.roles import DEFAULT_HOLDOUT, counted, distinct, split_record, split_reference
 from tether.section import RegularizerEntry
-from tether.trainer import RegularizedMixin, StepEnd, check_trainer, row_mixers
+from tether.trainer import RegularizedMixin, StepEnd, check_trainer, row_mixers, set_up_by_hand
 
 Reference = str | Path | list[dict[str, Any]] | Any  # a JSONL file, rows, or a datasets.Dataset
 Rows = list[dict[str, Any]]
@@ -65,21 +65,27 @@ def regularize(
     went where as `reference_roles`.
     The regularizers are set up now, on trainer.model as the trainer wraps it (under FSDP when it has sharded it):
     call this after building the trainer, and wrap no adapter around its model afterwards (refused at train())."""
-    if isinstance(trainer, RegularizedMixin):
+    if isinstance(trainer, RegularizedMixin) and type(trainer).made_by_regularize:
         raise TetherError("this trainer is regularized already: call tether.regularize once, with every regularizer")
+    if isinstance(trainer, RegularizedMixin):  # RegularizedTrainer, or a class that mixes it in by hand
+        raise TetherError(
+            set_up_by_hand(type(trainer), "mixes in RegularizedMixin, which tether.regularize adds itself")
+        )
     given_optimizer = trainer.optimizer is not None  # Trainer(optimizers=(opt, None)): args.weight_decay unused
     configs = _configs(regularizers, 0.0 if given_optimizer else trainer.args.weight_decay)
     readers = [c.name for c in configs if c.without_reference_data() is not None]
     measuring = bool(MEASURERS & {c.name for c in configs})
     tokenizer = trainer.processing_class
     rows, measure_rows = _rows(reference), _rows(measure)
+    _check_token_head(trainer.model, readers, measuring, rows is not None or measure_rows is not None)
     _check_reference(readers, measuring, rows, measure_rows, tokenizer)
     length = max_length or getattr(trainer.args, "max_length", None) or MAX_LENGTH  # TRL's configs have one
     ref, measured = _split(rows, tokenizer, length), _split(measure_rows, tokenizer, length)
     roles = _roles(readers, measuring, ref, measured, trainer.args.seed)
     stack = RegularizerStack.from_configs(configs, skip_non_finite)
     cls = type(trainer)
-    regularized = type(f"Regularized{cls.__name__}", (RegularizedMixin, cls), {"__module__": cls.__module__})
+    attrs = {"__module__": cls.__module__, "made_by_regularize": True}
+    regularized = type(f"Regularized{cls.__name__}", (RegularizedMixin, cls), attrs)
     check_trainer(regularized, stack)
     if row_mixers(stack):  # replay: the regularizers' reference rows mixed in, in the training rows' form;
         given = roles.given  # self_replay generates from them with the model as it is
@@ -90,6 +96,25 @@ def regularize(
     _install(trainer, stack, roles)
     trainer.check_regularized()  # what is known now is refused now, not at train()
     return trainer
+
+
+def _check_token_head(model: nn.Module, readers: list[str], measuring: bool, rows_given: bool) -> None:
+    """The reference rows are read (ewc's Fisher, si's importance, replay) and measured (finish's forgetting) by their
+    token loss: a model without a language-model head (a reward or classification model: one score per row) has
+    none. ewc with fisher_path (not online) reads no rows and stays."""
+    if model.get_output_embeddings() is not None:
+        return
+    if readers:
+        raise ConfigError(
+            f"{', '.join(readers)} {'reads' if len(readers) == 1 else 'read'} the reference rows by their token "
+            "loss, which this model (no language-model head: one score per row, as RewardTrainer's) does not have: "
+            "use l2_sp, l1 or l2 instead"
+        )
+    if measuring and rows_given:
+        raise ConfigError(
+            "finish() measures forgetting by the reference rows' token loss, which this model (no language-model "
+            "head: one score per row, as RewardTrainer's) does not have: leave reference and measure out"
+        )
 
 
 def _check_reference(

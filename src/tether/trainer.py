@@ -7,7 +7,7 @@ import os
 import shutil
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -32,7 +32,9 @@ class RegularizedMixin:
     on the model the trainer trains) and add the StepEnd(stack) callback, as RegularizedTrainer and
     tether.regularize do. What the stack cannot do beside the trainer is refused when training starts."""
 
-    stack: RegularizerStack
+    made_by_regularize: ClassVar[bool] = False
+    """True for the classes tether.regularize makes (a second call is refused as such, not as a hand-mixed one)."""
+    _stack: RegularizerStack | None = None
     pending_setup: Callable[[], None] | None = None
     """The stack's setup, when it must wait until FSDP has sharded the model (tether.run sets it)."""
     resume_state: dict[str, torch.Tensor] | None = None
@@ -44,6 +46,21 @@ class RegularizedMixin:
     reference_before: dict[str, float] | None = None
     """What the model knew of the reference data before training, when ema or wise_ft measure their models."""
     _hooked: torch.optim.Optimizer | None = None  # the optimizer the stack's hooks are attached to
+
+    @property
+    def stack(self) -> RegularizerStack:
+        """The regularizers this trainer runs (tether.regularize and RegularizedTrainer set it)."""
+        if self._stack is None:  # a class mixed by hand whose stack was never set: one line, not AttributeError
+            raise TetherError(set_up_by_hand(type(self), "has no regularizer stack"))
+        return self._stack
+
+    @stack.setter
+    def stack(self, stack: RegularizerStack) -> None:
+        old, self._stack = self._stack, stack
+        if old is not None:  # a StepEnd added for the stack replaced ends the new one's steps (check_regularized)
+            for callback in self.callback_handler.callbacks:
+                if isinstance(callback, StepEnd) and callback.stack is old:
+                    callback.stack = stack
 
     def train(self, resume_from_checkpoint: str | bool | None = None, *args: Any, **kwargs: Any) -> Any:
         """The Trainer's train(); resuming from a checkpoint also restores the regularizers' state (EMA average,
@@ -95,7 +112,11 @@ class RegularizedMixin:
             return loss * self._mean_scale(inputs, num_items_in_batch), outputs
         if loss_owner(type(self)) == "SFTTrainer":
             return Trainer.compute_loss(self, model, {**inputs, "use_cache": False}, True, num_items_in_batch)
-        return super().compute_loss(model, inputs, True, num_items_in_batch)
+        result = super().compute_loss(model, inputs, True, num_items_in_batch)
+        user = users_loss(type(self))
+        if user is not None:  # transformers' and TRL's return (loss, outputs); a user's override may not
+            check_outputs(result, user, self.stack.penalty_names)
+        return result
 
     def _mean_scale(self, inputs: dict[str, Any], num_items_in_batch: Any) -> float | torch.Tensor:
         """The weight of a mean over this micro-batch's loss positions (each autograd penalty, a shaped task loss),
@@ -154,10 +175,11 @@ class RegularizedMixin:
                 f"regularizer) or drop {', '.join(shaping)}"
             )
         if not self.stack.is_set_up and self.pending_setup is None:
-            raise TetherError(
-                "the regularizer stack was never set up: install it with tether.regularize(trainer, ...), or call "
-                "stack.setup(SetupContext(trainer.model, ...)) before train()"
-            )
+            raise TetherError(set_up_by_hand(type(self), "has a regularizer stack that was never set up"))
+        ends = [c for c in self.callback_handler.callbacks if isinstance(c, StepEnd) and c.stack is self.stack]
+        if not ends:  # without it a step fp16's scaler skipped leaves its flag to stop the next, healthy one
+            raise TetherError(set_up_by_hand(type(self), "has no StepEnd(trainer.stack) callback"))
+        self.check_dropout()
         trained = frozenset(id(p) for p in self.model.parameters() if p.requires_grad)
         if self.stack.is_set_up and not self.is_fsdp_enabled and trained != self.stack.set_up_on:
             raise TetherError(
@@ -171,6 +193,17 @@ class RegularizedMixin:
             raise TetherError(
                 f"TrainingArguments.weight_decay={weight_decay} is not what the regularizers decay with: set it to 0 "
                 f"and add {{'name': 'weight_decay', 'strength': {weight_decay}}} (tether.regularize does so itself)"
+            )
+
+    def check_dropout(self) -> None:
+        """TRL's preference and RL trainers switch dropout off on purpose (disable_dropout): tether's dropout
+        regularizer would switch it back on behind their back."""
+        disabled = getattr(self.args, "disable_dropout", False)  # TRL's configs only: TrainingArguments has none
+        if "dropout" in self.stack.names and disabled:
+            raise ConfigError(
+                f"dropout: {library_trainer(type(self)).__name__} turns dropout off (disable_dropout=True) so that "
+                "its loss compares noise-free log-probabilities or rewards: set disable_dropout=False in its config "
+                "to use tether's dropout, or remove dropout"
             )
 
     def create_scheduler(self, num_training_steps: int, optimizer: torch.optim.Optimizer | None = None) -> Any:
@@ -241,11 +274,64 @@ class RegularizedMixin:
 
 
 @functools.cache  # asked per micro-batch; a class's MRO does not change
+def loss_class(cls: type) -> type:
+    """The class whose compute_loss the mixin's super() calls (transformers.Trainer, a TRL trainer, a user's)."""
+    return next(c for c in below_mixin(cls) if "compute_loss" in vars(c))
+
+
 def loss_owner(cls: type) -> str:
-    """The name of the class whose compute_loss the mixin's super() calls ("Trainer" for transformers.Trainer)."""
+    """The name of loss_class ("Trainer" for transformers.Trainer)."""
+    return loss_class(cls).__name__
+
+
+def below_mixin(cls: type) -> tuple[type, ...]:
+    """The classes the mixin's super() reaches, in order."""
     mro = cls.__mro__
-    after = mro[mro.index(RegularizedMixin) + 1 :]
-    return next(c.__name__ for c in after if "compute_loss" in vars(c))
+    return mro[mro.index(RegularizedMixin) + 1 :]
+
+
+def is_library(cls: type) -> bool:
+    """transformers.Trainer or a TRL trainer (whose losses tether knows), not a user's subclass."""
+    return cls is Trainer or cls.__module__.split(".")[0] == "trl"
+
+
+def library_trainer(cls: type) -> type:
+    """The transformers or TRL trainer that `cls` builds on (the one whose loss OWN_CONSTRAINT describes)."""
+    return next(c for c in below_mixin(cls) if is_library(c))
+
+
+def users_loss(cls: type) -> str | None:
+    """The name of the user's class whose compute_loss the mixin's super() calls; None for the library's own."""
+    owner = loss_class(cls)
+    return None if is_library(owner) else owner.__name__
+
+
+def check_outputs(result: Any, user: str, readers: list[str]) -> None:
+    """A user's compute_loss asked for return_outputs=True must return (loss, outputs) whose logits are in the graph:
+    the autograd penalties read them, and logits without a gradient would make them do nothing."""
+    names, read = ", ".join(readers), "reads" if len(readers) == 1 else "read"
+    if not isinstance(result, tuple | list) or len(result) != 2:
+        what = "a tensor" if isinstance(result, torch.Tensor) else f"a {type(result).__name__}"
+        raise ConfigError(
+            f"{user}.compute_loss returned {what} where return_outputs=True asks for (loss, outputs): {names} "
+            f"{read} the logits from them: return (loss, outputs) when return_outputs is True"
+        )
+    logits = getattr(result[1], "logits", None)  # a ModelOutput, or whatever the override returned
+    if not isinstance(logits, torch.Tensor) or (torch.is_grad_enabled() and not logits.requires_grad):
+        raise ConfigError(
+            f"{user}.compute_loss returned outputs without logits in the graph: {names} {read} them and would add "
+            "no gradient: return the outputs of the forward that makes the loss"
+        )
+
+
+def set_up_by_hand(cls: type, problem: str) -> str:
+    """What a trainer that mixes in RegularizedMixin itself must do (what tether.regularize otherwise does)."""
+    return (
+        f"{cls.__name__} {problem}: a trainer with RegularizedMixin is set up by hand: set trainer.stack = "
+        "RegularizerStack.from_configs(...), call trainer.stack.setup(SetupContext(trainer.model, ...)) and "
+        f"trainer.add_callback(StepEnd(trainer.stack)) before train(); or build a {library_trainer(cls).__name__} "
+        "without the mixin and call tether.regularize(trainer, [...])"
+    )
 
 
 # TRL trainers whose loss is not a per-token loss on labelled tokens, and their own way to hold the model close
@@ -261,16 +347,27 @@ OWN_CONSTRAINT = {
 def check_trainer(cls: type, stack: RegularizerStack) -> None:
     """The autograd penalties compare the model's logits at labelled tokens with the reference's: they need the
     forward that makes the loss (transformers.Trainer, TRL's SFTTrainer); replay mixes labelled rows into the
-    training data. Beside a preference or RL loss neither applies: refused, naming what to use instead."""
-    owner = loss_owner(cls)
+    training data. Beside a preference or RL loss neither applies: refused, naming what to use instead. The loss
+    shaping computes the cross-entropy itself, in place of the trainer's loss: refused beside a user's compute_loss."""
+    shaping, user = stack.shaping_names, users_loss(cls)
+    if shaping and user is not None:
+        names = ", ".join(shaping)
+        raise ConfigError(
+            f"{names} weight{'s' if len(shaping) == 1 else ''} the model's cross-entropy, which tether computes "
+            f"itself in place of the trainer's loss: {user}.compute_loss would never run: drop {names}, or the "
+            "compute_loss override"
+        )
+    owner = library_trainer(cls).__name__  # a user's subclass of DPOTrainer has DPO's loss too
     if owner in ("Trainer", "SFTTrainer"):
         return
-    loss_users = {*stack.penalty_names, *stack.shaping_names, *row_mixers(stack)}
+    loss_users = {*stack.penalty_names, *shaping, *row_mixers(stack)}
     unfit = [name for name in stack.names if name in loss_users]
     if owner in OWN_CONSTRAINT and unfit:
+        # a reward model scores whole rows: no token logits for ewc's Fisher or si's importance either
+        anchors = "l2_sp, l1, l2" if owner == "RewardTrainer" else "the parameter-space ones (l2_sp, ewc, si)"
         raise ConfigError(
             f"{', '.join(unfit)} cannot apply beside {owner}'s loss (no labelled tokens to compare or replay): use "
-            f"{OWN_CONSTRAINT[owner]} instead, or the parameter-space ones (l2_sp, ewc, si), and drop them"
+            f"{OWN_CONSTRAINT[owner]} instead, or {anchors}, and drop them"
         )
 
 
