@@ -432,3 +432,14 @@ def test_a_hand_mixed_trainer_is_told_what_to_set_up(tmp_path: Path) -> None:
         t.train()
     t.add_callback(StepEnd(t.stack))
     assert not torch.equal(weights(t), weights(trainer(tmp_path / "plain")))
+
+
+def test_a_run_in_the_working_directory_saves_its_checkpoints(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """output_dir "." has no name of its own: the staging folder is named after the resolved directory (the first
+    save died removing "." itself)."""
+    monkeypatch.chdir(tmp_path)
+    t = tether.regularize(trainer(Path("."), save_strategy="steps", save_steps=2), [{"name": "l2_sp", "strength": 1}])
+    t.train()
+    saved = sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("checkpoint"))
+    assert saved == ["checkpoint-2", "checkpoint-3"]
+    assert not (tmp_path / ".staging").exists()

@@ -228,7 +228,7 @@ class RegularizedMixin:
         run_dir = Path(self._get_output_dir(trial=trial))
         name = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
         # named as the run folder: TRL names the model card it writes beside the checkpoint after output_dir
-        staged = run_dir / STAGING / run_dir.name / name
+        staged = run_dir / STAGING / (run_dir.resolve().name or "run") / name  # "." has no name of its own
         if self.args.should_save:
             shutil.rmtree(run_dir / STAGING, ignore_errors=True)  # what a save killed earlier left
             save_safetensors_atomic(self.stack.state_dict(), staged / STACK_STATE)
@@ -254,7 +254,7 @@ class RegularizedMixin:
         for left in staged.parent.iterdir():  # what a TRL trainer writes beside the checkpoint (its model card)
             os.replace(left, final.parent / left.name)
         staged.parent.rmdir()
-        staged.parent.parent.rmdir()
+        (final.parent / STAGING).rmdir()
         limit, best = self.args.save_total_limit, self.state.best_model_checkpoint
         rotate_checkpoints(str(final.parent), save_total_limit=limit, best_model_checkpoint=best)
 
