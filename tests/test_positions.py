@@ -182,3 +182,18 @@ def test_recall_keeps_the_end_of_a_prompt_longer_than_the_positions() -> None:
     generated = _greedy(model, tokenizer, [prompt], new)
     assert generated == _greedy(model, tokenizer, [prompt[-(limit - new) :]], new)
     assert generated != _greedy(model, tokenizer, [prompt[: limit - new]], new)
+
+
+def test_the_api_cuts_reference_rows_to_the_positions_a_model_holds() -> None:
+    """tether.knowledge and tether.regularize encode reference rows up to 1024 tokens (or TRL's max_length): past
+    a learned position table they are windowed to what it holds (GPT-2 with 64 positions raised IndexError)."""
+    import math
+
+    import tether
+
+    model, tokenizer = tiny("gpt2").eval(), char_tokenizer()
+    limit = position_limit(model).positions
+    long_row = {"text": "".join(chr(97 + i % 26) for i in range(3 * limit))}
+    measured = tether.knowledge(model, tokenizer, [long_row])
+    assert math.isfinite(measured["loss"])
+    assert measured == tether.knowledge(model, tokenizer, [long_row], max_length=limit)

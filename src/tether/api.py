@@ -23,6 +23,7 @@ from tether.data import REQUIRED, Collator, Split, batches_of, check_row, encode
 from tether.errors import ConfigError, TetherError
 from tether.evaluate import forgetting as forgetting_of
 from tether.evaluate import reference_metrics
+from tether.models import position_limit
 from tether.reference import is_peft
 from tether.regularizers import FinishContext, RegularizerConfig, RegularizerStack, SetupContext, parse_entries
 from tether.roles import DEFAULT_HOLDOUT, counted, distinct, split_record, split_reference
@@ -79,7 +80,7 @@ def regularize(
     rows, measure_rows = _rows(reference), _rows(measure)
     _check_token_head(trainer.model, readers, measuring, rows is not None or measure_rows is not None)
     _check_reference(readers, measuring, rows, measure_rows, tokenizer)
-    length = max_length or getattr(trainer.args, "max_length", None) or MAX_LENGTH  # TRL's configs have one
+    length = _fitting(trainer.model, max_length or getattr(trainer.args, "max_length", None) or MAX_LENGTH)
     ref, measured = _split(rows, tokenizer, length), _split(measure_rows, tokenizer, length)
     roles = _roles(readers, measuring, ref, measured, trainer.args.seed)
     stack = RegularizerStack.from_configs(configs, skip_non_finite)
@@ -259,7 +260,15 @@ def _replayed(trainer: Any, rows: list[dict[str, Any]], encoded: list[dict[str, 
 def knowledge(model: nn.Module, tokenizer: Any, rows: Reference, *, max_length: int = MAX_LENGTH) -> dict[str, float]:
     """What `model` knows of `rows`: their loss (token-weighted), and greedy exact-match recall of the completions
     for prompt/completion rows. Take it before training to measure forgetting after (see `forgetting`)."""
-    return reference_metrics(model, tokenizer, _split(_rows(rows), tokenizer, max_length), collator(tokenizer))
+    split = _split(_rows(rows), tokenizer, _fitting(model, max_length))
+    return reference_metrics(model, tokenizer, split, collator(tokenizer))
+
+
+def _fitting(model: nn.Module, length: int) -> int:
+    """`length` (TRL's max_length, or tether's default), cut to what a learned position table holds (GPT-2's
+    n_positions, BERT's 512): longer reference rows would look up positions it lacks."""
+    limit = position_limit(model)
+    return length if limit is None else min(length, limit.positions)
 
 
 def forgetting(
