@@ -680,6 +680,16 @@ def test_wise_ft_chooses_the_least_forgetting_alpha_within_tolerance(tmp_path: P
     assert choose(rows_, "least_forgetting", 0.05) == 0.5
     assert choose(rows_, "least_forgetting", 0.01) == 1.0
     assert choose(rows_, "best_target", 0.05) == 1.0
+
+
+def test_wise_ft_reports_the_rule_it_applied(tmp_path: Path):
+    """Without reference data least_forgetting has nothing to measure: the results say best_target, as applied."""
+    batch = batch_of(8, seed=50)
+    for reference, rule in ((None, "best_target"), (batch_of(8, seed=51), "least_forgetting")):
+        model = model_of()
+        stack = stack_of(model, {"name": "wise_ft", "alphas": [0, 1]})
+        sgd_steps(model, stack, [batch_of(8, seed=i) for i in range(2)], lr=0.5)
+        assert stack.after_training(model, Finish(tmp_path, batch, reference).ctx)["wise_ft"]["choose"] == rule
     with pytest.raises(ConfigError, match="needs an adapter created by this run"):
         stack_of(lora(model_of(), trained=True), {"name": "wise_ft"})
 

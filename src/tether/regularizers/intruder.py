@@ -33,7 +33,10 @@ class IntruderConfig(NoPenaltyConfig):
 
     def check_run(self, run: RunFacts) -> str | None:
         if run.adapter != "lora":
-            return "intruder reduces a LoRA adapter's intruder dimensions: add a `lora:` section or remove intruder"
+            return (
+                "intruder reduces a LoRA adapter's intruder dimensions: train with LoRA (a `lora:` section, or the "
+                "trainer's peft_config under tether.regularize) or remove intruder"
+            )
         return None
 
 

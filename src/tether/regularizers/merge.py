@@ -51,7 +51,16 @@ from tether.regularizers.anchor import snapshot
 from tether.regularizers.base import FinishContext, Regularizer, SetupContext, nbytes, register
 from tether.regularizers.ewc import RUN_FISHER
 from tether.regularizers.llrd import depths
-from tether.regularizers.wise_ft import WiseFTConfig, interpolated, osf_folded, osf_layers, pick, plot_front, summary
+from tether.regularizers.wise_ft import (
+    WiseFTConfig,
+    applied_rule,
+    interpolated,
+    osf_folded,
+    osf_layers,
+    pick,
+    plot_front,
+    summary,
+)
 from tether.selection import within_tolerance
 
 Values = list[torch.Tensor]
@@ -120,7 +129,8 @@ class Merge(Regularizer):
                 with torch.no_grad():
                     torch._foreach_copy_(self.params, trained)
         plot(search.rows, chosen, ctx.output_dir / "merge.png")
-        out = {"candidates": search.rows, "chosen": chosen["candidate"], "choose": self.config.choose, **notes}
+        rule = applied_rule(search.rows, self.config.choose)
+        out = {"candidates": search.rows, "chosen": chosen["candidate"], "choose": rule, **notes}
         return {**out, **search.metrics[chosen["candidate"]]}
 
     def fisher_weights(self, model: nn.Module, path: Path) -> tuple[Values | None, str]:

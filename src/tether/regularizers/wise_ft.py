@@ -93,7 +93,7 @@ class WiseFT(Regularizer):
                 with torch.no_grad():
                     torch._foreach_copy_(self.params, trained)
         plot(rows, chosen, ctx.output_dir / "wise_ft.png")
-        return {"alphas": rows, "chosen_alpha": chosen, "choose": self.config.choose}
+        return {"alphas": rows, "chosen_alpha": chosen, "choose": applied_rule(rows, self.config.choose)}
 
     def interpolate(self, trained: list[torch.Tensor], alpha: float) -> None:
         """Set the interpolated tensors to theta(alpha) = theta_0 + alpha * (trained - theta_0), in place."""
@@ -196,9 +196,14 @@ def choose(rows: list[dict[str, float]], rule: str, tolerance: float) -> float:
     return pick(rows, rule, tolerance)["alpha"]
 
 
+def applied_rule(rows: list[dict[str, Any]], configured: str) -> str:
+    """The rule pick() applies: without reference data least_forgetting has nothing to measure, so best_target."""
+    return configured if "reference_loss" in rows[0] else "best_target"
+
+
 def pick(rows: list[dict[str, Any]], rule: str, tolerance: float) -> dict[str, Any]:
     """The row picked by `rule` (module docstring); ties go to the larger alpha (more of the fine-tune kept)."""
-    if rule == "best_target" or "reference_loss" not in rows[0]:
+    if applied_rule(rows, rule) == "best_target":
         return min(rows, key=lambda r: (r["val_loss"], -r["alpha"]))
     close = within_tolerance(rows, lambda r: r["val_loss"], tolerance)
     return min(close, key=lambda r: (r["reference_loss"], -r["alpha"]))
