@@ -16,7 +16,7 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.exc import SQLAlchemyError
 
 from tether.config import SWEEP_METRICS, RunConfig, SweepConfig
-from tether.errors import TetherError
+from tether.errors import TetherError, one_line
 
 DONE = (TrialState.COMPLETE, TrialState.PRUNED)  # what counts toward the requested number of trials
 MAX_RETRY = 3  # a trial whose worker keeps dying (out of memory) is given up after this many re-runs
@@ -83,7 +83,7 @@ def open_study(job: Job, check_new: bool = False) -> optuna.Study:
     except ImportError as e:
         raise TetherError(f"--storage {masked(job.storage)}: no database driver ({e}): install it") from None
     except SQLAlchemyError as e:  # a bad URL, host down, wrong password: all a bad --storage for the user
-        first = str(e).strip().splitlines()[0]
+        first = one_line(e)
         raise TetherError(f"--storage {masked(job.storage)}: cannot use the database ({first})") from None
     _check_config(study, job, check_new)
     return study
