@@ -222,7 +222,7 @@ def test_quick_bench_end_to_end_and_resume(tmp_path: Path) -> None:
     methods = {r["method"] for r in result["aggregates"] if r["task"] == "arithmetic"}
     assert methods == set(tasks.METHOD_BY_NAME)
     verdicts = [line.split()[0] for line in first.stdout.splitlines() if line.startswith(("PASS", "FAIL"))]
-    assert len(verdicts) == 5
+    assert len(verdicts) == 6  # the README's six checks, merge's included
     assert verdicts == ["PASS" if c["passed"] else "FAIL" for c in result["checks"]]
     for row in result["runs"]:
         assert row["val_loss"] > 0 and row["wall_s"] > 0
