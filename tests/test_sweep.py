@@ -241,6 +241,11 @@ def test_front_and_choice_follow_the_directions_and_the_tolerance():
         ("sweep.params", {"lora.target_modules": {"distribution": "categorical"}}, "non-empty choices"),
         ("sweep.objectives", ["target.accuracy"], "sequence_classification only"),
         ("sweep.objectives", ["target.val_los"], "sweep.objectives.0: unknown metric"),
+        (
+            "sweep.objectives",
+            ["forgetting.delta_loss", "target.val_loss"],
+            "choose least_forgetting takes the first objective as the target metric, and forgetting.delta_loss",
+        ),
         ("sweep.constraints", [{"metric": "overfit_gap"}], "give max or min"),
         ("data.reference", None, "measured on data.reference"),
     ],

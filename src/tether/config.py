@@ -339,6 +339,18 @@ class SweepConfig(Section):
             raise ValueError("a metric is listed twice")
         return value
 
+    @model_validator(mode="after")
+    def _target_first(self) -> SweepConfig:
+        """least_forgetting reads the objectives by position: a forgetting metric listed first would make the
+        tolerance band one of forgetting and the choice the best target within it, the rule reversed."""
+        first = self.objectives[0]
+        if self.choose == "least_forgetting" and len(self.objectives) > 1 and not first.startswith("target."):
+            raise ValueError(
+                f"choose least_forgetting takes the first objective as the target metric, and {first} is not one: "
+                "list the target metric (target.val_loss, ...) first, or set choose: best_target"
+            )
+        return self
+
 
 CLASSIFICATION_METRICS = ("eval_accuracy", "eval_f1", "accuracy", "f1")  # early stopping: the Trainer adds eval_
 TRAINER_OWNED = {"output_dir", "load_best_model_at_end", "metric_for_best_model", "greater_is_better"}
