@@ -14,7 +14,7 @@ from transformers import set_seed
 
 from tests.conftest import write_jsonl
 from tether.config import validate_config
-from tether.models import apply_lora, load_model
+from tether.models import apply_lora, check_run_model, load_model
 from tether.regularizers import RegularizerStack, SetupContext, parse_entries
 from tether.regularizers.base import base_name
 from tether.run import train
@@ -95,3 +95,18 @@ def test_a_strong_pull_leaves_the_new_head_free_through_tether_train(tmp_path: P
         moved[strength] = (final - initial).norm().item()
     assert moved[0.0] > 0
     assert moved[50.0] > 0.5 * moved[0.0], moved
+
+
+@pytest.mark.parametrize("name", ["kl", "distill", "asft"])
+def test_a_reference_with_a_random_new_head_is_refused(tmp_path: Path, name: str) -> None:
+    """kl / distill compare with the model as loaded, whose new head is random: they pulled the predictions toward
+    it; refused before training (and by validate), naming the head."""
+    from tether.errors import ConfigError
+
+    model_dir = saved_language_model(tmp_path)
+    cfg = run_config(tmp_path, model_dir, [{"name": name}])
+    with pytest.raises(ConfigError, match=rf"{name} compare the predictions .* loading initialized score.weight"):
+        train(cfg, tmp_path / "run")
+    assert not (tmp_path / "run" / "model").exists()
+    with pytest.raises(ConfigError, match=rf"{name} compare the predictions .* initialized the classification head"):
+        check_run_model(cfg)

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 import torch
 from torch import nn
 
-from tether.config import LoraSection, ModelConfig, OsfSection
+from tether.config import LoraSection, ModelConfig, OsfSection, RunConfig
 from tether.errors import ConfigError, one_line
 
 if TYPE_CHECKING:
@@ -134,6 +134,24 @@ def _skeleton(cfg: ModelConfig, task: str) -> nn.Module | None:
     except (OSError, ValueError, ImportError, RuntimeError, NotImplementedError) as e:
         log.debug("no meta-device model of %s to check positions against: %s", cfg.path, e)
         return None
+
+
+def check_run_model(cfg: RunConfig) -> None:
+    """What validate can tell from the checkpoint's config without its weights: a classification head that loading
+    will initialize (the checkpoint is no *ForSequenceClassification) leaves kl / distill a random reference."""
+    from tether.regularizers import RegularizerStack, parse_entries
+
+    if cfg.task != "sequence_classification" or cfg.model.path is None:
+        return
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(cfg.model.path, trust_remote_code=cfg.model.trust_remote_code)
+    except (OSError, ValueError):
+        return  # loading says why
+    if not any(a.endswith("ForSequenceClassification") for a in config.architectures or []):
+        new = frozenset({"the classification head"})
+        RegularizerStack.from_configs(parse_entries(cfg.regularizers), 0, new).check_reference_is_pretrained()
 
 
 def load_tokenizer(cfg: ModelConfig, task: str) -> Any:

@@ -132,6 +132,7 @@ class RegularizerStack:
             self.check_shardable()
             self.sharded = True
         ctx = dataclasses.replace(ctx, new_parameters=self.new_parameters)
+        self.check_reference_is_pretrained()
         wanted = [opts for reg, _ in self.items if (opts := reg.reference_options()) is not None]
         if wanted and ctx.reference is None:
             ctx = dataclasses.replace(ctx, reference=Reference.build(ctx.model, merge_options(wanted)))
@@ -140,6 +141,18 @@ class RegularizerStack:
             reg.setup(ctx)
         self.set_up_on = frozenset(id(p) for p in ctx.model.parameters() if p.requires_grad)
         self.is_set_up = True
+
+    def check_reference_is_pretrained(self) -> None:
+        """The frozen reference is the model as loaded: parameters that loading initialized (a classification head
+        on a language model) are random there, and kl / distill would pull the predictions toward theirs."""
+        referenced = [reg.name for reg, _ in self.items if reg.reference_options() is not None]
+        if referenced and self.new_parameters:
+            new = ", ".join(sorted(self.new_parameters)[:4]) + (", ..." if len(self.new_parameters) > 4 else "")
+            raise ConfigError(
+                f"{', '.join(referenced)} compare the predictions with the original model's, and loading initialized "
+                f"{new} at random (not in the checkpoint): they would pull toward a random head: drop "
+                f"{', '.join(referenced)} (l2_sp, ewc and si anchor the pre-trained weights and leave new ones free)"
+            )
 
     def check_shardable(self) -> None:
         """Refuse the regularizers that need whole parameter tensors, which FSDP2 splits over the processes."""
