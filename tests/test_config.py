@@ -244,3 +244,10 @@ def test_a_run_directory_given_as_the_config_names_the_config_inside(tmp_path: P
     (tmp_path / "run" / "config.yaml").write_text("task: causal_lm\n")
     with pytest.raises(ConfigError, match=r"a YAML file \(.*run/config.yaml is the run's\)"):
         load_config(tmp_path / "run")
+
+
+def test_flow_with_packing_is_refused_by_validate(raw_config) -> None:
+    raw_config["data"]["packing"] = True
+    raw_config["regularizers"] = [{"name": "l2", "strength": 0.1}, {"name": "flow"}]
+    with pytest.raises(ConfigError, match=r"regularizers\[1\]: flow weighs each training row and data.packing"):
+        validate_config(raw_config)
