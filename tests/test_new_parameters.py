@@ -14,7 +14,7 @@ from transformers import set_seed
 
 from tests.conftest import write_jsonl
 from tether.config import validate_config
-from tether.models import apply_lora, check_run_model, load_model
+from tether.models import apply_lora, check_checkpoint, load_model
 from tether.regularizers import RegularizerStack, SetupContext, parse_entries
 from tether.regularizers.base import base_name
 from tether.run import train
@@ -109,4 +109,4 @@ def test_a_reference_with_a_random_new_head_is_refused(tmp_path: Path, name: str
         train(cfg, tmp_path / "run")
     assert not (tmp_path / "run" / "model").exists()
     with pytest.raises(ConfigError, match=rf"{name} compare the predictions .* initialized the classification head"):
-        check_run_model(cfg)
+        check_checkpoint(cfg)

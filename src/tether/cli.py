@@ -145,12 +145,10 @@ def eval_(
 ) -> None:
     """Evaluate a saved model on the configured validation and reference data, or on any file (--data)."""
     from tether.config import load_config
-    from tether.models import check_max_length
     from tether.progress import pass_progress
     from tether.run import evaluate_saved
 
     cfg = load_config(config, set_)
-    check_max_length(cfg.model, cfg.task, cfg.data.max_length)
     if data is not None and not data.exists():
         raise TetherError(f"--data {data} does not exist: pass a JSONL file or a save_to_disk directory")
     with pass_progress(console) as progress:

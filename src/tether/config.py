@@ -406,6 +406,12 @@ class RunConfig(Section):
             raise ValueError("data.packing is for task causal_lm: remove it (classification rows are one text each)")
         if self.data.packing and any(r.name == "neftune" for r in self.regularizers):
             raise ValueError("neftune scales its noise by each row's length, which packing hides: drop one of them")
+        names = [r.name for r in self.regularizers]
+        if self.data.packing and "flow" in names:  # flow weighs the rows as they were at setup; packing joins them
+            raise ValueError(
+                f"regularizers[{names.index('flow')}]: flow weighs each training row and data.packing joins rows "
+                "into one: set data.packing: false or remove flow"
+            )
         if self.early_stopping:
             self._check_metric(self.early_stopping.metric)
         if self.model.synthetic and self.task == "causal_lm" and self.model.synthetic.arch in ("bert", "roberta"):
@@ -479,17 +485,6 @@ def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
     return validate_config(raw)
 
 
-def _check_packing(cfg: RunConfig) -> None:
-    """flow weighs each training row as it was at setup; packing joins rows, so no packed row has a weight (refused
-    at the first batch otherwise, after loading and setup)."""
-    names = [r.name for r in cfg.regularizers]
-    if cfg.data.packing and "flow" in names:
-        raise ConfigError(
-            f"regularizers[{names.index('flow')}]: flow weighs each training row and data.packing joins rows into "
-            "one: set data.packing: false or remove flow"
-        )
-
-
 def validate_config(raw: dict[str, Any]) -> RunConfig:
     """Validate a config mapping: the sections, the training arguments, the regularizers and the files."""
     try:
@@ -498,7 +493,6 @@ def validate_config(raw: dict[str, Any]) -> RunConfig:
         raise ConfigError(_one_line(e)) from None
     _check_training_keys(cfg.training)
     _check_early_stopping_saves(cfg)
-    _check_packing(cfg)
     learning_rate = float(cfg.training_arguments()["learning_rate"])  # a number: _check_training_keys said so
     adapter = "lora" if cfg.lora is not None else "osf" if cfg.osf is not None else None
     parse_entries(cfg.regularizers, RunFacts(cfg.data.reference is not None, adapter, learning_rate))

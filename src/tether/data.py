@@ -448,10 +448,9 @@ def data_summary(data: Datasets, training: dict[str, Any], packed: list[dict[str
 def check_data(cfg: RunConfig) -> list[str]:
     """Read and check the data as `tether train` would (the tokenizer, every row, the class labels) and return the
     data summary: `tether validate` calls it, so that what train would refuse, validate refuses with the same line."""
-    from tether.models import check_max_length, check_run_model, load_tokenizer
+    from tether.models import check_checkpoint, load_tokenizer
 
-    check_max_length(cfg.model, cfg.task, cfg.data.max_length)
-    check_run_model(cfg)
+    check_checkpoint(cfg)
     tokenizer = load_tokenizer(cfg.model, cfg.task)
     labels = run_labels(cfg)
     data = load_datasets(cfg.data, cfg.task, tokenizer, labels)

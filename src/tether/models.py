@@ -111,9 +111,9 @@ def check_positions(model: nn.Module, max_length: int) -> None:
 
 
 def check_max_length(cfg: ModelConfig, task: str, max_length: int) -> None:
-    """check_positions before any weight is read (`tether validate`, and `tether train` before it writes anything):
-    the model's modules are built from its config on the meta device. A config that cannot be read or built is left
-    to loading the model, which says why."""
+    """check_positions before any weight is read (`tether train` before it writes anything): the model's modules are
+    built from its config on the meta device. A config that cannot be read or built is left to loading the model,
+    which says why."""
     model = _skeleton(cfg, task)
     if model is not None:
         check_positions(model, max_length)
@@ -136,20 +136,19 @@ def _skeleton(cfg: ModelConfig, task: str) -> nn.Module | None:
         return None
 
 
-def check_run_model(cfg: RunConfig) -> None:
-    """What validate can tell from the checkpoint's config without its weights: a classification head that loading
-    will initialize (the checkpoint is no *ForSequenceClassification) leaves kl / distill a random reference."""
+def check_checkpoint(cfg: RunConfig) -> None:
+    """What `tether validate` can tell from the checkpoint's config, without its weights (one meta-device build):
+    data.max_length past a learned position table, and a classification head that loading will initialize (the
+    checkpoint is no *ForSequenceClassification), which leaves kl / distill a random reference."""
     from tether.regularizers import RegularizerStack, parse_entries
 
-    if cfg.task != "sequence_classification" or cfg.model.path is None:
+    model = _skeleton(cfg.model, cfg.task)
+    if model is None:
         return
-    from transformers import AutoConfig
-
-    try:
-        config = AutoConfig.from_pretrained(cfg.model.path, trust_remote_code=cfg.model.trust_remote_code)
-    except (OSError, ValueError):
-        return  # loading says why
-    if not any(a.endswith("ForSequenceClassification") for a in config.architectures or []):
+    check_positions(model, cfg.data.max_length)
+    architectures = model.config.architectures or []  # as the checkpoint's config.json names them
+    saved_head = any(a.endswith("ForSequenceClassification") for a in architectures)
+    if cfg.task == "sequence_classification" and cfg.model.path is not None and not saved_head:
         new = frozenset({"the classification head"})
         RegularizerStack.from_configs(parse_entries(cfg.regularizers), 0, new).check_reference_is_pretrained()
 

@@ -45,7 +45,7 @@ from tether.evaluate import (
     reference_metrics,
     start_pass,
 )
-from tether.models import apply_lora, apply_osf, check_max_length, is_osf, load_model, merged_osf
+from tether.models import apply_lora, apply_osf, check_max_length, check_positions, is_osf, load_model, merged_osf
 from tether.outputs import (
     RUN_STATE,
     hold_run_dir,
@@ -646,6 +646,7 @@ def evaluate_saved(
         saved = cfg.model.model_copy(update={"path": str(model_dir), "synthetic": None, "num_labels": None})
         model, tokenizer, _ = load_model(saved, cfg.task)
         labels = Labels.of_model(model.config) if classes else None
+    check_positions(model, cfg.data.max_length)
     collator = Collator(tokenizer.pad_token_id)
     if data_file is not None:
         kw = {"overlap": cfg.data.window_overlap, "chat_loss": cfg.data.chat_loss, "labels": labels}
